@@ -1,0 +1,279 @@
+//! The command line: run the collector, check a configuration, inspect the buffer and the
+//! dead-letter store.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::buffer::{BufferError, DurableBuffer};
+use crate::collector::{self, buffer_options};
+use crate::config::{Config, LogFormat};
+
+/// Exit code of configuration and usage errors.
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "tally-sidecar",
+    version,
+    about = "Durable usage-event collector"
+)]
+struct Cli {
+    /// Configuration file (YAML). Without it, built-in defaults apply.
+    #[arg(long, short, global = true, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the collector (the default).
+    Run,
+    /// Validate a configuration file without starting.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Inspect the buffer.
+    Buffer {
+        #[command(subcommand)]
+        command: BufferCommand,
+    },
+    /// Inspect and re-send dead-lettered events.
+    DeadLetter {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferCommand {
+    /// Events, bytes, oldest event age and per-output lag. Works while the collector runs.
+    Stats {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// List dead-lettered events, oldest first.
+    List {
+        /// Only this output's events.
+        #[arg(long)]
+        output: Option<String>,
+        /// At most this many events.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead-lettered events again, to the output that rejected them.
+    Replay {
+        /// Only this output's events.
+        #[arg(long)]
+        output: Option<String>,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match Config::load(file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
+    let config = match load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = match cli.command {
+        None | Some(Command::Run) => run(config),
+        Some(Command::Buffer {
+            command: BufferCommand::Stats { json },
+        }) => buffer_stats(&config, json),
+        Some(Command::DeadLetter {
+            command:
+                DeadLetterCommand::List {
+                    output,
+                    limit,
+                    json,
+                },
+        }) => dead_letter_list(&config, output.as_deref(), limit, json),
+        Some(Command::DeadLetter {
+            command: DeadLetterCommand::Replay { output },
+        }) => dead_letter_replay(&config, output),
+        Some(Command::CheckConfig { .. }) => Ok(()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: Option<&Path>) -> Result<Config, crate::config::ConfigError> {
+    match path {
+        Some(path) => Config::load(path),
+        None => Ok(Config::default()),
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    init_logging(&config);
+    runtime()?.block_on(collector::run(config))
+}
+
+fn open_read_only(config: &Config) -> anyhow::Result<DurableBuffer> {
+    DurableBuffer::open_read_only(buffer_options(config))
+        .with_context(|| format!("cannot read the buffer in {}", config.data_dir.display()))
+}
+
+fn buffer_stats(config: &Config, json: bool) -> anyhow::Result<()> {
+    let stats = open_read_only(config)?.stats()?;
+    if json {
+        println!("{}", serde_json::to_string(&stats)?);
+        return Ok(());
+    }
+    println!("data directory:  {}", config.data_dir.display());
+    println!("events:          {}", stats.events);
+    println!("bytes:           {} of {}", stats.bytes, stats.max_bytes);
+    match stats.oldest_age_seconds {
+        Some(age) => println!("oldest event:    {age:.1}s old"),
+        None => println!("oldest event:    (buffer empty)"),
+    }
+    println!(
+        "{:<24} {:>12} {:>12} {:>14}",
+        "OUTPUT", "CURSOR", "LAG", "DEAD-LETTERED"
+    );
+    for output in stats.outputs {
+        println!(
+            "{:<24} {:>12} {:>12} {:>14}",
+            output.name, output.cursor, output.lag, output.dead_letters
+        );
+    }
+    Ok(())
+}
+
+fn dead_letter_list(
+    config: &Config,
+    output: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let letters = open_read_only(config)?.dead_letters(output, limit)?;
+    for letter in &letters {
+        if json {
+            println!("{}", serde_json::to_string(letter)?);
+        } else {
+            println!(
+                "{} key={} failedAt={} status={} reason={}\n  {}",
+                letter.output,
+                letter.key,
+                letter.failed_at,
+                letter.status.map_or("-".to_string(), |s| s.to_string()),
+                letter.reason,
+                letter.event.get()
+            );
+        }
+    }
+    if !json {
+        println!("{} dead-lettered events", letters.len());
+    }
+    Ok(())
+}
+
+/// Replays offline when no collector runs on the data directory, else through the running
+/// collector's admin API (RocksDB allows one writer process).
+fn dead_letter_replay(config: &Config, output: Option<String>) -> anyhow::Result<()> {
+    if let Some(name) = &output
+        && !config.outputs.targets.iter().any(|t| &t.name == name)
+    {
+        anyhow::bail!("no output named {name:?} in the configuration");
+    }
+    let replayed = match DurableBuffer::open(
+        buffer_options(config),
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+    ) {
+        Ok((buffer, writer)) => {
+            let count = runtime()?.block_on(buffer.replay_dead_letters(output))?;
+            buffer.flush()?;
+            drop(buffer);
+            writer.join();
+            count
+        }
+        Err(BufferError::Open { source, .. }) if source.to_string().contains("lock") => {
+            replay_through_admin_api(config, output)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    println!("replayed {replayed} events");
+    Ok(())
+}
+
+fn replay_through_admin_api(config: &Config, output: Option<String>) -> anyhow::Result<usize> {
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut url = reqwest::Url::parse(&format!("http://{addr}/admin/dead-letter/replay"))?;
+    if let Some(name) = &output {
+        url.query_pairs_mut().append_pair("output", name);
+    }
+    let token = config.ingest_token()?;
+    runtime()?.block_on(async move {
+        let mut request = reqwest::Client::new().post(url.clone());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.with_context(|| {
+            format!("the buffer is in use by a running collector, and its admin API at {url} cannot be reached")
+        })?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if !status.is_success() {
+            anyhow::bail!("the running collector answered {status}: {body}");
+        }
+        Ok(body["replayed"].as_u64().unwrap_or_default() as usize)
+    })
+}

@@ -1,0 +1,197 @@
+//! The running collector: opens the buffer, starts one forwarder per output and the HTTP server,
+//! and stops them in order on SIGTERM (stop accepting, finish in-flight writes, let outputs
+//! flush for `shutdownTimeout`, close the buffer).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::buffer::{BufferOptions, DurableBuffer};
+use crate::config::Config;
+use crate::forward::Forwarder;
+use crate::metrics::Metrics;
+use crate::output::Output;
+use crate::server::{AppState, router};
+
+/// How often fully delivered events are deleted and the buffer gauges refreshed.
+const TRIM_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The buffer options a configuration implies.
+pub fn buffer_options(config: &Config) -> BufferOptions {
+    BufferOptions {
+        dir: config.data_dir.clone(),
+        durability: config.durability,
+        max_bytes: config.buffer.max_bytes.get(),
+        when_full: config.buffer.when_full,
+        dedup_window_ms: config.dedup.window.get().as_millis() as u64,
+        outputs: config
+            .outputs
+            .targets
+            .iter()
+            .map(|t| t.name.clone())
+            .collect(),
+    }
+}
+
+/// Updates the gauges that are read from the buffer rather than counted.
+pub fn refresh_gauges(buffer: &DurableBuffer, metrics: &Metrics) {
+    match buffer.stats() {
+        Ok(stats) => {
+            metrics.buffer_events.set(stats.events as i64);
+            metrics.buffer_bytes.set(stats.bytes as i64);
+            metrics.buffer_max_bytes.set(stats.max_bytes as i64);
+            metrics
+                .buffer_oldest_age
+                .set(stats.oldest_age_seconds.unwrap_or_default());
+            for output in stats.outputs {
+                let labels = metrics.output(&output.name);
+                metrics
+                    .output_lag
+                    .get_or_create(&labels)
+                    .set(output.lag as i64);
+                metrics
+                    .dead_letter_events
+                    .get_or_create(&labels)
+                    .set(output.dead_letters as i64);
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read buffer statistics"),
+    }
+}
+
+/// Runs the collector until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let metrics = Arc::new(Metrics::new());
+    let auth_token = config.ingest_token()?;
+    let outputs = config
+        .outputs
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(i, target)| Output::build(target, i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (buffer, writer) = DurableBuffer::open(buffer_options(&config), metrics.clone())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (config key `listen`)", config.listen))?;
+    let local = listener.local_addr()?;
+
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let mut forwarders = JoinSet::new();
+    for (target, output) in config.outputs.targets.iter().zip(outputs) {
+        let forwarder = Forwarder {
+            name: target.name.clone(),
+            output,
+            batching: target.batching.clone(),
+            retry: target.retry.clone(),
+            buffer: buffer.reader(),
+            metrics: metrics.clone(),
+        };
+        forwarders.spawn(forwarder.run(draining_rx.clone()));
+    }
+    let trimmer = {
+        let buffer = buffer.reader();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TRIM_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = buffer.trim() {
+                    tracing::error!(error = %e, "cannot delete delivered events");
+                }
+                refresh_gauges(&buffer, &metrics);
+            }
+        })
+    };
+
+    let state = Arc::new(AppState {
+        buffer: buffer.clone(),
+        metrics: metrics.clone(),
+        auth_token,
+        max_body_bytes: config.ingest.max_body_bytes.get() as usize,
+        exclude_namespaces: config
+            .exclude_namespaces
+            .iter()
+            .cloned()
+            .collect::<HashSet<_>>(),
+        stopping: AtomicBool::new(false),
+    });
+    let stats = buffer.stats()?;
+    tracing::info!(
+        %local,
+        data_dir = %config.data_dir.display(),
+        buffered_events = stats.events,
+        outputs = config.outputs.targets.len(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "listening on {local}"
+    );
+    drop(buffer);
+
+    let shutdown_state = state.clone();
+    axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(async move {
+            wait_for_signal().await;
+            tracing::info!("stopping: no longer accepting events");
+            shutdown_state.stopping.store(true, Ordering::SeqCst);
+        })
+        .await
+        .context("HTTP server failed")?;
+
+    // In-flight requests are answered; nothing can append any more.
+    let _ = draining_tx.send(true);
+    let timeout = config.shutdown_timeout.get();
+    let flushed = tokio::time::timeout(timeout, async {
+        while forwarders.join_next().await.is_some() {}
+    })
+    .await;
+    if flushed.is_err() {
+        tracing::warn!(
+            timeout = %humantime::format_duration(timeout),
+            "outputs did not deliver everything within shutdownTimeout; the rest stays buffered for the next start"
+        );
+        forwarders.shutdown().await;
+    }
+    trimmer.abort();
+    let _ = trimmer.await;
+    let closer = state.buffer.reader();
+    if let Err(e) = closer.trim() {
+        tracing::warn!(error = %e, "cannot delete delivered events");
+    }
+    // The writer thread ends when the last appending handle is gone.
+    match Arc::into_inner(state) {
+        Some(state) => {
+            drop(state);
+            writer.join();
+        }
+        None => tracing::warn!("an ingest request outlived the server; not waiting for the writer"),
+    }
+    closer.flush()?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

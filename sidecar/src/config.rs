@@ -1,0 +1,782 @@
+//! The collector configuration: one YAML file for the sidecar, and the same type is the
+//! `spec.pipeline` of the operator's `MeteringCollector`, so the two can never disagree.
+//!
+//! Keys are camelCase, every key has a default, unknown keys are rejected. Durations are
+//! strings such as `500ms` or `24h`; sizes accept `1024`, `64Ki`, `1Mi`, `1Gi` and `1MB`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why a configuration could not be loaded. The message names the file, the key path and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    #[error("{origin}: {message}")]
+    Secret { origin: String, message: String },
+}
+
+/// The whole collector configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the ingest HTTP server.
+    pub listen: SocketAddr,
+    /// Directory of the RocksDB buffer.
+    pub data_dir: PathBuf,
+    /// `sync`: a 204 means the event is fsynced. `none`: written to the OS, not fsynced.
+    pub durability: Durability,
+    /// How long outputs may keep delivering after SIGTERM before the process exits.
+    pub shutdown_timeout: HumanDuration,
+    pub log: LogConfig,
+    pub ingest: IngestConfig,
+    pub dedup: DedupConfig,
+    pub buffer: BufferConfig,
+    /// Events whose `k8snamespace` attribute is one of these are dropped and counted.
+    pub exclude_namespaces: Vec<String>,
+    pub outputs: OutputsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 4196)),
+            data_dir: PathBuf::from("/var/lib/tally"),
+            durability: Durability::Sync,
+            shutdown_timeout: HumanDuration(Duration::from_secs(10)),
+            log: LogConfig::default(),
+            ingest: IngestConfig::default(),
+            dedup: DedupConfig::default(),
+            buffer: BufferConfig::default(),
+            exclude_namespaces: Vec::new(),
+            outputs: OutputsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Durability {
+    Sync,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `tally_sidecar=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest accepted request body; larger bodies are answered 413.
+    pub max_body_bytes: ByteSize,
+    /// Bearer token required on ingest and admin requests, when set.
+    pub auth_token: Option<String>,
+    /// The same token, read from an environment variable or a file.
+    pub auth_token_from: Option<SecretSource>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_body_bytes: ByteSize(1024 * 1024),
+            auth_token: None,
+            auth_token_from: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// A repeated `(source, id)` within this window is acknowledged and stored once. `0s` disables dedup.
+    pub window: HumanDuration,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            window: HumanDuration(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BufferConfig {
+    /// Upper bound of the buffered events (keys and values, before compression).
+    pub max_bytes: ByteSize,
+    pub when_full: WhenFull,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            max_bytes: ByteSize(1024 * 1024 * 1024),
+            when_full: WhenFull::Reject,
+        }
+    }
+}
+
+/// What ingest does when the buffer is at `maxBytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum WhenFull {
+    /// Answer 503 with Retry-After; nothing is accepted that is not stored.
+    Reject,
+    /// Delete the oldest buffered events to make room, counted in `tally_events_dropped_total`.
+    DropOldest,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OutputsConfig {
+    pub pattern: BrokerPattern,
+    pub targets: Vec<OutputConfig>,
+}
+
+impl Default for OutputsConfig {
+    fn default() -> Self {
+        OutputsConfig {
+            pattern: BrokerPattern::FanOut,
+            targets: vec![OutputConfig {
+                name: "stdout".to_string(),
+                kind: OutputKind::Stdout,
+                url: None,
+                token: None,
+                token_from: None,
+                timeout: HumanDuration(Duration::from_secs(10)),
+                batching: BatchPolicy::default(),
+                retry: RetryPolicy::default(),
+            }],
+        }
+    }
+}
+
+/// How events are spread over the outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BrokerPattern {
+    /// Every output receives every event, each with its own durable cursor.
+    FanOut,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Unique name; it keys the output's cursor and dead-letter store, so renaming restarts delivery.
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: OutputKind,
+    /// Base URL; events are POSTed to `{url}/api/v1/events`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Bearer token sent upstream.
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_from: Option<SecretSource>,
+    /// Time limit of one request.
+    #[serde(default = "default_output_timeout")]
+    pub timeout: HumanDuration,
+    #[serde(default)]
+    pub batching: BatchPolicy,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+fn default_output_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OutputKind {
+    /// OpenMeter or any OpenMeter-compatible ingest API.
+    Openmeter,
+    /// Another Tally collector (same wire format as `openmeter`).
+    Collector,
+    /// One JSON event per line on standard output.
+    Stdout,
+}
+
+/// When a batch is sent: at `count` events, at `byteSize` bytes, or `period` after its first event,
+/// whichever comes first; `jitter` adds a random delay of up to that much to the period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BatchPolicy {
+    pub count: usize,
+    pub byte_size: ByteSize,
+    pub period: HumanDuration,
+    pub jitter: HumanDuration,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        BatchPolicy {
+            count: 100,
+            byte_size: ByteSize(1024 * 1024),
+            period: HumanDuration(Duration::from_secs(1)),
+            jitter: HumanDuration(Duration::ZERO),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter between `initialInterval` and `maxInterval`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    pub initial_interval: HumanDuration,
+    pub max_interval: HumanDuration,
+    /// After this long failing, the batch goes to the dead-letter store. `0s`: retry forever.
+    pub max_elapsed: HumanDuration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial_interval: HumanDuration(Duration::from_millis(500)),
+            max_interval: HumanDuration(Duration::from_secs(30)),
+            max_elapsed: HumanDuration(Duration::ZERO),
+        }
+    }
+}
+
+/// Where a secret comes from: exactly one of an environment variable or a file
+/// (`{ env: NAME }` or `{ file: /path }`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+}
+
+impl SecretSource {
+    pub fn env(name: &str) -> SecretSource {
+        SecretSource {
+            env: Some(name.to_string()),
+            file: None,
+        }
+    }
+
+    pub fn file(path: &Path) -> SecretSource {
+        SecretSource {
+            env: None,
+            file: Some(path.to_path_buf()),
+        }
+    }
+
+    /// Reads the secret; surrounding whitespace (a trailing newline in a file) is removed.
+    pub fn resolve(&self) -> Result<String, String> {
+        let (value, origin) = match (&self.env, &self.file) {
+            (Some(name), None) => (
+                std::env::var(name)
+                    .map_err(|_| format!("environment variable {name} is not set"))?,
+                format!("environment variable {name}"),
+            ),
+            (None, Some(path)) => (
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?,
+                format!("secret file {}", path.display()),
+            ),
+            _ => return Err("set exactly one of `env` or `file`".to_string()),
+        };
+        let trimmed = value.trim();
+        if trimmed.is_empty() {
+            return Err(format!("{origin} is empty"));
+        }
+        Ok(trimmed.to_string())
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match (&self.env, &self.file) {
+            (Some(_), None) | (None, Some(_)) => Ok(()),
+            _ => Err("set exactly one of `env` or `file`".to_string()),
+        }
+    }
+}
+
+/// A duration written as a human string (`500ms`, `30s`, `24h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {text:?} ({e}); write a number with a unit, like 500ms, 30s, 5m or 24h"
+                ))
+            })
+    }
+}
+
+/// A size in bytes, written as `1024`, `64Ki`, `1Mi`, `1Gi` (powers of 1024) or `1KB`, `1MB`, `1GB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [
+            ("Ti", 1 << 40),
+            ("Gi", 1 << 30),
+            ("Mi", 1 << 20),
+            ("Ki", 1 << 10),
+        ];
+        for (unit, factor) in UNITS {
+            if self.0 >= factor && self.0.is_multiple_of(factor) {
+                return write!(f, "{}{unit}", self.0 / factor);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(trimmed.len());
+        let (digits, unit) = trimmed.split_at(split);
+        let help = "write a whole number of bytes with an optional unit: 1024, 64Ki, 1Mi, 1Gi, 1MB";
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid size {text:?}; {help}"))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "Ki" | "KiB" => 1 << 10,
+            "Mi" | "MiB" => 1 << 20,
+            "Gi" | "GiB" => 1 << 30,
+            "Ti" | "TiB" => 1 << 40,
+            "k" | "K" | "KB" => 1_000,
+            "M" | "MB" => 1_000_000,
+            "G" | "GB" => 1_000_000_000,
+            "T" | "TB" => 1_000_000_000_000,
+            other => {
+                return Err(format!(
+                    "invalid size {text:?}: unknown unit {other:?}; {help}"
+                ));
+            }
+        };
+        number
+            .checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {text:?} is too large"))
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates configuration text; `origin` names it in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key,
+            message,
+        };
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            let de = serde_yaml::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let key = e.path().to_string();
+                let key = if key == "." {
+                    "(top level)".to_string()
+                } else {
+                    key
+                };
+                // serde_yaml may start its message with (a parent of) the path; say it once.
+                let message = e.into_inner().to_string();
+                let message = match message.split_once(": ") {
+                    Some((head, rest)) if key.starts_with(head) => rest.to_string(),
+                    _ => message,
+                };
+                invalid(key, message)
+            })?
+        };
+        config
+            .validate()
+            .map_err(|(key, message)| invalid(key, message))?;
+        Ok(config)
+    }
+
+    /// Rules serde cannot express. Returns the key path at fault and what is wrong.
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.ingest.max_body_bytes.get() < 1024 {
+            return Err((
+                "ingest.maxBodyBytes".into(),
+                format!(
+                    "{} is too small; use at least 1Ki",
+                    self.ingest.max_body_bytes
+                ),
+            ));
+        }
+        if let Some(source) = &self.ingest.auth_token_from {
+            source
+                .check()
+                .map_err(|m| ("ingest.authTokenFrom".to_string(), m))?;
+        }
+        if self.ingest.auth_token.is_some() && self.ingest.auth_token_from.is_some() {
+            return Err((
+                "ingest.authToken".into(),
+                "set either authToken or authTokenFrom, not both".into(),
+            ));
+        }
+        if self.buffer.max_bytes.get() < 64 * 1024 {
+            return Err((
+                "buffer.maxBytes".into(),
+                format!("{} is too small; use at least 64Ki", self.buffer.max_bytes),
+            ));
+        }
+        if self.outputs.targets.is_empty() {
+            return Err((
+                "outputs.targets".into(),
+                "at least one output is required (for example `- {name: stdout, type: stdout}`)"
+                    .into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, target) in self.outputs.targets.iter().enumerate() {
+            let at = |key: &str| format!("outputs.targets[{i}].{key}");
+            let name_ok = !target.name.is_empty()
+                && target.name.len() <= 63
+                && target
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !name_ok {
+                return Err((
+                    at("name"),
+                    format!(
+                        "{:?} is not a valid output name; use 1-63 characters of a-z, 0-9 and -",
+                        target.name
+                    ),
+                ));
+            }
+            if !seen.insert(target.name.as_str()) {
+                return Err((
+                    at("name"),
+                    format!(
+                        "output name {:?} is used twice; names must be unique",
+                        target.name
+                    ),
+                ));
+            }
+            match target.kind {
+                OutputKind::Openmeter | OutputKind::Collector => match &target.url {
+                    None => {
+                        return Err((
+                            at("url"),
+                            format!("an output of type {:?} needs a url", target.kind),
+                        ));
+                    }
+                    Some(url) => {
+                        let parsed = reqwest::Url::parse(url)
+                            .map_err(|e| (at("url"), format!("invalid URL {url:?}: {e}")))?;
+                        if !matches!(parsed.scheme(), "http" | "https") {
+                            return Err((
+                                at("url"),
+                                format!("{url:?} must be an http or https URL"),
+                            ));
+                        }
+                    }
+                },
+                OutputKind::Stdout => {
+                    if target.url.is_some() {
+                        return Err((at("url"), "a stdout output takes no url".into()));
+                    }
+                }
+            }
+            if let Some(source) = &target.token_from {
+                source.check().map_err(|m| (at("tokenFrom"), m))?;
+            }
+            if target.token.is_some() && target.token_from.is_some() {
+                return Err((
+                    at("token"),
+                    "set either token or tokenFrom, not both".into(),
+                ));
+            }
+            if target.batching.count == 0 {
+                return Err((at("batching.count"), "must be at least 1".into()));
+            }
+            if target.batching.byte_size.get() == 0 {
+                return Err((at("batching.byteSize"), "must be at least 1".into()));
+            }
+            if target.retry.initial_interval.get().is_zero() {
+                return Err((
+                    at("retry.initialInterval"),
+                    "must be greater than 0s".into(),
+                ));
+            }
+            if target.retry.max_interval < target.retry.initial_interval {
+                return Err((
+                    at("retry.maxInterval"),
+                    "must not be shorter than retry.initialInterval".into(),
+                ));
+            }
+            if target.timeout.get().is_zero() {
+                return Err((at("timeout"), "must be greater than 0s".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The ingest bearer token, resolved from its source.
+    pub fn ingest_token(&self) -> Result<Option<String>, ConfigError> {
+        resolve_secret(
+            self.ingest.auth_token.as_deref(),
+            self.ingest.auth_token_from.as_ref(),
+            "ingest.authTokenFrom",
+        )
+    }
+}
+
+impl OutputConfig {
+    /// The upstream bearer token, resolved from its source.
+    pub fn resolved_token(&self, index: usize) -> Result<Option<String>, ConfigError> {
+        resolve_secret(
+            self.token.as_deref(),
+            self.token_from.as_ref(),
+            &format!("outputs.targets[{index}].tokenFrom"),
+        )
+    }
+}
+
+fn resolve_secret(
+    inline: Option<&str>,
+    from: Option<&SecretSource>,
+    key: &str,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, from) {
+        (Some(v), _) => Ok(Some(v.to_string())),
+        (None, Some(source)) => source
+            .resolve()
+            .map(Some)
+            .map_err(|message| ConfigError::Secret {
+                origin: key.to_string(),
+                message,
+            }),
+        (None, None) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = Config::parse("", "test").expect("empty config is valid");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.outputs.targets[0].kind, OutputKind::Stdout);
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let text = r#"
+listen: 127.0.0.1:4196
+dataDir: ./data
+durability: none
+ingest: { maxBodyBytes: 2Mi, authToken: secret }
+dedup: { window: 1h }
+buffer: { maxBytes: 64Mi, whenFull: dropOldest }
+outputs:
+  pattern: fanOut
+  targets:
+    - name: openmeter
+      type: openmeter
+      url: https://openmeter.cloud
+      tokenFrom: { env: OPENMETER_TOKEN }
+      batching: { count: 50, byteSize: 512Ki, period: 250ms, jitter: 10ms }
+      retry: { initialInterval: 100ms, maxInterval: 5s, maxElapsed: 1h }
+"#;
+        let config = Config::parse(text, "test").expect("valid");
+        assert_eq!(config.durability, Durability::None);
+        assert_eq!(config.ingest.max_body_bytes, ByteSize(2 << 20));
+        assert_eq!(config.buffer.when_full, WhenFull::DropOldest);
+        let target = &config.outputs.targets[0];
+        assert_eq!(target.batching.byte_size, ByteSize(512 << 10));
+        assert_eq!(target.retry.max_elapsed.get(), Duration::from_secs(3600));
+        assert_eq!(
+            target.token_from,
+            Some(SecretSource::env("OPENMETER_TOKEN"))
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        let cases = [
+            ("bogus: 1", "bogus", "unknown field `bogus`"),
+            (
+                "outputs: { targets: [ { name: a, type: stdout, tokenFrom: {} } ] }",
+                "outputs.targets[0].tokenFrom",
+                "exactly one",
+            ),
+            ("listen: [", "listen", "line 1"),
+            ("dedup:\n  window: [1]\n  nope: 2", "dedup.window", "line 2"),
+            (
+                "dedup: { window: soon }",
+                "dedup.window",
+                "invalid duration",
+            ),
+            (
+                "buffer: { maxBytes: 10Zi }",
+                "buffer.maxBytes",
+                "unknown unit",
+            ),
+            (
+                "buffer: { whenFull: panic }",
+                "buffer.whenFull",
+                "unknown variant",
+            ),
+            (
+                "outputs: { targets: [ { name: a, type: openmeter } ] }",
+                "outputs.targets[0].url",
+                "needs a url",
+            ),
+            (
+                "outputs: { targets: [ { name: a, type: stdout }, { name: a, type: stdout } ] }",
+                "outputs.targets[1].name",
+                "used twice",
+            ),
+            (
+                "outputs: { targets: [ { name: a, type: stdout, retry: { initialInterval: 2s, maxInterval: 1s } } ] }",
+                "outputs.targets[0].retry.maxInterval",
+                "initialInterval",
+            ),
+        ];
+        for (text, key, message) in cases {
+            let err = Config::parse(text, "f.yaml").expect_err(text).to_string();
+            assert!(err.contains(key), "{text}: {err} should name {key}");
+            assert!(err.contains(message), "{text}: {err} should say {message}");
+            assert!(err.starts_with("f.yaml: "), "{err}");
+            let rest = err
+                .strip_prefix(&format!("f.yaml: {key}: "))
+                .unwrap_or_default();
+            let head = rest.split(": ").next().unwrap_or_default();
+            assert!(!key.starts_with(head), "{err} repeats the path");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_and_print() {
+        for (text, bytes) in [
+            ("1024", 1024),
+            ("64Ki", 64 << 10),
+            ("1Mi", 1 << 20),
+            ("1Gi", 1 << 30),
+            ("1MB", 1_000_000),
+        ] {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)), "{text}");
+        }
+        assert!("".parse::<ByteSize>().is_err());
+        assert!("-1".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(1 << 30).to_string(), "1Gi");
+        assert_eq!(ByteSize(1500).to_string(), "1500");
+    }
+
+    #[test]
+    fn secrets_come_from_env_and_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").expect("write");
+        assert_eq!(
+            SecretSource::file(&file).resolve(),
+            Ok("s3cret".to_string())
+        );
+        let missing = SecretSource::env("TALLY_TEST_SURELY_UNSET").resolve();
+        assert!(
+            missing
+                .expect_err("unset")
+                .contains("TALLY_TEST_SURELY_UNSET")
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! CloudEvents as OpenMeter accepts them: parsing of structured, batch and binary-mode requests,
+//! and OpenMeter's validation rules. An accepted event is kept as its compact JSON text, with its
+//! attributes (extensions included) in the order the sender wrote them.
+
+use http::HeaderMap;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// A validated event, ready to be buffered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub source: String,
+    pub id: String,
+    /// The `k8snamespace` extension attribute, used to drop events of excluded namespaces.
+    pub namespace: Option<String>,
+    /// The event's JSON text, forwarded unchanged.
+    pub json: Vec<u8>,
+}
+
+/// What is wrong with a request body, naming the event and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct InvalidEvent {
+    /// `event.subject`, `events[3].time` or `body`.
+    pub location: String,
+    pub message: String,
+}
+
+/// The shape a content type announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyShape {
+    /// `application/cloudevents+json`: exactly one event.
+    Single,
+    /// `application/cloudevents-batch+json`: an array of events.
+    Batch,
+    /// `application/json`: either.
+    Either,
+}
+
+/// Parses a structured-mode body (one event or an array of events) and validates every event.
+/// A batch is all-or-nothing: the first invalid event fails the whole body.
+pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, InvalidEvent> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| InvalidEvent {
+        location: "body".into(),
+        message: format!("not valid JSON: {e}"),
+    })?;
+    match (value, shape) {
+        (Value::Array(items), BodyShape::Batch | BodyShape::Either) => {
+            if items.is_empty() {
+                return Err(InvalidEvent {
+                    location: "body".into(),
+                    message: "the batch is empty; send at least one event".into(),
+                });
+            }
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| validate(item, &format!("events[{i}]")))
+                .collect()
+        }
+        (Value::Object(map), BodyShape::Single | BodyShape::Either) => {
+            Ok(vec![validate(Value::Object(map), "event")?])
+        }
+        (Value::Array(_), BodyShape::Single) => Err(InvalidEvent {
+            location: "body".into(),
+            message: "application/cloudevents+json carries one event, but the body is an array; \
+                      send batches as application/cloudevents-batch+json"
+                .into(),
+        }),
+        (_, BodyShape::Batch) => Err(InvalidEvent {
+            location: "body".into(),
+            message: "application/cloudevents-batch+json must be a JSON array of events".into(),
+        }),
+        (other, _) => Err(InvalidEvent {
+            location: "body".into(),
+            message: format!(
+                "expected a JSON object (one event) or an array of events, got {}",
+                json_kind(&other)
+            ),
+        }),
+    }
+}
+
+/// Parses a CloudEvents binary-mode request: attributes in `ce-*` headers, the body is `data`.
+pub fn parse_binary(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, InvalidEvent> {
+    let mut map = Map::new();
+    // Required attributes first so the stored event reads like a structured one.
+    for name in ["specversion", "id", "source", "type", "subject", "time"] {
+        if let Some(value) = headers.get(format!("ce-{name}")) {
+            map.insert(name.to_string(), Value::String(header_text(value, name)?));
+        }
+    }
+    for (name, value) in headers {
+        let Some(attr) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        if !map.contains_key(attr) {
+            map.insert(attr.to_string(), Value::String(header_text(value, attr)?));
+        }
+    }
+    map.insert(
+        "datacontenttype".into(),
+        Value::String("application/json".into()),
+    );
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let data: Value = serde_json::from_slice(body).map_err(|e| InvalidEvent {
+            location: "event.data".into(),
+            message: format!("the body (the event's data) is not valid JSON: {e}"),
+        })?;
+        map.insert("data".into(), data);
+    }
+    Ok(vec![validate(Value::Object(map), "event")?])
+}
+
+fn header_text(value: &http::HeaderValue, attr: &str) -> Result<String, InvalidEvent> {
+    value
+        .to_str()
+        .map(str::to_string)
+        .map_err(|_| InvalidEvent {
+            location: format!("event.{attr}"),
+            message: format!("header ce-{attr} is not visible ASCII text"),
+        })
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Applies OpenMeter's rules to one event.
+fn validate(value: Value, at: &str) -> Result<Event, InvalidEvent> {
+    let fail = |field: &str, message: String| InvalidEvent {
+        location: if field.is_empty() {
+            at.to_string()
+        } else {
+            format!("{at}.{field}")
+        },
+        message,
+    };
+    let Value::Object(map) = value else {
+        return Err(fail(
+            "",
+            format!("an event must be a JSON object, got {}", json_kind(&value)),
+        ));
+    };
+    let required = |field: &str| -> Result<&str, InvalidEvent> {
+        match map.get(field) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s),
+            Some(Value::String(_)) => Err(fail(field, "must be a non-empty string".into())),
+            None | Some(Value::Null) => Err(fail(
+                field,
+                "is required and must be a non-empty string".into(),
+            )),
+            Some(other) => Err(fail(
+                field,
+                format!("must be a non-empty string, got {}", json_kind(other)),
+            )),
+        }
+    };
+    let id = required("id")?;
+    let source = required("source")?;
+    let specversion = required("specversion")?;
+    if specversion != "1.0" {
+        return Err(fail(
+            "specversion",
+            format!("must be \"1.0\", got {specversion:?}"),
+        ));
+    }
+    required("type")?;
+    required("subject")?;
+    match map.get("time") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(t)) => {
+            OffsetDateTime::parse(t, &Rfc3339).map_err(|e| {
+                fail(
+                    "time",
+                    format!("{t:?} is not an RFC 3339 timestamp ({e}); write it like 2024-01-31T12:00:00Z"),
+                )
+            })?;
+        }
+        Some(other) => {
+            return Err(fail(
+                "time",
+                format!(
+                    "must be an RFC 3339 timestamp string, got {}",
+                    json_kind(other)
+                ),
+            ));
+        }
+    }
+    match map.get("data") {
+        None | Some(Value::Null) | Some(Value::Object(_)) => {}
+        Some(other) => {
+            return Err(fail(
+                "data",
+                format!("must be a JSON object or null, got {}", json_kind(other)),
+            ));
+        }
+    }
+    match map.get("datacontenttype") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s == "application/json" => {}
+        Some(other) => {
+            return Err(fail(
+                "datacontenttype",
+                format!("only \"application/json\" is allowed, got {other}"),
+            ));
+        }
+    }
+    match map.get("dataschema") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if !s.is_empty() => {}
+        Some(_) => {
+            return Err(fail(
+                "dataschema",
+                "must be a non-empty URI string or null".into(),
+            ));
+        }
+    }
+    let namespace = match map.get("k8snamespace") {
+        Some(Value::String(ns)) => Some(ns.clone()),
+        _ => None,
+    };
+    let event = Event {
+        source: source.to_string(),
+        id: id.to_string(),
+        namespace,
+        json: Vec::new(),
+    };
+    let json = serde_json::to_vec(&Value::Object(map)).map_err(|e| InvalidEvent {
+        location: at.to_string(),
+        message: format!("cannot be encoded: {e}"),
+    })?;
+    Ok(Event { json, ..event })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"specversion":"1.0","id":"e1","source":"svc","type":"api-calls","subject":"cust-1","time":"2024-01-01T00:00:00+02:00","data":{"n":1},"tenant":"t9"}"#;
+
+    #[test]
+    fn keeps_attributes_and_their_order() {
+        let events = parse_structured(GOOD.as_bytes(), BodyShape::Single).expect("valid");
+        assert_eq!(events.len(), 1);
+        assert_eq!(String::from_utf8_lossy(&events[0].json), GOOD);
+        assert_eq!(events[0].source, "svc");
+        assert_eq!(events[0].id, "e1");
+    }
+
+    #[test]
+    fn batch_errors_name_index_and_field() {
+        let body = format!(
+            r#"[{GOOD},{{"specversion":"1.0","id":"e2","source":"svc","type":"t","subject":""}}]"#
+        );
+        let err = parse_structured(body.as_bytes(), BodyShape::Batch).expect_err("invalid");
+        assert_eq!(err.location, "events[1].subject");
+        assert_eq!(err.message, "must be a non-empty string");
+    }
+
+    #[test]
+    fn shapes_follow_the_content_type() {
+        let array = format!("[{GOOD}]");
+        assert!(parse_structured(array.as_bytes(), BodyShape::Single).is_err());
+        assert!(parse_structured(GOOD.as_bytes(), BodyShape::Batch).is_err());
+        assert!(parse_structured(array.as_bytes(), BodyShape::Either).is_ok());
+        assert!(parse_structured(GOOD.as_bytes(), BodyShape::Either).is_ok());
+        assert!(parse_structured(b"[]", BodyShape::Either).is_err());
+    }
+
+    #[test]
+    fn rules() {
+        let cases = [
+            (r#""specversion":"0.3""#, "specversion"),
+            (r#""time":"yesterday""#, "time"),
+            (r#""time":12"#, "time"),
+            (r#""data":[1]"#, "data"),
+            (r#""data":"x""#, "data"),
+            (r#""datacontenttype":"text/plain""#, "datacontenttype"),
+            (r#""dataschema":"""#, "dataschema"),
+            (r#""type":5"#, "type"),
+            (r#""id":null"#, "id"),
+        ];
+        for (attr, field) in cases {
+            let key = attr.split(':').next().unwrap_or_default();
+            let mut map: Map<String, Value> = serde_json::from_str(GOOD).expect("json");
+            let patch: Map<String, Value> =
+                serde_json::from_str(&format!("{{{attr}}}")).expect("patch");
+            map.extend(patch);
+            let body = serde_json::to_vec(&map).expect("encode");
+            let err = parse_structured(&body, BodyShape::Single).expect_err(key);
+            assert_eq!(err.location, format!("event.{field}"), "{attr}");
+        }
+    }
+
+    #[test]
+    fn binary_mode() {
+        let mut headers = HeaderMap::new();
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "b1"),
+            ("ce-source", "svc"),
+            ("ce-type", "t"),
+            ("ce-subject", "s"),
+            ("ce-k8snamespace", "team-a"),
+            ("content-type", "application/json"),
+        ] {
+            headers.insert(k, http::HeaderValue::from_static(v));
+        }
+        let events = parse_binary(&headers, br#"{"tokens":12}"#).expect("valid");
+        let value: Value = serde_json::from_slice(&events[0].json).expect("json");
+        assert_eq!(value["data"]["tokens"], 12);
+        assert_eq!(value["k8snamespace"], "team-a");
+        assert_eq!(events[0].namespace.as_deref(), Some("team-a"));
+        headers.remove("ce-subject");
+        let err = parse_binary(&headers, b"{}").expect_err("no subject");
+        assert_eq!(err.location, "event.subject");
+    }
+}

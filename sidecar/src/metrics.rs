@@ -1,0 +1,255 @@
+//! Prometheus metrics, all prefixed `tally_`. Nothing is dropped or rejected without a count here.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// Why ingest refused events.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RejectReason {
+    invalid,
+    unauthorized,
+    too_large,
+    unsupported_media_type,
+    buffer_full,
+    stopping,
+    storage_error,
+}
+
+/// Why accepted or buffered events were dropped on purpose.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DropReason {
+    /// `whenFull: dropOldest` made room for newer events.
+    buffer_full,
+    /// The event's `k8snamespace` is in `excludeNamespaces`.
+    excluded_namespace,
+}
+
+/// How a delivery attempt failed.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ErrorKind {
+    network,
+    timeout,
+    retryable_status,
+    permanent_status,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub reason: RejectReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub reason: DropReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutputLabels {
+    pub output: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutputErrorLabels {
+    pub output: String,
+    pub kind: ErrorKind,
+}
+
+/// Every metric the sidecar exports.
+pub struct Metrics {
+    registry: Registry,
+    pub events_received: Counter,
+    pub events_accepted: Counter,
+    pub events_rejected: Family<RejectLabels, Counter>,
+    pub events_deduplicated: Counter,
+    pub events_dropped: Family<DropLabels, Counter>,
+    pub buffer_events: Gauge,
+    pub buffer_bytes: Gauge,
+    pub buffer_max_bytes: Gauge,
+    pub buffer_oldest_age: Gauge<f64, AtomicU64>,
+    pub buffer_commits: Counter,
+    pub buffer_commit_events: Histogram,
+    pub output_events_sent: Family<OutputLabels, Counter>,
+    pub output_batches_sent: Family<OutputLabels, Counter>,
+    pub output_errors: Family<OutputErrorLabels, Counter>,
+    pub output_retries: Family<OutputLabels, Counter>,
+    pub output_dead_lettered: Family<OutputLabels, Counter>,
+    pub output_send_duration: Family<OutputLabels, Histogram>,
+    pub output_lag: Family<OutputLabels, Gauge>,
+    pub dead_letter_events: Family<OutputLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tally");
+        let m = Metrics {
+            registry: Registry::default(),
+            events_received: Counter::default(),
+            events_accepted: Counter::default(),
+            events_rejected: Family::default(),
+            events_deduplicated: Counter::default(),
+            events_dropped: Family::default(),
+            buffer_events: Gauge::default(),
+            buffer_bytes: Gauge::default(),
+            buffer_max_bytes: Gauge::default(),
+            buffer_oldest_age: Gauge::default(),
+            buffer_commits: Counter::default(),
+            buffer_commit_events: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
+            output_events_sent: Family::default(),
+            output_batches_sent: Family::default(),
+            output_errors: Family::default(),
+            output_retries: Family::default(),
+            output_dead_lettered: Family::default(),
+            output_send_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            output_lag: Family::default(),
+            dead_letter_events: Family::default(),
+        };
+        registry.register(
+            "events_received",
+            "Events received on the ingest API, valid or not",
+            m.events_received.clone(),
+        );
+        registry.register(
+            "events_accepted",
+            "Events acknowledged with 204 (stored, or duplicates of stored events)",
+            m.events_accepted.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Events refused by ingest, by reason",
+            m.events_rejected.clone(),
+        );
+        registry.register(
+            "events_deduplicated",
+            "Acknowledged events not stored again because their (source, id) was seen within the dedup window",
+            m.events_deduplicated.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Events dropped on purpose, by reason",
+            m.events_dropped.clone(),
+        );
+        registry.register(
+            "buffer_events",
+            "Events in the buffer",
+            m.buffer_events.clone(),
+        );
+        registry.register(
+            "buffer_bytes",
+            "Bytes of events in the buffer (keys and values before compression)",
+            m.buffer_bytes.clone(),
+        );
+        registry.register(
+            "buffer_max_bytes",
+            "The buffer's size limit (buffer.maxBytes)",
+            m.buffer_max_bytes.clone(),
+        );
+        registry.register(
+            "buffer_oldest_event_age_seconds",
+            "Age of the oldest buffered event",
+            m.buffer_oldest_age.clone(),
+        );
+        registry.register(
+            "buffer_commits",
+            "Group commits (write batches) to the buffer",
+            m.buffer_commits.clone(),
+        );
+        registry.register(
+            "buffer_commit_events",
+            "Events stored per group commit",
+            m.buffer_commit_events.clone(),
+        );
+        registry.register(
+            "output_events_sent",
+            "Events delivered to an output (2xx)",
+            m.output_events_sent.clone(),
+        );
+        registry.register(
+            "output_batches_sent",
+            "Batches delivered to an output (2xx)",
+            m.output_batches_sent.clone(),
+        );
+        registry.register(
+            "output_errors",
+            "Failed delivery attempts, by kind",
+            m.output_errors.clone(),
+        );
+        registry.register(
+            "output_retries",
+            "Delivery attempts that were retries",
+            m.output_retries.clone(),
+        );
+        registry.register(
+            "output_dead_lettered_events",
+            "Events moved to an output's dead-letter store",
+            m.output_dead_lettered.clone(),
+        );
+        registry.register(
+            "output_send_duration_seconds",
+            "Duration of one delivery attempt",
+            m.output_send_duration.clone(),
+        );
+        registry.register(
+            "output_lag_events",
+            "Buffered events an output does not have yet",
+            m.output_lag.clone(),
+        );
+        registry.register(
+            "dead_letter_events",
+            "Events in an output's dead-letter store",
+            m.dead_letter_events.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn reject(&self, reason: RejectReason, events: u64) {
+        self.events_rejected
+            .get_or_create(&RejectLabels { reason })
+            .inc_by(events);
+    }
+
+    pub fn drop_events(&self, reason: DropReason, events: u64) {
+        self.events_dropped
+            .get_or_create(&DropLabels { reason })
+            .inc_by(events);
+    }
+
+    pub fn output(&self, name: &str) -> OutputLabels {
+        OutputLabels {
+            output: name.to_string(),
+        }
+    }
+
+    pub fn output_error(&self, name: &str, kind: ErrorKind) {
+        self.output_errors
+            .get_or_create(&OutputErrorLabels {
+                output: name.to_string(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// The registry in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}

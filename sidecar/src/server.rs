@@ -1,0 +1,440 @@
+//! The HTTP side: the OpenMeter-compatible ingest API, health, metrics and the admin API.
+//! An ingest request is answered 204 only after its events are in the durable buffer.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use crate::buffer::{AppendError, DurableBuffer};
+use crate::event::{self, BodyShape, Event, InvalidEvent};
+use crate::metrics::{DropReason, Metrics, RejectReason};
+
+/// Shared state of the HTTP handlers.
+pub struct AppState {
+    pub buffer: DurableBuffer,
+    pub metrics: Arc<Metrics>,
+    pub auth_token: Option<String>,
+    pub max_body_bytes: usize,
+    pub exclude_namespaces: HashSet<String>,
+    /// Set on SIGTERM: ingest answers 503 from then on.
+    pub stopping: AtomicBool,
+}
+
+/// The router of the sidecar's HTTP server.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/v1/events", post(ingest))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/admin/buffer/stats", get(admin_stats))
+        .route("/admin/dead-letter/replay", post(admin_replay))
+        .with_state(state)
+}
+
+/// An RFC 9457 problem, as OpenMeter answers them.
+struct Problem {
+    status: StatusCode,
+    kind: &'static str,
+    title: &'static str,
+    detail: String,
+    retry_after: Option<u64>,
+}
+
+impl Problem {
+    fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: String) -> Self {
+        Problem {
+            status,
+            kind,
+            title,
+            detail,
+            retry_after: None,
+        }
+    }
+
+    fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "type": format!("https://tally.dev/problems/{}", self.kind),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+            "instance": format!("urn:tally:request:{}", uuid::Uuid::new_v4()),
+        });
+        let mut response = (self.status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tally\""),
+            );
+        }
+        response
+    }
+}
+
+fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(expected) = &state.auth_token else {
+        return true;
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .unwrap_or_default();
+    constant_time_eq(presented.trim().as_bytes(), expected.as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unauthorized(state: &AppState, headers: &HeaderMap) -> Problem {
+    let detail = if headers.contains_key(header::AUTHORIZATION) {
+        "the bearer token is not the one configured in ingest.authToken"
+    } else {
+        "this collector requires `Authorization: Bearer <token>` (ingest.authToken is set)"
+    };
+    state.metrics.reject(RejectReason::unauthorized, 1);
+    Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        detail.into(),
+    )
+}
+
+/// How the request body is to be read, from its Content-Type and `ce-*` headers.
+fn body_mode(headers: &HeaderMap) -> Result<Option<BodyShape>, Problem> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let media_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let binary = headers.contains_key("ce-specversion");
+    let unsupported = |detail: String| {
+        Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported Media Type",
+            detail,
+        )
+    };
+    match media_type.as_str() {
+        "application/json" if binary => Ok(None),
+        "application/json" => Ok(Some(BodyShape::Either)),
+        "application/cloudevents+json" => Ok(Some(BodyShape::Single)),
+        "application/cloudevents-batch+json" => Ok(Some(BodyShape::Batch)),
+        _ if binary => Err(unsupported(format!(
+            "a binary-mode CloudEvent (ce-* headers) must have Content-Type application/json, got {content_type:?}"
+        ))),
+        "" => Err(unsupported(
+            "Content-Type is missing; use application/cloudevents+json, application/cloudevents-batch+json or application/json".into(),
+        )),
+        _ => Err(unsupported(format!(
+            "Content-Type {content_type:?} is not supported; use application/cloudevents+json, application/cloudevents-batch+json or application/json"
+        ))),
+    }
+}
+
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body-too-large",
+        "Payload Too Large",
+        format!(
+            "the request body is larger than ingest.maxBodyBytes ({limit} bytes); split the batch"
+        ),
+    )
+}
+
+fn invalid(e: InvalidEvent) -> Problem {
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "invalid-event",
+        "Bad Request",
+        e.to_string(),
+    )
+}
+
+async fn ingest(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    match ingest_inner(&state, request).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(problem) => problem.into_response(),
+    }
+}
+
+async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Problem> {
+    let metrics = &state.metrics;
+    if state.stopping.load(Ordering::SeqCst) {
+        metrics.reject(RejectReason::stopping, 1);
+        return Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "Service Unavailable",
+            "the collector is shutting down; retry against a running instance".into(),
+        )
+        .retry_after(5));
+    }
+    let (parts, body) = request.into_parts();
+    if !authorized(state, &parts.headers) {
+        return Err(unauthorized(state, &parts.headers));
+    }
+    let mode = body_mode(&parts.headers).inspect_err(|_| {
+        metrics.reject(RejectReason::unsupported_media_type, 1);
+    })?;
+    let limit = state.max_body_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        metrics.reject(RejectReason::too_large, 1);
+        return Err(too_large(limit));
+    }
+    let bytes = read_body(body, limit).await.inspect_err(|p| {
+        if p.status == StatusCode::PAYLOAD_TOO_LARGE {
+            metrics.reject(RejectReason::too_large, 1);
+        }
+    })?;
+    let parsed = match mode {
+        Some(shape) => event::parse_structured(&bytes, shape),
+        None => event::parse_binary(&parts.headers, &bytes),
+    };
+    let events = parsed.map_err(|e| {
+        metrics.reject(RejectReason::invalid, 1);
+        invalid(e)
+    })?;
+    let total = events.len() as u64;
+    metrics.events_received.inc_by(total);
+    let events: Vec<Event> = if state.exclude_namespaces.is_empty() {
+        events
+    } else {
+        events
+            .into_iter()
+            .filter(|e| {
+                e.namespace
+                    .as_ref()
+                    .is_none_or(|ns| !state.exclude_namespaces.contains(ns))
+            })
+            .collect()
+    };
+    let excluded = total - events.len() as u64;
+    if excluded > 0 {
+        metrics.drop_events(DropReason::excluded_namespace, excluded);
+    }
+    if events.is_empty() {
+        return Ok(());
+    }
+    match state.buffer.append(events).await {
+        Ok(appended) => {
+            metrics
+                .events_accepted
+                .inc_by((appended.stored + appended.duplicates) as u64);
+            metrics
+                .events_deduplicated
+                .inc_by(appended.duplicates as u64);
+            if appended.dropped > 0 {
+                metrics.drop_events(DropReason::buffer_full, appended.dropped);
+            }
+            Ok(())
+        }
+        Err(e @ AppendError::Full { .. }) => {
+            metrics.reject(RejectReason::buffer_full, total - excluded);
+            Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "buffer-full",
+                "Service Unavailable",
+                e.to_string(),
+            )
+            .retry_after(1))
+        }
+        Err(e @ AppendError::TooLarge { .. }) => {
+            metrics.reject(RejectReason::too_large, total - excluded);
+            Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "Payload Too Large",
+                e.to_string(),
+            ))
+        }
+        Err(e @ (AppendError::Storage(_) | AppendError::Closed)) => {
+            let stopping = matches!(e, AppendError::Closed);
+            metrics.reject(
+                if stopping {
+                    RejectReason::stopping
+                } else {
+                    RejectReason::storage_error
+                },
+                total - excluded,
+            );
+            Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                if stopping { "stopping" } else { "storage-error" },
+                "Service Unavailable",
+                format!(
+                    "the events were not stored: {e}. Check the data directory's disk (space, permissions) and the collector's log"
+                ),
+            )
+            .retry_after(5))
+        }
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Problem> {
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => Ok(bytes),
+        Err(e) => {
+            let over_limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if over_limit {
+                Err(too_large(limit))
+            } else {
+                Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "unreadable-body",
+                    "Bad Request",
+                    format!("the request body could not be read: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.stopping.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
+    } else if state.buffer.is_full() {
+        (StatusCode::SERVICE_UNAVAILABLE, "buffer full\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    crate::collector::refresh_gauges(&state.buffer, &state.metrics);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn admin_stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized(&state, &headers).into_response();
+    }
+    match state.buffer.stats() {
+        Ok(stats) => axum::Json(stats).into_response(),
+        Err(e) => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage-error",
+            "Internal Server Error",
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct ReplayQuery {
+    output: Option<String>,
+}
+
+async fn admin_replay(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<ReplayQuery>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized(&state, &headers).into_response();
+    }
+    match state.buffer.replay_dead_letters(query.output).await {
+        Ok(replayed) => axum::Json(serde_json::json!({ "replayed": replayed })).into_response(),
+        Err(e) => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage-error",
+            "Internal Server Error",
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, HeaderValue::from_static(v));
+        }
+        map
+    }
+
+    #[test]
+    fn content_types() {
+        let mode = |ct| body_mode(&headers(&[("content-type", ct)])).ok().flatten();
+        assert_eq!(mode("application/json"), Some(BodyShape::Either));
+        assert_eq!(
+            mode("application/cloudevents+json; charset=utf-8"),
+            Some(BodyShape::Single)
+        );
+        assert_eq!(
+            mode("Application/CloudEvents-Batch+JSON"),
+            Some(BodyShape::Batch)
+        );
+        assert!(body_mode(&headers(&[("content-type", "text/plain")])).is_err());
+        assert!(body_mode(&headers(&[])).is_err());
+        let binary = headers(&[
+            ("content-type", "application/json"),
+            ("ce-specversion", "1.0"),
+        ]);
+        assert!(matches!(body_mode(&binary), Ok(None)));
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
