@@ -529,25 +529,40 @@ impl DurableBuffer {
 
     /// Stores events durably (per `durability`) and returns once they are safe.
     pub async fn append(&self, events: Vec<Event>) -> Result<Appended, AppendError> {
-        let writer = self.writer.as_ref().ok_or(AppendError::Closed)?;
-        let (reply, rx) = oneshot::channel();
-        writer
-            .send(WriterCommand::Append { events, reply })
-            .await
-            .map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.ask(
+            |reply| WriterCommand::Append { events, reply },
+            AppendError::Closed,
+        )
+        .await
     }
 
     /// Moves the dead-lettered events of `output` (all outputs if `None`) back into the log,
     /// addressed to their output only. Returns how many were re-queued.
     pub async fn replay_dead_letters(&self, output: Option<String>) -> Result<usize, BufferError> {
-        let writer = self.writer.as_ref().ok_or(BufferError::ReadOnly)?;
+        if self.writer.is_none() {
+            return Err(BufferError::ReadOnly);
+        }
+        self.ask(
+            |reply| WriterCommand::Replay { output, reply },
+            BufferError::Closed,
+        )
+        .await
+    }
+
+    /// Sends a command to the writer thread and waits for its answer.
+    async fn ask<T, E>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, E>>) -> WriterCommand,
+        closed: E,
+    ) -> Result<T, E> {
+        let Some(writer) = &self.writer else {
+            return Err(closed);
+        };
         let (reply, rx) = oneshot::channel();
-        writer
-            .send(WriterCommand::Replay { output, reply })
-            .await
-            .map_err(|_| BufferError::Closed)?;
-        rx.await.map_err(|_| BufferError::Closed)?
+        if writer.send(command(reply)).await.is_err() {
+            return Err(closed);
+        }
+        rx.await.unwrap_or(Err(closed))
     }
 
     /// Watches the highest stored sequence number.

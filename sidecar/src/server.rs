@@ -363,13 +363,7 @@ async fn admin_stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
     }
     match state.buffer.stats() {
         Ok(stats) => axum::Json(stats).into_response(),
-        Err(e) => Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "storage-error",
-            "Internal Server Error",
-            e.to_string(),
-        )
-        .into_response(),
+        Err(e) => storage_problem(e).into_response(),
     }
 }
 
@@ -388,14 +382,17 @@ async fn admin_replay(
     }
     match state.buffer.replay_dead_letters(query.output).await {
         Ok(replayed) => axum::Json(serde_json::json!({ "replayed": replayed })).into_response(),
-        Err(e) => Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "storage-error",
-            "Internal Server Error",
-            e.to_string(),
-        )
-        .into_response(),
+        Err(e) => storage_problem(e).into_response(),
     }
+}
+
+fn storage_problem(e: crate::buffer::BufferError) -> Problem {
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "storage-error",
+        "Internal Server Error",
+        e.to_string(),
+    )
 }
 
 #[cfg(test)]
