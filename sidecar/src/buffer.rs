@@ -107,7 +107,7 @@ pub enum AppendError {
         "the request needs {needed} bytes of buffer but buffer.maxBytes is {max}; send smaller batches"
     )]
     TooLarge { needed: u64, max: u64 },
-    #[error("buffer write failed: {0}")]
+    #[error("{0}")]
     Storage(String),
     #[error("the buffer is closed")]
     Closed,
@@ -329,6 +329,10 @@ struct Inner {
     cursors: Mutex<HashMap<String, u64>>,
     last_seq: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    /// The first failed write. RocksDB refuses every write after a failed WAL append (a full
+    /// disk, an I/O error) until the database is reopened, so this is reported by the health
+    /// endpoints and the process must be restarted; synced data is intact.
+    failure: Mutex<Option<String>>,
 }
 
 /// The buffer handle shared by ingest, outputs and admin.
@@ -790,6 +794,11 @@ impl DurableBuffer {
         })
     }
 
+    /// The write error that stopped the buffer, if any; the collector must be restarted.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.inner.failure).clone()
+    }
+
     /// Whether ingest would be refused for lack of space right now.
     pub fn is_full(&self) -> bool {
         self.inner.options.when_full == WhenFull::Reject
@@ -876,6 +885,7 @@ impl Inner {
             cursors: Mutex::new(cursors),
             last_seq: last_seq_tx,
             metrics,
+            failure: Mutex::new(None),
         };
         inner.publish_gauges();
         Ok(inner)
@@ -921,8 +931,13 @@ impl Inner {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "buffer write failed");
                 let message = e.to_string();
+                let mut failure = lock(&self.failure);
+                if failure.is_none() {
+                    tracing::error!(error = %e, "buffer write failed; acknowledged events are safe, but the buffer accepts no writes until the collector restarts");
+                    *failure = Some(message.clone());
+                }
+                drop(failure);
                 for (_, reply) in requests {
                     let _ = reply.send(Err(AppendError::Storage(message.clone())));
                 }

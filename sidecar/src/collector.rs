@@ -172,6 +172,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => tracing::warn!("an ingest request outlived the server; not waiting for the writer"),
     }
+    if let Some(e) = closer.failure() {
+        anyhow::bail!(
+            "stopped after a buffer write failure ({e}); acknowledged events are safe on disk and are delivered after a restart"
+        );
+    }
     closer.flush()?;
     tracing::info!("stopped cleanly");
     Ok(())

@@ -331,12 +331,26 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Problem> {
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Alive unless the buffer can no longer write, which only a restart cures.
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    match state.buffer.failure() {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(e) => storage_down(&e),
+    }
+}
+
+fn storage_down(error: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("buffer storage failed: {error}\nacknowledged events are safe on disk; free space or fix the disk, then restart the collector\n"),
+    )
+        .into_response()
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.stopping.load(Ordering::SeqCst) {
+    if let Some(e) = state.buffer.failure() {
+        storage_down(&e)
+    } else if state.stopping.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
     } else if state.buffer.is_full() {
         (StatusCode::SERVICE_UNAVAILABLE, "buffer full\n").into_response()
