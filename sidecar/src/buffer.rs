@@ -206,12 +206,7 @@ impl Accounting {
             if chunk.last <= cursor {
                 break;
             }
-            lag += if chunk.first > cursor {
-                chunk.events
-            } else {
-                // A partly delivered chunk: count its unread tail by sequence.
-                (chunk.last - cursor).min(chunk.events)
-            };
+            lag += unread_events(chunk, cursor);
         }
         lag
     }
@@ -264,6 +259,17 @@ fn decode_record(seq: u64, value: &[u8]) -> Result<DecodedRecord<'_>, BufferErro
         target: (name_len > 0).then(|| &value[10..10 + name_len]),
         json: &value[10 + name_len..],
     })
+}
+
+/// Events of `chunk` after `floor`: those some output has not read yet.
+fn unread_events(chunk: &Chunk, floor: u64) -> u64 {
+    if chunk.last <= floor {
+        0
+    } else if chunk.first > floor {
+        chunk.events
+    } else {
+        (chunk.last - floor).min(chunk.events)
+    }
 }
 
 fn seq_key(seq: u64) -> [u8; 8] {
@@ -327,6 +333,11 @@ struct Inner {
     options: BufferOptions,
     accounting: Mutex<Accounting>,
     cursors: Mutex<HashMap<String, u64>>,
+    /// The highest sequence each output has read (delivered or in flight). `dropOldest` counts
+    /// as dropped only events some output has not read: the others are still delivered.
+    read_positions: Mutex<HashMap<String, u64>>,
+    /// Set when an append was refused for lack of space, cleared when space is freed.
+    full: std::sync::atomic::AtomicBool,
     last_seq: watch::Sender<u64>,
     metrics: Arc<Metrics>,
     /// The first failed write. RocksDB refuses every write after a failed WAL append (a full
@@ -628,6 +639,11 @@ impl DurableBuffer {
                 break;
             }
         }
+        if batch.last_scanned > 0 {
+            let mut positions = lock(&self.inner.read_positions);
+            let position = positions.entry(output.to_string()).or_default();
+            *position = (*position).max(batch.last_scanned);
+        }
         Ok(batch)
     }
 
@@ -742,6 +758,9 @@ impl DurableBuffer {
             let mut batch = WriteBatch::default();
             batch.delete_range_cf(events, seq_key(first), seq_key(last + 1));
             self.inner.db.write(batch)?;
+            self.inner
+                .full
+                .store(false, std::sync::atomic::Ordering::Relaxed);
         }
         drop(accounting);
         self.inner.publish_gauges();
@@ -801,8 +820,7 @@ impl DurableBuffer {
 
     /// Whether ingest would be refused for lack of space right now.
     pub fn is_full(&self) -> bool {
-        self.inner.options.when_full == WhenFull::Reject
-            && lock(&self.inner.accounting).bytes >= self.inner.options.max_bytes
+        self.inner.full.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A handle that reads, acknowledges and trims but cannot append, so it does not keep the
@@ -882,7 +900,9 @@ impl Inner {
             db,
             options,
             accounting: Mutex::new(accounting),
+            read_positions: Mutex::new(cursors.clone()),
             cursors: Mutex::new(cursors),
+            full: std::sync::atomic::AtomicBool::new(false),
             last_seq: last_seq_tx,
             metrics,
             failure: Mutex::new(None),
@@ -980,6 +1000,15 @@ impl Inner {
         let mut group_bytes = 0u64;
         let mut key_index = 0;
         let mut dropped_chunks: Vec<Chunk> = Vec::new();
+        let read_floor = {
+            let positions = lock(&self.read_positions);
+            self.options
+                .outputs
+                .iter()
+                .map(|name| positions.get(name).copied().unwrap_or_default())
+                .min()
+                .unwrap_or_default()
+        };
         for (events, _) in requests {
             // Decide per request, so one request over the limit does not fail the others.
             let mut fresh = Vec::with_capacity(events.len());
@@ -1024,6 +1053,7 @@ impl Inner {
                                 in_group.remove(key);
                             }
                         }
+                        self.full.store(true, std::sync::atomic::Ordering::Relaxed);
                         outcomes.push(Err(AppendError::Full {
                             used: accounting.bytes + group_bytes,
                             max,
@@ -1040,7 +1070,7 @@ impl Inner {
                                 seq_key(chunk.first),
                                 seq_key(chunk.last + 1),
                             );
-                            dropped += chunk.events;
+                            dropped += unread_events(&chunk, read_floor);
                             dropped_chunks.push(chunk);
                         }
                     }
@@ -1081,7 +1111,10 @@ impl Inner {
             }
             return Err(e.into());
         }
-        let dropped_total: u64 = dropped_chunks.iter().map(|c| c.events).sum();
+        let dropped_total: u64 = dropped_chunks
+            .iter()
+            .map(|c| unread_events(c, read_floor))
+            .sum();
         for chunk in new_chunks {
             accounting.push(chunk);
         }

@@ -3,6 +3,7 @@
 //! flush for `shutdownTimeout`, close the buffer).
 
 use std::collections::HashSet;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -93,6 +94,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             buffer: buffer.reader(),
             metrics: metrics.clone(),
         };
+        metrics.register_output(&target.name);
         forwarders.spawn(forwarder.run(draining_rx.clone()));
     }
     let trimmer = {
@@ -134,17 +136,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     drop(buffer);
 
-    let shutdown_state = state.clone();
-    axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(async move {
-            wait_for_signal().await;
-            tracing::info!("stopping: no longer accepting events");
-            shutdown_state.stopping.store(true, Ordering::SeqCst);
-        })
-        .await
-        .context("HTTP server failed")?;
+    // The server keeps answering (503 to ingest) while the outputs drain, so clients see a
+    // clear refusal rather than a refused connection, and probes keep working.
+    let (stop_server_tx, mut stop_server_rx) = watch::channel(false);
+    let mut server = tokio::spawn(
+        axum::serve(listener, router(state.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = stop_server_rx.wait_for(|stop| *stop).await;
+            })
+            .into_future(),
+    );
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        result = &mut server => {
+            result.context("HTTP server task failed")?.context("HTTP server failed")?;
+            anyhow::bail!("the HTTP server stopped unexpectedly");
+        }
+    }
+    tracing::info!(
+        "stopping: answering 503 to new events while the outputs deliver what is buffered"
+    );
+    state.stopping.store(true, Ordering::SeqCst);
 
     // In-flight requests are answered; nothing can append any more.
+    // Requests that passed the stopping check before it was set may still append; whatever
+    // the outputs do not deliver in time stays buffered for the next start.
     let _ = draining_tx.send(true);
     let timeout = config.shutdown_timeout.get();
     let flushed = tokio::time::timeout(timeout, async {
@@ -157,6 +173,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "outputs did not deliver everything within shutdownTimeout; the rest stays buffered for the next start"
         );
         forwarders.shutdown().await;
+    }
+    let _ = stop_server_tx.send(true);
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
     }
     trimmer.abort();
     let _ = trimmer.await;

@@ -25,6 +25,8 @@ pub struct InvalidEvent {
     /// `event.subject`, `events[3].time` or `body`.
     pub location: String,
     pub message: String,
+    /// How many events the rejected body held (1 when it could not be told).
+    pub events: usize,
 }
 
 /// The shape a content type announces.
@@ -44,6 +46,7 @@ pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, Inv
     let value: Value = serde_json::from_slice(body).map_err(|e| InvalidEvent {
         location: "body".into(),
         message: format!("not valid JSON: {e}"),
+        events: 1,
     })?;
     match (value, shape) {
         (Value::Array(items), BodyShape::Batch | BodyShape::Either) => {
@@ -51,26 +54,31 @@ pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, Inv
                 return Err(InvalidEvent {
                     location: "body".into(),
                     message: "the batch is empty; send at least one event".into(),
+                    events: 1,
                 });
             }
+            let count = items.len();
             items
                 .into_iter()
                 .enumerate()
                 .map(|(i, item)| validate(item, &format!("events[{i}]")))
-                .collect()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| InvalidEvent { events: count, ..e })
         }
         (Value::Object(map), BodyShape::Single | BodyShape::Either) => {
             Ok(vec![validate(Value::Object(map), "event")?])
         }
-        (Value::Array(_), BodyShape::Single) => Err(InvalidEvent {
+        (Value::Array(items), BodyShape::Single) => Err(InvalidEvent {
             location: "body".into(),
             message: "application/cloudevents+json carries one event, but the body is an array; \
                       send batches as application/cloudevents-batch+json"
                 .into(),
+            events: items.len().max(1),
         }),
         (_, BodyShape::Batch) => Err(InvalidEvent {
             location: "body".into(),
             message: "application/cloudevents-batch+json must be a JSON array of events".into(),
+            events: 1,
         }),
         (other, _) => Err(InvalidEvent {
             location: "body".into(),
@@ -78,6 +86,7 @@ pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, Inv
                 "expected a JSON object (one event) or an array of events, got {}",
                 json_kind(&other)
             ),
+            events: 1,
         }),
     }
 }
@@ -107,6 +116,7 @@ pub fn parse_binary(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, Inva
         let data: Value = serde_json::from_slice(body).map_err(|e| InvalidEvent {
             location: "event.data".into(),
             message: format!("the body (the event's data) is not valid JSON: {e}"),
+            events: 1,
         })?;
         map.insert("data".into(), data);
     }
@@ -120,6 +130,7 @@ fn header_text(value: &http::HeaderValue, attr: &str) -> Result<String, InvalidE
         .map_err(|_| InvalidEvent {
             location: format!("event.{attr}"),
             message: format!("header ce-{attr} is not visible ASCII text"),
+            events: 1,
         })
 }
 
@@ -143,6 +154,7 @@ fn validate(value: Value, at: &str) -> Result<Event, InvalidEvent> {
             format!("{at}.{field}")
         },
         message,
+        events: 1,
     };
     let Value::Object(map) = value else {
         return Err(fail(
@@ -237,6 +249,7 @@ fn validate(value: Value, at: &str) -> Result<Event, InvalidEvent> {
     let json = serde_json::to_vec(&Value::Object(map)).map_err(|e| InvalidEvent {
         location: at.to_string(),
         message: format!("cannot be encoded: {e}"),
+        events: 1,
     })?;
     Ok(Event { json, ..event })
 }

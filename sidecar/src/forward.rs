@@ -181,7 +181,7 @@ impl Forwarder {
                 .output_send_duration
                 .get_or_create(labels)
                 .observe(sent_at.elapsed().as_secs_f64());
-            let (kind, detail, retry_after) = match result {
+            let (kind, status, detail, retry_after) = match result {
                 Ok(()) => {
                     self.metrics
                         .output_events_sent
@@ -203,9 +203,10 @@ impl Forwarder {
                 }
                 Err(SendError::Retryable {
                     kind,
+                    status,
                     detail,
                     retry_after,
-                }) => (kind, detail, retry_after),
+                }) => (kind, status, detail, retry_after),
             };
             self.metrics.output_error(&self.name, kind);
             if !max_elapsed.is_zero() && started.elapsed() >= max_elapsed {
@@ -216,7 +217,7 @@ impl Forwarder {
                             started.elapsed().as_secs()
                         ))
                     ),
-                    status: None,
+                    status,
                 };
             }
             let mut delay = backoff_delay(&self.retry, attempt);

@@ -214,7 +214,44 @@ impl Metrics {
             "Events in an output's dead-letter store",
             m.dead_letter_events.clone(),
         );
+        for reason in [
+            RejectReason::invalid,
+            RejectReason::unauthorized,
+            RejectReason::too_large,
+            RejectReason::unsupported_media_type,
+            RejectReason::buffer_full,
+            RejectReason::stopping,
+            RejectReason::storage_error,
+        ] {
+            let _ = m.events_rejected.get_or_create(&RejectLabels { reason });
+        }
+        for reason in [DropReason::buffer_full, DropReason::excluded_namespace] {
+            let _ = m.events_dropped.get_or_create(&DropLabels { reason });
+        }
         Metrics { registry, ..m }
+    }
+
+    /// Creates every series of an output at zero, so dashboards and alerts see it from start-up.
+    pub fn register_output(&self, name: &str) {
+        let labels = self.output(name);
+        let _ = self.output_events_sent.get_or_create(&labels);
+        let _ = self.output_batches_sent.get_or_create(&labels);
+        let _ = self.output_retries.get_or_create(&labels);
+        let _ = self.output_dead_lettered.get_or_create(&labels);
+        let _ = self.output_send_duration.get_or_create(&labels);
+        let _ = self.output_lag.get_or_create(&labels);
+        let _ = self.dead_letter_events.get_or_create(&labels);
+        for kind in [
+            ErrorKind::network,
+            ErrorKind::timeout,
+            ErrorKind::retryable_status,
+            ErrorKind::permanent_status,
+        ] {
+            let _ = self.output_errors.get_or_create(&OutputErrorLabels {
+                output: name.to_string(),
+                kind,
+            });
+        }
     }
 
     pub fn reject(&self, reason: RejectReason, events: u64) {

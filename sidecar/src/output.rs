@@ -18,6 +18,8 @@ pub enum SendError {
     /// 408, 429, 5xx, network errors and timeouts.
     Retryable {
         kind: ErrorKind,
+        /// The HTTP status, when the upstream answered.
+        status: Option<u16>,
         detail: String,
         retry_after: Option<Duration>,
     },
@@ -74,6 +76,7 @@ fn write_stdout(records: &[Record]) -> Result<(), SendError> {
         .and_then(|()| out.flush());
     result.map_err(|e| SendError::Retryable {
         kind: ErrorKind::network,
+        status: None,
         detail: format!("cannot write to stdout: {e}"),
         retry_after: None,
     })
@@ -127,6 +130,7 @@ impl HttpOutput {
             } else {
                 ErrorKind::network
             },
+            status: None,
             detail: format!("POST {}: {}", self.endpoint, error_chain(&e)),
             retry_after: None,
         })?;
@@ -148,6 +152,7 @@ impl HttpOutput {
         if is_retryable(status) {
             Err(SendError::Retryable {
                 kind: ErrorKind::retryable_status,
+                status: Some(status.as_u16()),
                 detail,
                 retry_after,
             })

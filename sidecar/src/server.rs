@@ -113,13 +113,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn unauthorized(state: &AppState, headers: &HeaderMap) -> Problem {
+fn unauthorized(headers: &HeaderMap) -> Problem {
     let detail = if headers.contains_key(header::AUTHORIZATION) {
         "the bearer token is not the one configured in ingest.authToken"
     } else {
         "this collector requires `Authorization: Bearer <token>` (ingest.authToken is set)"
     };
-    state.metrics.reject(RejectReason::unauthorized, 1);
     Problem::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -189,29 +188,56 @@ fn invalid(e: InvalidEvent) -> Problem {
 async fn ingest(State(state): State<Arc<AppState>>, request: Request) -> Response {
     match ingest_inner(&state, request).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(problem) => problem.into_response(),
+        Err(Rejection {
+            problem,
+            reason,
+            events,
+        }) => {
+            // Every event of a refused request is counted as received and rejected, so
+            // received = accepted + rejected + dropped{excluded_namespace} always holds.
+            state.metrics.events_received.inc_by(events);
+            state.metrics.reject(reason, events);
+            problem.into_response()
+        }
     }
 }
 
-async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Problem> {
+/// A refused request: the answer, the metric reason, and how many events it held
+/// (1 where the body was not read or could not be counted).
+struct Rejection {
+    problem: Problem,
+    reason: RejectReason,
+    events: u64,
+}
+
+impl Problem {
+    fn because(self, reason: RejectReason, events: u64) -> Rejection {
+        Rejection {
+            problem: self,
+            reason,
+            events,
+        }
+    }
+}
+
+async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Rejection> {
     let metrics = &state.metrics;
     if state.stopping.load(Ordering::SeqCst) {
-        metrics.reject(RejectReason::stopping, 1);
         return Err(Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "stopping",
             "Service Unavailable",
             "the collector is shutting down; retry against a running instance".into(),
         )
-        .retry_after(5));
+        .retry_after(5)
+        .because(RejectReason::stopping, 1));
     }
     let (parts, body) = request.into_parts();
     if !authorized(state, &parts.headers) {
-        return Err(unauthorized(state, &parts.headers));
+        return Err(unauthorized(&parts.headers).because(RejectReason::unauthorized, 1));
     }
-    let mode = body_mode(&parts.headers).inspect_err(|_| {
-        metrics.reject(RejectReason::unsupported_media_type, 1);
-    })?;
+    let mode = body_mode(&parts.headers)
+        .map_err(|p| p.because(RejectReason::unsupported_media_type, 1))?;
     let limit = state.max_body_bytes;
     let declared = parts
         .headers
@@ -219,24 +245,25 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Problem>
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        metrics.reject(RejectReason::too_large, 1);
-        return Err(too_large(limit));
+        return Err(too_large(limit).because(RejectReason::too_large, 1));
     }
-    let bytes = read_body(body, limit).await.inspect_err(|p| {
-        if p.status == StatusCode::PAYLOAD_TOO_LARGE {
-            metrics.reject(RejectReason::too_large, 1);
-        }
+    let bytes = read_body(body, limit).await.map_err(|p| {
+        let reason = if p.status == StatusCode::PAYLOAD_TOO_LARGE {
+            RejectReason::too_large
+        } else {
+            RejectReason::invalid
+        };
+        p.because(reason, 1)
     })?;
     let parsed = match mode {
         Some(shape) => event::parse_structured(&bytes, shape),
         None => event::parse_binary(&parts.headers, &bytes),
     };
     let events = parsed.map_err(|e| {
-        metrics.reject(RejectReason::invalid, 1);
-        invalid(e)
+        let count = e.events as u64;
+        invalid(e).because(RejectReason::invalid, count)
     })?;
     let total = events.len() as u64;
-    metrics.events_received.inc_by(total);
     let events: Vec<Event> = if state.exclude_namespaces.is_empty() {
         events
     } else {
@@ -250,14 +277,18 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Problem>
             .collect()
     };
     let excluded = total - events.len() as u64;
-    if excluded > 0 {
-        metrics.drop_events(DropReason::excluded_namespace, excluded);
-    }
+    let stored = total - excluded;
     if events.is_empty() {
+        metrics.events_received.inc_by(total);
+        metrics.drop_events(DropReason::excluded_namespace, excluded);
         return Ok(());
     }
     match state.buffer.append(events).await {
         Ok(appended) => {
+            metrics.events_received.inc_by(total);
+            if excluded > 0 {
+                metrics.drop_events(DropReason::excluded_namespace, excluded);
+            }
             metrics
                 .events_accepted
                 .inc_by((appended.stored + appended.duplicates) as u64);
@@ -269,45 +300,52 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Problem>
             }
             Ok(())
         }
-        Err(e @ AppendError::Full { .. }) => {
-            metrics.reject(RejectReason::buffer_full, total - excluded);
-            Err(Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "buffer-full",
-                "Service Unavailable",
-                e.to_string(),
-            )
-            .retry_after(1))
+        // Excluded events were dropped on purpose whatever happens to the rest; count them so.
+        Err(e) => {
+            if excluded > 0 {
+                metrics.events_received.inc_by(excluded);
+                metrics.drop_events(DropReason::excluded_namespace, excluded);
+            }
+            Err(append_problem(e, stored))
         }
-        Err(e @ AppendError::TooLarge { .. }) => {
-            metrics.reject(RejectReason::too_large, total - excluded);
-            Err(Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body-too-large",
-                "Payload Too Large",
-                e.to_string(),
-            ))
-        }
-        Err(e @ (AppendError::Storage(_) | AppendError::Closed)) => {
-            let stopping = matches!(e, AppendError::Closed);
-            metrics.reject(
-                if stopping {
-                    RejectReason::stopping
-                } else {
-                    RejectReason::storage_error
-                },
-                total - excluded,
-            );
-            Err(Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                if stopping { "stopping" } else { "storage-error" },
-                "Service Unavailable",
-                format!(
-                    "the events were not stored: {e}. Check the data directory's disk (space, permissions) and the collector's log"
-                ),
-            )
-            .retry_after(5))
-        }
+    }
+}
+
+fn append_problem(e: AppendError, events: u64) -> Rejection {
+    match e {
+        AppendError::Full { .. } => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "buffer-full",
+            "Service Unavailable",
+            e.to_string(),
+        )
+        .retry_after(1)
+        .because(RejectReason::buffer_full, events),
+        AppendError::TooLarge { .. } => Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Payload Too Large",
+            e.to_string(),
+        )
+        .because(RejectReason::too_large, events),
+        AppendError::Closed => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "Service Unavailable",
+            "the collector is shutting down; the events were not stored. Retry against a running instance".into(),
+        )
+        .retry_after(5)
+        .because(RejectReason::stopping, events),
+        AppendError::Storage(_) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage-error",
+            "Service Unavailable",
+            format!(
+                "the events were not stored: {e}. Check the data directory's disk (space, permissions) and the collector's log"
+            ),
+        )
+        .retry_after(5)
+        .because(RejectReason::storage_error, events),
     }
 }
 
@@ -373,7 +411,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn admin_stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if !authorized(&state, &headers) {
-        return unauthorized(&state, &headers).into_response();
+        return unauthorized(&headers).into_response();
     }
     match state.buffer.stats() {
         Ok(stats) => axum::Json(stats).into_response(),
@@ -392,7 +430,7 @@ async fn admin_replay(
     Query(query): Query<ReplayQuery>,
 ) -> Response {
     if !authorized(&state, &headers) {
-        return unauthorized(&state, &headers).into_response();
+        return unauthorized(&headers).into_response();
     }
     match state.buffer.replay_dead_letters(query.output).await {
         Ok(replayed) => axum::Json(serde_json::json!({ "replayed": replayed })).into_response(),

@@ -1,1 +1,25 @@
-//! Integration test harness.
+//! Harness of tally-sidecar's integration tests.
+//!
+//! Everything a test touches is real except the upstream: the `tally-sidecar` binary runs as a
+//! separate process with its RocksDB buffer on disk ([`Sidecar`]), it is killed with real signals,
+//! clients speak HTTP over loopback (and the real OpenMeter and CloudEvents Python SDKs, see
+//! [`python`]). The upstream it forwards to is [`TestUpstream`], a fake of OpenMeter's ingest API:
+//! this machine has no internet access, and a fake is what lets a test make the upstream fail on
+//! command.
+//!
+//! Every wait polls with a deadline ([`poll_until`]); no test synchronises with a fixed sleep.
+
+pub mod binary;
+pub mod events;
+pub mod metrics;
+pub mod poll;
+pub mod problem;
+pub mod python;
+pub mod sidecar;
+pub mod upstream;
+
+pub use events::{EventIds, event, event_from};
+pub use poll::{poll_for, poll_until};
+pub use problem::assert_problem;
+pub use sidecar::{CliOutput, Sidecar, SidecarBuilder};
+pub use upstream::{Behaviour, ReceivedRequest, RetryAfter, TestUpstream};

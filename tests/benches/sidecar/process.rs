@@ -1,0 +1,300 @@
+//! A tally-sidecar process started from the release binary with a configuration written for the
+//! run: its address (from the `listening on` log line), memory from /proc, metrics from /metrics.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hyper::StatusCode;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::load::get;
+
+/// The sidecar binary: `TALLY_SIDECAR_BIN`, else `<target>/release/tally-sidecar` next to this
+/// benchmark's own executable (`<target>/release/deps/sidecar-<hash>`).
+pub fn sidecar_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("TALLY_SIDECAR_BIN") {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        bail!(
+            "TALLY_SIDECAR_BIN={} does not exist; build it with `cargo build --release -p tally-sidecar`",
+            path.display()
+        );
+    }
+    let candidate = release_dir()?.join("tally-sidecar");
+    if candidate.is_file() {
+        return Ok(candidate);
+    }
+    bail!(
+        "{} does not exist; build it with `cargo build --release -p tally-sidecar` (or set TALLY_SIDECAR_BIN)",
+        candidate.display()
+    )
+}
+
+/// `<target>/release`, from this executable's path.
+pub fn release_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the benchmark executable")?;
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .context("the benchmark executable is not under <target>/release/deps")
+}
+
+/// How many stderr lines are kept to explain a failure.
+const STDERR_TAIL: usize = 40;
+
+/// A running sidecar; dropping it kills the process.
+pub struct SidecarProcess {
+    child: Child,
+    addr: SocketAddr,
+    spawned_at: Instant,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl SidecarProcess {
+    /// Writes `config` (YAML) to `dir/config.yaml`, starts the sidecar with it and waits for its
+    /// `listening on` line.
+    pub async fn start(binary: &Path, dir: &Path, config: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let config_path = dir.join("config.yaml");
+        std::fs::write(&config_path, config)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        let spawned_at = Instant::now();
+        let mut child = Command::new(binary)
+            .arg("--config")
+            .arg(&config_path)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        let (addr_tx, addr_rx) = oneshot::channel();
+        if let Some(pipe) = child.stderr.take() {
+            let tail = stderr.clone();
+            // A thread, not a task: it blocks on the pipe, and it must keep draining it for the
+            // whole life of the process or the sidecar would block on a full pipe.
+            std::thread::spawn(move || {
+                let mut addr_tx = Some(addr_tx);
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(addr) = listening_addr(&line)
+                        && let Some(tx) = addr_tx.take()
+                    {
+                        let _ = tx.send(addr);
+                    }
+                    if let Ok(mut tail) = tail.lock() {
+                        if tail.len() == STDERR_TAIL {
+                            tail.pop_front();
+                        }
+                        tail.push_back(line);
+                    }
+                }
+            });
+        }
+        let mut process = SidecarProcess {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            spawned_at,
+            stderr,
+        };
+        match tokio::time::timeout(Duration::from_secs(30), addr_rx).await {
+            Ok(Ok(addr)) => {
+                process.addr = addr;
+                Ok(process)
+            }
+            _ => bail!(
+                "tally-sidecar did not log `listening on ADDR` within 30s (exit: {:?}); its stderr:\n{}",
+                process.child.try_wait().ok().flatten(),
+                process.stderr_tail()
+            ),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Polls `GET /readyz` every millisecond until 200; returns the time since the process was
+    /// spawned.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((StatusCode::OK, _)) = get(self.addr, "/readyz").await {
+                return Ok(self.spawned_at.elapsed());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "tally-sidecar exited ({status}) before it was ready; its stderr:\n{}",
+                    self.stderr_tail()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "tally-sidecar not ready within {timeout:?}; its stderr:\n{}",
+                    self.stderr_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Resident memory now (`VmRSS`) and its peak so far (`VmHWM`), in bytes.
+    pub fn memory(&self) -> anyhow::Result<Memory> {
+        let path = format!("/proc/{}/status", self.pid());
+        let status =
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .map(|kib| kib * 1024)
+                .with_context(|| format!("{path} has no {name} line"))
+        };
+        Ok(Memory {
+            rss: field("VmRSS:")?,
+            peak_rss: field("VmHWM:")?,
+        })
+    }
+
+    /// CPU time (user + system) the sidecar has used so far.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        cpu_time_of(self.pid())
+    }
+
+    /// The `/metrics` exposition.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        let (status, body) = get(self.addr, "/metrics").await?;
+        if status != StatusCode::OK {
+            bail!("GET /metrics answered {status}");
+        }
+        Ok(Metrics(String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a clean exit before killing it.
+    pub async fn stop(mut self, timeout: Duration) -> anyhow::Result<()> {
+        // SAFETY: kill(2) with a pid this process spawned and has not reaped yet.
+        unsafe {
+            libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if status.success() {
+                    return Ok(());
+                }
+                bail!(
+                    "tally-sidecar exited with {status} after SIGTERM; its stderr:\n{}",
+                    self.stderr_tail()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!("tally-sidecar did not exit within {timeout:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The last lines the sidecar wrote to stderr.
+    pub fn stderr_tail(&self) -> String {
+        self.stderr
+            .lock()
+            .map(|tail| tail.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// CPU time (user + system) process `pid` has used so far, from /proc/<pid>/stat.
+pub fn cpu_time_of(pid: u32) -> anyhow::Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // Fields after the command name (which may hold spaces) start at field 3, `state`;
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    let (Some(user), Some(system)) = (ticks(11), ticks(12)) else {
+        bail!("{path} has no utime/stime fields");
+    };
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if per_second <= 0 {
+        bail!("cannot read the clock tick rate");
+    }
+    Ok(Duration::from_secs_f64(
+        (user + system) as f64 / per_second as f64,
+    ))
+}
+
+/// The address in a `... listening on 127.0.0.1:PORT ...` log line (colour codes or not).
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Bytes of memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    pub rss: u64,
+    pub peak_rss: u64,
+}
+
+/// A Prometheus text exposition.
+pub struct Metrics(String);
+
+impl Metrics {
+    /// The sum of every sample of `name` (all label sets), if it has any.
+    pub fn sum(&self, name: &str) -> Option<f64> {
+        let mut found = None;
+        for line in self.0.lines().filter(|l| !l.starts_with('#')) {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            let value = if rest.starts_with('{') {
+                rest.rsplit_once('}').map(|(_, v)| v)
+            } else if rest.starts_with(' ') {
+                Some(rest)
+            } else {
+                None
+            };
+            if let Some(v) = value.and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()) {
+                *found.get_or_insert(0.0) += v;
+            }
+        }
+        found
+    }
+}

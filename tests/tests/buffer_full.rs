@@ -1,0 +1,208 @@
+//! A full buffer (`buffer.maxBytes`) while the upstream is unreachable: `whenFull: reject` answers
+//! 503 and recovers; `whenFull: dropOldest` keeps accepting and accounts for every drop.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tally_tests::events::{id_of, padded_event};
+use tally_tests::{Sidecar, TestUpstream, assert_problem, poll_until};
+
+const MAX_BYTES: f64 = 64.0 * 1024.0;
+/// Requests a test may send before the buffer must be full (64Ki in batches of ~5KB).
+const MAX_REQUESTS: usize = 200;
+
+fn batch(prefix: &str, n: usize) -> Vec<Value> {
+    (0..10)
+        .map(|i| padded_event(&format!("{prefix}-{n}-{i}"), 500))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_answers_503_then_accepts_again_once_drained() {
+    let upstream = TestUpstream::start().await;
+    upstream.down().await;
+    let sidecar = Sidecar::builder()
+        .openmeter_output("upstream", &upstream.url())
+        .set(
+            "buffer",
+            json!({ "maxBytes": "64Ki", "whenFull": "reject" }),
+        )
+        .start()
+        .await;
+
+    let mut acked: Vec<String> = Vec::new();
+    let mut full = None;
+    for n in 0..MAX_REQUESTS {
+        let events = batch("full", n);
+        let response = sidecar.post_events(&events).await;
+        if response.status() == 204 {
+            acked.extend(events.iter().map(|e| id_of(e).to_string()));
+        } else {
+            full = Some((response, events));
+            break;
+        }
+    }
+    let Some((response, refused)) = full else {
+        panic!("{MAX_REQUESTS} batches of ~5KB never filled a 64Ki buffer");
+    };
+    assert!(
+        !acked.is_empty(),
+        "the buffer took something before it was full"
+    );
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    assert_problem("ingest into a full buffer", response, 503, &[]).await;
+    assert!(
+        retry_after
+            .as_deref()
+            .is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)),
+        "a full buffer answers Retry-After: <seconds>, got {retry_after:?}"
+    );
+
+    let metrics = sidecar.metrics().await;
+    assert!(metrics.value("tally_events_rejected_total{reason=\"buffer_full\"}") >= 1.0);
+    assert_eq!(metrics.value("tally_buffer_max_bytes"), MAX_BYTES);
+    assert!(
+        metrics.value("tally_buffer_bytes") <= MAX_BYTES,
+        "the buffer never holds more than maxBytes: {} bytes",
+        metrics.value("tally_buffer_bytes")
+    );
+    assert_eq!(
+        metrics.value("tally_buffer_events"),
+        acked.len() as f64,
+        "every acknowledged event is buffered"
+    );
+    // Asserted at the end, so that a failure here does not hide the recovery's outcome.
+    let ready_while_full = sidecar.get("/readyz").await.status();
+    assert_eq!(sidecar.get("/healthz").await.status(), 200, "still alive");
+
+    // The upstream comes back: the buffer drains and ingest accepts again.
+    upstream.up().await;
+    let mut n = MAX_REQUESTS;
+    poll_until(
+        Duration::from_secs(30),
+        "ingest to accept again after the upstream came back",
+        async || {
+            n += 1;
+            let events = batch("after", n);
+            let response = sidecar.post_events(&events).await;
+            if response.status() == 204 {
+                acked.extend(events.iter().map(|e| id_of(e).to_string()));
+                return Some(());
+            }
+            assert_eq!(response.status(), 503);
+            None
+        },
+    )
+    .await;
+    upstream
+        .wait_delivered(acked.iter().map(String::as_str), Duration::from_secs(30))
+        .await;
+    sidecar.flush_to(&upstream).await;
+    let delivered = upstream.delivered_id_set();
+    for e in &refused {
+        assert!(
+            !delivered.contains(id_of(e)),
+            "an event answered 503 must not be stored"
+        );
+    }
+    assert_eq!(sidecar.get("/readyz").await.status(), 200);
+    assert_eq!(
+        ready_while_full, 503,
+        "/readyz answers 503 while the buffer is full (not accepting events)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_keeps_accepting_and_accounts_for_every_event() {
+    let upstream = TestUpstream::start().await;
+    upstream.down().await;
+    let sidecar = Sidecar::builder()
+        .openmeter_output("upstream", &upstream.url())
+        .set(
+            "buffer",
+            json!({ "maxBytes": "64Ki", "whenFull": "dropOldest" }),
+        )
+        .start()
+        .await;
+
+    // ~300KB into a 64Ki buffer: most of it must be dropped, and every request accepted.
+    let mut accepted: Vec<String> = Vec::new();
+    for n in 0..60 {
+        let events = batch("drop", n);
+        sidecar.send_ok(&events).await;
+        accepted.extend(events.iter().map(|e| id_of(e).to_string()));
+    }
+    let metrics = sidecar.metrics().await;
+    let dropped = metrics.value("tally_events_dropped_total{reason=\"buffer_full\"}");
+    assert!(dropped > 0.0, "events were dropped to make room");
+    assert!(
+        metrics.value("tally_buffer_bytes") <= MAX_BYTES,
+        "the buffer never holds more than maxBytes: {} bytes",
+        metrics.value("tally_buffer_bytes")
+    );
+    assert_eq!(
+        metrics.value("tally_events_rejected_total{reason=\"buffer_full\"}"),
+        0.0
+    );
+    assert_eq!(metrics.value("tally_events_accepted_total"), 600.0);
+
+    upstream.up().await;
+    let newest: Vec<&str> = accepted[accepted.len() - 10..]
+        .iter()
+        .map(String::as_str)
+        .collect();
+    upstream
+        .wait_delivered(newest, Duration::from_secs(30))
+        .await;
+    poll_until(Duration::from_secs(30), "the buffer to drain", async || {
+        let m = sidecar.metrics().await;
+        (m.value("tally_output_lag_events{output=\"upstream\"}") == 0.0).then_some(())
+    })
+    .await;
+
+    let delivered = upstream.delivered_id_set();
+    let dropped = sidecar
+        .metric("tally_events_dropped_total{reason=\"buffer_full\"}")
+        .await;
+    assert!(
+        delivered.iter().all(|id| accepted.contains(id)),
+        "only accepted events are delivered"
+    );
+    assert_eq!(
+        delivered.len() as f64 + dropped,
+        accepted.len() as f64,
+        "every accepted event is either delivered or counted as dropped \
+         ({} delivered, {dropped} dropped, {} accepted)",
+        delivered.len(),
+        accepted.len()
+    );
+    // Drops are the oldest events no output had read yet: the undelivered events form one
+    // contiguous run in acceptance order. Only a batch already in flight to the output when
+    // the drops began (the oldest events) may be delivered before that run.
+    let undelivered: Vec<usize> = accepted
+        .iter()
+        .enumerate()
+        .filter(|(_, id)| !delivered.contains(*id))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!undelivered.is_empty(), "something was dropped");
+    let (first, last) = (undelivered[0], undelivered[undelivered.len() - 1]);
+    assert_eq!(
+        last - first + 1,
+        undelivered.len(),
+        "dropped events are one run of the oldest unread events, not scattered: {:?}",
+        &accepted[first..=last]
+            .iter()
+            .filter(|id| delivered.contains(*id))
+            .take(10)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        first <= 100,
+        "only the one batch in flight (at most batching.count = 100 events) precedes the drops; drops started at {first}"
+    );
+}
