@@ -12,10 +12,10 @@ PYTHON_REQUIREMENTS := tests/python/requirements.txt
 VENV := $(CACHE_DIR)/venv-$(shell sha256sum $(PYTHON_REQUIREMENTS) 2>/dev/null | cut -c1-12)
 export TALLY_PYTHON := $(VENV)/bin/python
 export TALLY_SIDECAR_BIN := $(CARGO_TARGET_DIR)/release/tally-sidecar
-APT_PACKAGES := clang libclang-dev
+APT_PACKAGES := clang libclang-dev postgresql
 CARGO_RELEASE := cargo --locked
 
-.PHONY: help run test bench build lint unit integration deps apt rust python clean-data
+.PHONY: help run test bench build lint unit integration e2e k8s deps apt rust python clean-data
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -23,7 +23,7 @@ help: ## list the targets
 run: deps build ## build and start tally-sidecar on 127.0.0.1:4196 (buffer in ./data, events on stdout)
 	$(TALLY_SIDECAR_BIN) --config config/local.yaml
 
-test: deps lint build unit integration ## everything CI checks: fmt, clippy, unit, integration tests
+test: deps lint build unit integration e2e ## everything CI checks: fmt, clippy, unit, integration and control-plane tests
 	@echo "make test: all checks passed"
 
 bench: deps build ## measure ingest, drain, idle RSS and start-up against this machine's ceilings
@@ -42,9 +42,15 @@ unit:
 integration: build
 	$(CARGO_RELEASE) test --release -p tally-tests
 
+e2e: k8s ## tests against a real kube-apiserver, kube-controller-manager and etcd on 127.0.0.1
+	$(CARGO_RELEASE) test --release -p tally-e2e
+
+k8s: ## build kube-apiserver and kube-controller-manager from the k8s.io/kubernetes Go module (cached by version)
+	e2e/k8s/build.sh
+
 deps: apt rust python
 
-apt: ## system packages the RocksDB bindings need (installed once)
+apt: ## system packages: clang for the RocksDB bindings, PostgreSQL for the output tests (installed once)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing $$missing"; \

@@ -83,8 +83,30 @@ pub struct BufferOptions {
     pub when_full: WhenFull,
     /// Dedup window in milliseconds; 0 disables dedup.
     pub dedup_window_ms: u64,
-    /// The configured outputs; the buffer keeps an event until each of them has it.
+    /// The configured outputs.
     pub outputs: Vec<String>,
+    /// The outputs share one cursor ([`SHARED_CONSUMER`]) because each event goes to one of them
+    /// (`roundRobin`, `greedy`); otherwise each output has its own.
+    pub shared: bool,
+}
+
+/// The cursor of outputs that share events (`roundRobin`, `greedy`). Not a valid output name.
+pub const SHARED_CONSUMER: &str = "*shared";
+
+impl BufferOptions {
+    /// Whose cursors decide what may be deleted: every output's, or the shared one.
+    pub fn consumers(&self) -> Vec<&str> {
+        if self.shared {
+            vec![SHARED_CONSUMER]
+        } else {
+            self.outputs.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// The cursor that tracks `output`'s progress.
+    pub fn consumer_of<'a>(&self, output: &'a str) -> &'a str {
+        if self.shared { SHARED_CONSUMER } else { output }
+    }
 }
 
 /// Outcome of a successful append.
@@ -336,6 +358,8 @@ struct Inner {
     /// The highest sequence each output has read (delivered or in flight). `dropOldest` counts
     /// as dropped only events some output has not read: the others are still delivered.
     read_positions: Mutex<HashMap<String, u64>>,
+    /// Bumped whenever a cursor moves.
+    cursor_moves: watch::Sender<u64>,
     /// Set when an append was refused for lack of space, cleared when space is freed.
     full: std::sync::atomic::AtomicBool,
     last_seq: watch::Sender<u64>,
@@ -372,8 +396,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn db_options(dedup_window_ms: u64) -> (Options, Vec<ColumnFamilyDescriptor>) {
+fn db_options(dedup_window_ms: u64) -> Result<(Options, Vec<ColumnFamilyDescriptor>), BufferError> {
     let mut db_opts = Options::default();
+    // On a small node, compactions must not take CPU or disk time from acknowledging writes:
+    // run them at lower priority, and write SST files back incrementally so a flush does not
+    // leave a burst of dirty pages for the next WAL sync to wait behind.
+    let mut env = rocksdb::Env::new()?;
+    env.lower_thread_pool_cpu_priority();
+    env.lower_thread_pool_io_priority();
+    db_opts.set_env(&env);
+    db_opts.set_bytes_per_sync(1 << 20);
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
     db_opts.set_max_background_jobs(2);
@@ -414,7 +446,7 @@ fn db_options(dedup_window_ms: u64) -> (Options, Vec<ColumnFamilyDescriptor>) {
         ColumnFamilyDescriptor::new(CF_DEDUP, dedup),
         ColumnFamilyDescriptor::new(CF_DEAD_LETTER, small),
     ];
-    (db_opts, cfs)
+    Ok((db_opts, cfs))
 }
 
 /// Refuses a directory that holds something other than a Tally buffer, so a wrong `dataDir`
@@ -472,7 +504,7 @@ impl DurableBuffer {
             dir: dir.clone(),
             source,
         })?;
-        let (db_opts, cfs) = db_options(options.dedup_window_ms);
+        let (db_opts, cfs) = db_options(options.dedup_window_ms)?;
         let db =
             DB::open_cf_descriptors(&db_opts, &dir, cfs).map_err(|source| BufferError::Open {
                 dir: dir.clone(),
@@ -532,7 +564,7 @@ impl DurableBuffer {
                 found: "nothing: the directory is missing or empty".into(),
             });
         }
-        let (db_opts, cfs) = db_options(options.dedup_window_ms);
+        let (db_opts, cfs) = db_options(options.dedup_window_ms)?;
         let db = DB::open_cf_descriptors_read_only(&db_opts, &dir, cfs, false)
             .map_err(|source| BufferError::Open { dir, source })?;
         let inner = Inner::load(db, options, Arc::new(Metrics::new()))?;
@@ -593,15 +625,18 @@ impl DurableBuffer {
             .unwrap_or_default()
     }
 
-    /// Reads the events after `after` that are meant for `output`, up to the limits.
-    /// At least one event is returned if any is there, whatever its size.
+    /// Reads the events after `after` and up to `ceiling` that are meant for `consumer` (an
+    /// output, or [`SHARED_CONSUMER`], which takes every event), up to the limits. At least one
+    /// event is returned if any is there, whatever its size.
     pub fn read(
         &self,
-        output: &str,
+        consumer: &str,
         after: u64,
+        ceiling: u64,
         max_events: usize,
         max_bytes: usize,
     ) -> Result<ReadBatch, BufferError> {
+        let any_target = consumer == SHARED_CONSUMER;
         let db = &self.inner.db;
         let events = cf(db, CF_EVENTS)?;
         let mut read_opts = ReadOptions::default();
@@ -616,9 +651,13 @@ impl DurableBuffer {
         for item in iter {
             let (key, value) = item?;
             let seq = key_seq(&key)?;
+            if seq > ceiling {
+                break;
+            }
             let record = decode_record(seq, &value)?;
             if let Some(target) = record.target
-                && target != output.as_bytes()
+                && !any_target
+                && target != consumer.as_bytes()
             {
                 batch.last_scanned = seq;
                 continue;
@@ -641,7 +680,7 @@ impl DurableBuffer {
         }
         if batch.last_scanned > 0 {
             let mut positions = lock(&self.inner.read_positions);
-            let position = positions.entry(output.to_string()).or_default();
+            let position = positions.entry(consumer.to_string()).or_default();
             *position = (*position).max(batch.last_scanned);
         }
         Ok(batch)
@@ -649,24 +688,33 @@ impl DurableBuffer {
 
     /// Records that `output` has every event up to `seq`. Not synced: a crash may resend a few
     /// batches (at-least-once), which the upstream dedups by `(source, id)`.
-    pub fn acknowledge(&self, output: &str, seq: u64) -> Result<(), BufferError> {
+    pub fn acknowledge(&self, consumer: &str, seq: u64) -> Result<(), BufferError> {
         let meta = cf(&self.inner.db, CF_META)?;
         self.inner
             .db
-            .put_cf(meta, cursor_key(output), seq.to_be_bytes())?;
-        let mut cursors = lock(&self.inner.cursors);
-        let cursor = cursors.entry(output.to_string()).or_default();
-        *cursor = (*cursor).max(seq);
+            .put_cf(meta, cursor_key(consumer), seq.to_be_bytes())?;
+        self.inner.advance(consumer, seq);
         Ok(())
     }
 
-    /// Moves `records` into `output`'s dead-letter store and advances its cursor past them,
-    /// atomically and durably.
+    /// Buffered events `output` does not have yet.
+    pub fn lag(&self, output: &str) -> u64 {
+        let cursor = self.cursor(self.inner.options.consumer_of(output));
+        lock(&self.inner.accounting).lag(cursor)
+    }
+
+    /// Watches cursor movements (any consumer), for outputs that wait on another's progress.
+    pub fn subscribe_cursors(&self) -> watch::Receiver<u64> {
+        self.inner.cursor_moves.subscribe()
+    }
+
+    /// Moves `records` into `output`'s dead-letter store and, when `advance` is given, moves
+    /// that consumer's cursor to the given sequence, atomically and durably.
     pub fn dead_letter(
         &self,
         output: &str,
         records: &[Record],
-        upto: u64,
+        advance: Option<(&str, u64)>,
         reason: &str,
         status: Option<u16>,
     ) -> Result<(), BufferError> {
@@ -699,13 +747,15 @@ impl DurableBuffer {
             })?;
             batch.put_cf(dl, key, value);
         }
-        batch.put_cf(meta, cursor_key(output), upto.to_be_bytes());
+        if let Some((consumer, upto)) = advance {
+            batch.put_cf(meta, cursor_key(consumer), upto.to_be_bytes());
+        }
         let mut write = WriteOptions::default();
         write.set_sync(self.inner.options.durability == Durability::Sync);
         db.write_opt(batch, &write)?;
-        let mut cursors = lock(&self.inner.cursors);
-        let cursor = cursors.entry(output.to_string()).or_default();
-        *cursor = (*cursor).max(upto);
+        if let Some((consumer, upto)) = advance {
+            self.inner.advance(consumer, upto);
+        }
         Ok(())
     }
 
@@ -740,8 +790,8 @@ impl DurableBuffer {
             let cursors = lock(&self.inner.cursors);
             self.inner
                 .options
-                .outputs
-                .iter()
+                .consumers()
+                .into_iter()
                 .map(|name| cursors.get(name).copied().unwrap_or_default())
                 .min()
                 .unwrap_or_default()
@@ -801,7 +851,8 @@ impl DurableBuffer {
                 .outputs
                 .iter()
                 .map(|name| {
-                    let cursor = cursors.get(name).copied().unwrap_or_default();
+                    let consumer = self.inner.options.consumer_of(name);
+                    let cursor = cursors.get(consumer).copied().unwrap_or_default();
                     OutputStats {
                         name: name.clone(),
                         cursor,
@@ -884,9 +935,9 @@ impl Inner {
             accounting.push(chunk);
         }
         let mut cursors = HashMap::new();
-        for name in &options.outputs {
+        for name in options.consumers() {
             if let Some(value) = db.get_cf(meta, cursor_key(name))? {
-                cursors.insert(name.clone(), u64_value(&value));
+                cursors.insert(name.to_string(), u64_value(&value));
             }
         }
         let high_water = db
@@ -903,12 +954,22 @@ impl Inner {
             read_positions: Mutex::new(cursors.clone()),
             cursors: Mutex::new(cursors),
             full: std::sync::atomic::AtomicBool::new(false),
+            cursor_moves: watch::channel(0).0,
             last_seq: last_seq_tx,
             metrics,
             failure: Mutex::new(None),
         };
         inner.publish_gauges();
         Ok(inner)
+    }
+
+    fn advance(&self, consumer: &str, seq: u64) {
+        let mut cursors = lock(&self.cursors);
+        let cursor = cursors.entry(consumer.to_string()).or_default();
+        if seq > *cursor {
+            *cursor = seq;
+            self.cursor_moves.send_modify(|moves| *moves += 1);
+        }
     }
 
     fn publish_gauges(&self) {
@@ -1003,8 +1064,8 @@ impl Inner {
         let read_floor = {
             let positions = lock(&self.read_positions);
             self.options
-                .outputs
-                .iter()
+                .consumers()
+                .into_iter()
                 .map(|name| positions.get(name).copied().unwrap_or_default())
                 .min()
                 .unwrap_or_default()

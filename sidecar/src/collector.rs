@@ -12,15 +12,17 @@ use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::buffer::{BufferOptions, DurableBuffer};
-use crate::config::Config;
-use crate::forward::Forwarder;
+use crate::buffer::{BufferOptions, DurableBuffer, SHARED_CONSUMER};
+use crate::config::{BrokerPattern, Config, OutputConfig};
+use crate::forward::{BatchReader, Choice, Dispatcher, Forwarder, Sender};
 use crate::metrics::Metrics;
 use crate::output::Output;
 use crate::server::{AppState, router};
 
-/// How often fully delivered events are deleted and the buffer gauges refreshed.
+/// How often the buffer gauges are refreshed (and delivered events deleted, at the latest).
 const TRIM_INTERVAL: Duration = Duration::from_millis(250);
+/// The shortest pause between two rounds of deleting delivered events.
+const MAINTENANCE_GAP: Duration = Duration::from_millis(10);
 
 /// The buffer options a configuration implies.
 pub fn buffer_options(config: &Config) -> BufferOptions {
@@ -36,6 +38,60 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
             .iter()
             .map(|t| t.name.clone())
             .collect(),
+        shared: !config.outputs.pattern.fans_out(),
+    }
+}
+
+/// Frees buffer space: moves the oldest events of outputs over their `maxLag` to their
+/// dead-letter stores, then deletes what every output has.
+pub fn reclaim(buffer: &DurableBuffer, targets: &[OutputConfig], metrics: &Metrics) {
+    enforce_max_lag(buffer, targets, metrics);
+    if let Err(e) = buffer.trim() {
+        tracing::error!(error = %e, "cannot delete delivered events");
+    }
+}
+
+/// Events moved to an output's dead-letter store per pass at most, so one pass stays short.
+const MAX_LAG_STEP: usize = 10_000;
+
+/// Moves the oldest events of outputs more than `maxLag` behind to their dead-letter stores,
+/// so a dead output cannot fill the buffer that the healthy ones share.
+fn enforce_max_lag(buffer: &DurableBuffer, targets: &[OutputConfig], metrics: &Metrics) {
+    for target in targets {
+        let Some(max_lag) = target.max_lag else {
+            continue;
+        };
+        let lag = buffer.lag(&target.name);
+        if lag <= max_lag {
+            continue;
+        }
+        let excess = (lag - max_lag).min(MAX_LAG_STEP as u64) as usize;
+        let cursor = buffer.cursor(&target.name);
+        let result = buffer
+            .read(&target.name, cursor, u64::MAX, excess, usize::MAX)
+            .and_then(|batch| {
+                let reason = format!(
+                    "output was {lag} events behind, more than its maxLag of {max_lag}; the oldest were moved here so the buffer keeps room for the other outputs"
+                );
+                buffer.dead_letter(
+                    &target.name,
+                    &batch.records,
+                    Some((&target.name, batch.last_scanned)),
+                    &reason,
+                    None,
+                )?;
+                Ok(batch.records.len())
+            });
+        match result {
+            Ok(moved) => {
+                metrics
+                    .output_dead_lettered
+                    .get_or_create(&metrics.output(&target.name))
+                    .inc_by(moved as u64);
+                tracing::warn!(output = %target.name, lag, max_lag, moved, "output is over its maxLag; its oldest events moved to the dead-letter store");
+            }
+            Err(e) => tracing::error!(output = %target.name, error = %e, "cannot enforce maxLag"),
+        }
     }
 }
 
@@ -84,31 +140,76 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
 
     let (draining_tx, draining_rx) = watch::channel(false);
+    let pattern = config.outputs.pattern;
+    let targets = &config.outputs.targets;
+    let senders: Vec<Sender> = targets
+        .iter()
+        .zip(outputs)
+        .map(|(target, output)| {
+            metrics.register_output(&target.name);
+            Sender {
+                name: target.name.clone(),
+                output,
+                retry: target.retry.clone(),
+                fail_fast: pattern.fail_fast(),
+                buffer: buffer.reader(),
+                metrics: metrics.clone(),
+            }
+        })
+        .collect();
     let mut forwarders = JoinSet::new();
-    for (target, output) in config.outputs.targets.iter().zip(outputs) {
-        let forwarder = Forwarder {
-            name: target.name.clone(),
-            output,
-            batching: target.batching.clone(),
-            retry: target.retry.clone(),
-            buffer: buffer.reader(),
-            metrics: metrics.clone(),
+    if pattern.fans_out() {
+        for (i, (target, sender)) in targets.iter().zip(senders).enumerate() {
+            let gate = (pattern.sequential() && i > 0).then(|| targets[i - 1].name.clone());
+            let reader =
+                BatchReader::new(buffer.reader(), &target.name, target.batching.clone(), gate);
+            forwarders.spawn(Forwarder { reader, sender }.run(draining_rx.clone()));
+        }
+    } else {
+        // One batching policy for all: batches are formed before an output is chosen.
+        let reader = BatchReader::new(
+            buffer.reader(),
+            SHARED_CONSUMER,
+            targets[0].batching.clone(),
+            None,
+        );
+        let choice = if pattern == BrokerPattern::Greedy {
+            Choice::Greedy
+        } else {
+            Choice::RoundRobin
         };
-        metrics.register_output(&target.name);
-        forwarders.spawn(forwarder.run(draining_rx.clone()));
+        forwarders.spawn(
+            Dispatcher {
+                reader,
+                senders,
+                choice,
+            }
+            .run(draining_rx.clone()),
+        );
     }
     let trimmer = {
         let buffer = buffer.reader();
         let metrics = metrics.clone();
+        let targets = config.outputs.targets.clone();
+        let mut new_events = buffer.subscribe();
+        let mut cursor_moves = buffer.subscribe_cursors();
         tokio::spawn(async move {
+            // Space is reclaimed (and maxLag enforced) as soon as events arrive or cursors
+            // move, at most every MAINTENANCE_GAP; the gauges, which scan the dead-letter
+            // store, are refreshed on the slower tick.
             let mut tick = tokio::time::interval(TRIM_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
-                if let Err(e) = buffer.trim() {
-                    tracing::error!(error = %e, "cannot delete delivered events");
+                let refresh = tokio::select! {
+                    _ = tick.tick() => true,
+                    _ = new_events.changed() => false,
+                    _ = cursor_moves.changed() => false,
+                };
+                reclaim(&buffer, &targets, &metrics);
+                if refresh {
+                    refresh_gauges(&buffer, &metrics);
                 }
-                refresh_gauges(&buffer, &metrics);
+                tokio::time::sleep(MAINTENANCE_GAP).await;
             }
         })
     };
@@ -118,6 +219,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         auth_token,
         max_body_bytes: config.ingest.max_body_bytes.get() as usize,
+        max_lag_targets: config
+            .outputs
+            .targets
+            .iter()
+            .filter(|t| t.max_lag.is_some())
+            .cloned()
+            .collect(),
         exclude_namespaces: config
             .exclude_namespaces
             .iter()

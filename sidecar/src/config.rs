@@ -173,16 +173,7 @@ impl Default for OutputsConfig {
     fn default() -> Self {
         OutputsConfig {
             pattern: BrokerPattern::FanOut,
-            targets: vec![OutputConfig {
-                name: "stdout".to_string(),
-                kind: OutputKind::Stdout,
-                url: None,
-                token: None,
-                token_from: None,
-                timeout: HumanDuration(Duration::from_secs(10)),
-                batching: BatchPolicy::default(),
-                retry: RetryPolicy::default(),
-            }],
+            targets: vec![OutputConfig::default()],
         }
     }
 }
@@ -193,6 +184,39 @@ impl Default for OutputsConfig {
 pub enum BrokerPattern {
     /// Every output receives every event, each with its own durable cursor.
     FanOut,
+    /// Every output receives every event; output i+1 gets a batch only after output i has it.
+    FanOutSequential,
+    /// Each event goes to exactly one output, taking turns.
+    RoundRobin,
+    /// Each event goes to exactly one output: whichever is free first.
+    Greedy,
+    /// `fanOut`, but a failed batch goes to that output's dead-letter store instead of being retried.
+    FanOutFailFast,
+    /// `fanOutSequential`, but a failed batch goes to the dead-letter store instead of being retried.
+    FanOutSequentialFailFast,
+}
+
+impl BrokerPattern {
+    /// Whether a failed batch is dead-lettered at once instead of retried.
+    pub fn fail_fast(self) -> bool {
+        matches!(
+            self,
+            BrokerPattern::FanOutFailFast | BrokerPattern::FanOutSequentialFailFast
+        )
+    }
+
+    /// Whether each output has its own cursor over every event (as opposed to sharing events).
+    pub fn fans_out(self) -> bool {
+        !matches!(self, BrokerPattern::RoundRobin | BrokerPattern::Greedy)
+    }
+
+    /// Whether output i+1 waits for output i.
+    pub fn sequential(self) -> bool {
+        matches!(
+            self,
+            BrokerPattern::FanOutSequential | BrokerPattern::FanOutSequentialFailFast
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,14 +226,46 @@ pub struct OutputConfig {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: OutputKind,
-    /// Base URL; events are POSTed to `{url}/api/v1/events`.
+    /// `openmeter`/`collector`: base URL, events go to `{url}/api/v1/events`. `webhook`: the URL
+    /// POSTed to. `postgres`: a `postgres://` connection string.
     #[serde(default)]
     pub url: Option<String>,
-    /// Bearer token sent upstream.
+    /// `postgres`: the connection string from an environment variable or a file.
+    #[serde(default)]
+    pub url_from: Option<SecretSource>,
+    /// Bearer token sent upstream (`openmeter`, `collector`).
     #[serde(default)]
     pub token: Option<String>,
     #[serde(default)]
     pub token_from: Option<SecretSource>,
+    /// `webhook`: the HMAC-SHA256 signing secret.
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_from: Option<SecretSource>,
+    /// `webhook`: header carrying `sha256=<hex HMAC of the body>`.
+    #[serde(default = "default_signature_header")]
+    pub signature_header: String,
+    /// `webhook`: header carrying the delivery id (stable across retries of one batch).
+    #[serde(default = "default_delivery_header")]
+    pub delivery_header: String,
+    /// `webhook`: header carrying `eventName`, or the `type` of the batch's first event.
+    #[serde(default = "default_event_header")]
+    pub event_header: String,
+    #[serde(default)]
+    pub event_name: Option<String>,
+    /// `webhook`: extra static headers.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// `postgres`: the table events are inserted into.
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// `postgres`: create the table (and its key) when it is missing.
+    #[serde(default = "default_true")]
+    pub create_table: bool,
+    /// `postgres`/`webhook`/`openmeter`: a PEM CA bundle to trust in addition to the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Time limit of one request.
     #[serde(default = "default_output_timeout")]
     pub timeout: HumanDuration,
@@ -217,6 +273,57 @@ pub struct OutputConfig {
     pub batching: BatchPolicy,
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// When this output is more than this many events behind, its oldest events move to its
+    /// dead-letter store (counted), so one dead output cannot fill the shared buffer.
+    #[serde(default)]
+    pub max_lag: Option<u64>,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            name: "stdout".to_string(),
+            kind: OutputKind::Stdout,
+            url: None,
+            url_from: None,
+            token: None,
+            token_from: None,
+            secret: None,
+            secret_from: None,
+            signature_header: default_signature_header(),
+            delivery_header: default_delivery_header(),
+            event_header: default_event_header(),
+            event_name: None,
+            headers: Default::default(),
+            table: default_table(),
+            create_table: true,
+            ca_file: None,
+            timeout: default_output_timeout(),
+            batching: BatchPolicy::default(),
+            retry: RetryPolicy::default(),
+            max_lag: None,
+        }
+    }
+}
+
+fn default_signature_header() -> String {
+    "X-Tally-Signature-256".to_string()
+}
+
+fn default_delivery_header() -> String {
+    "X-Tally-Delivery".to_string()
+}
+
+fn default_event_header() -> String {
+    "X-Tally-Event".to_string()
+}
+
+fn default_table() -> String {
+    "tally_events".to_string()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_output_timeout() -> HumanDuration {
@@ -230,6 +337,10 @@ pub enum OutputKind {
     Openmeter,
     /// Another Tally collector (same wire format as `openmeter`).
     Collector,
+    /// A JSON array POSTed to any URL, signed with HMAC-SHA256.
+    Webhook,
+    /// Rows in a PostgreSQL table keyed by `(source, id)`: exactly-once.
+    Postgres,
     /// One JSON event per line on standard output.
     Stdout,
 }
@@ -523,6 +634,18 @@ impl Config {
                     .into(),
             ));
         }
+        if !self.outputs.pattern.fans_out()
+            && let Some(i) = self
+                .outputs
+                .targets
+                .iter()
+                .position(|t| t.max_lag.is_some())
+        {
+            return Err((
+                format!("outputs.targets[{i}].maxLag"),
+                "maxLag applies to the fanOut patterns; with roundRobin and greedy the outputs share one position".into(),
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, target) in self.outputs.targets.iter().enumerate() {
             let at = |key: &str| format!("outputs.targets[{i}].{key}");
@@ -550,40 +673,7 @@ impl Config {
                     ),
                 ));
             }
-            match target.kind {
-                OutputKind::Openmeter | OutputKind::Collector => match &target.url {
-                    None => {
-                        return Err((
-                            at("url"),
-                            format!("an output of type {:?} needs a url", target.kind),
-                        ));
-                    }
-                    Some(url) => {
-                        let parsed = reqwest::Url::parse(url)
-                            .map_err(|e| (at("url"), format!("invalid URL {url:?}: {e}")))?;
-                        if !matches!(parsed.scheme(), "http" | "https") {
-                            return Err((
-                                at("url"),
-                                format!("{url:?} must be an http or https URL"),
-                            ));
-                        }
-                    }
-                },
-                OutputKind::Stdout => {
-                    if target.url.is_some() {
-                        return Err((at("url"), "a stdout output takes no url".into()));
-                    }
-                }
-            }
-            if let Some(source) = &target.token_from {
-                source.check().map_err(|m| (at("tokenFrom"), m))?;
-            }
-            if target.token.is_some() && target.token_from.is_some() {
-                return Err((
-                    at("token"),
-                    "set either token or tokenFrom, not both".into(),
-                ));
-            }
+            validate_target(target, &at)?;
             if target.batching.count == 0 {
                 return Err((at("batching.count"), "must be at least 1".into()));
             }
@@ -628,6 +718,158 @@ impl OutputConfig {
             &format!("outputs.targets[{index}].tokenFrom"),
         )
     }
+}
+
+/// The rules of one output's type: which keys it needs and which it does not take.
+fn validate_target(
+    target: &OutputConfig,
+    at: &dyn Fn(&str) -> String,
+) -> Result<(), (String, String)> {
+    let kind = match target.kind {
+        OutputKind::Openmeter => "openmeter",
+        OutputKind::Collector => "collector",
+        OutputKind::Webhook => "webhook",
+        OutputKind::Postgres => "postgres",
+        OutputKind::Stdout => "stdout",
+    };
+    let http = matches!(
+        target.kind,
+        OutputKind::Openmeter | OutputKind::Collector | OutputKind::Webhook
+    );
+    let takes = |key: &str| -> bool {
+        match key {
+            "url" => target.kind != OutputKind::Stdout,
+            "urlFrom" | "table" | "createTable" => target.kind == OutputKind::Postgres,
+            "token" | "tokenFrom" => {
+                matches!(target.kind, OutputKind::Openmeter | OutputKind::Collector)
+            }
+            "secret" | "secretFrom" | "eventName" | "headers" => target.kind == OutputKind::Webhook,
+            "caFile" => http || target.kind == OutputKind::Postgres,
+            _ => true,
+        }
+    };
+    let set = [
+        ("url", target.url.is_some()),
+        ("urlFrom", target.url_from.is_some()),
+        ("token", target.token.is_some()),
+        ("tokenFrom", target.token_from.is_some()),
+        ("secret", target.secret.is_some()),
+        ("secretFrom", target.secret_from.is_some()),
+        ("eventName", target.event_name.is_some()),
+        ("headers", !target.headers.is_empty()),
+        ("caFile", target.ca_file.is_some()),
+    ];
+    for (key, present) in set {
+        if present && !takes(key) {
+            return Err((at(key), format!("a {kind} output does not take `{key}`")));
+        }
+    }
+    for (key, a, b) in [
+        ("token", target.token.is_some(), target.token_from.is_some()),
+        (
+            "secret",
+            target.secret.is_some(),
+            target.secret_from.is_some(),
+        ),
+        ("url", target.url.is_some(), target.url_from.is_some()),
+    ] {
+        if a && b {
+            return Err((at(key), format!("set either {key} or {key}From, not both")));
+        }
+    }
+    for (key, source) in [
+        ("tokenFrom", &target.token_from),
+        ("secretFrom", &target.secret_from),
+        ("urlFrom", &target.url_from),
+    ] {
+        if let Some(source) = source {
+            source.check().map_err(|m| (at(key), m))?;
+        }
+    }
+    if http {
+        let Some(url) = &target.url else {
+            return Err((at("url"), format!("a {kind} output needs a url")));
+        };
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| (at("url"), format!("invalid URL {url:?}: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err((at("url"), format!("{url:?} must be an http or https URL")));
+        }
+    }
+    match target.kind {
+        OutputKind::Webhook => {
+            if target.secret.is_none() && target.secret_from.is_none() {
+                return Err((
+                    at("secretFrom"),
+                    "a webhook output needs a signing secret: secretFrom: {env: NAME} or {file: PATH}"
+                        .into(),
+                ));
+            }
+            for (key, name) in [
+                ("signatureHeader", &target.signature_header),
+                ("deliveryHeader", &target.delivery_header),
+                ("eventHeader", &target.event_header),
+            ] {
+                http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| (at(key), format!("{name:?} is not a valid header name")))?;
+            }
+            for (name, value) in &target.headers {
+                http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    (
+                        at("headers"),
+                        format!("{name:?} is not a valid header name"),
+                    )
+                })?;
+                http::HeaderValue::from_str(value).map_err(|_| {
+                    (
+                        at("headers"),
+                        format!("the value of header {name:?} is not valid"),
+                    )
+                })?;
+            }
+        }
+        OutputKind::Postgres => {
+            match (&target.url, &target.url_from) {
+                (None, None) => {
+                    return Err((
+                        at("url"),
+                        "a postgres output needs url (postgres://user@host/db) or urlFrom".into(),
+                    ));
+                }
+                (Some(url), _)
+                    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) =>
+                {
+                    return Err((
+                        at("url"),
+                        "a postgres url starts with postgres:// or postgresql://".into(),
+                    ));
+                }
+                _ => {}
+            }
+            let identifier = |part: &str| {
+                part.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && part.len() <= 63
+            };
+            let parts: Vec<&str> = target.table.split('.').collect();
+            if parts.len() > 2 || !parts.iter().all(|p| identifier(p)) {
+                return Err((
+                    at("table"),
+                    format!(
+                        "{:?} is not a table name; use letters, digits and _ (optionally schema.table)",
+                        target.table
+                    ),
+                ));
+            }
+        }
+        OutputKind::Openmeter | OutputKind::Collector | OutputKind::Stdout => {}
+    }
+    if target.max_lag == Some(0) {
+        return Err((at("maxLag"), "must be at least 1 (or absent)".into()));
+    }
+    Ok(())
 }
 
 fn resolve_secret(
@@ -696,7 +938,7 @@ outputs:
         let cases = [
             ("bogus: 1", "bogus", "unknown field `bogus`"),
             (
-                "outputs: { targets: [ { name: a, type: stdout, tokenFrom: {} } ] }",
+                "outputs: { targets: [ { name: a, type: openmeter, url: \"http://x\", tokenFrom: {} } ] }",
                 "outputs.targets[0].tokenFrom",
                 "exactly one",
             ),

@@ -1,28 +1,31 @@
-//! One forwarder per output: reads from the output's durable cursor, forms batches by count,
-//! bytes and period, sends them with retries and backoff, and moves permanently rejected batches
-//! to the dead-letter store. Each output has its own cursor, so a dead output never stalls the
-//! others; it only holds their shared buffer space.
+//! Delivery from the buffer to the outputs, in the broker patterns Bento users know.
+//!
+//! - Fan-out patterns (`fanOut`, `fanOutSequential` and their `FailFast` variants): one
+//!   [`Forwarder`] per output, each reading from its own durable cursor, so a dead output never
+//!   stalls the others; it only holds their shared buffer space (see `maxLag`). In the sequential
+//!   patterns output i+1 reads no further than output i's cursor.
+//! - Shared patterns (`roundRobin`, `greedy`): one [`Dispatcher`] reads from a shared cursor and
+//!   hands each batch to one output, taking turns or to whichever is free first.
+//!
+//! Batches are formed by count, bytes and period ([`BatchReader`]); a [`Sender`] retries with
+//! backoff and moves permanently failed batches to the output's dead-letter store.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::buffer::{DurableBuffer, ReadBatch, Record};
+use crate::buffer::{DurableBuffer, ReadBatch, Record, SHARED_CONSUMER};
 use crate::config::{BatchPolicy, RetryPolicy};
 use crate::metrics::{ErrorKind, Metrics, OutputLabels};
 use crate::output::{Output, SendError};
 
 /// The longest `Retry-After` honoured; a longer one is treated as this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-
-/// What happened to a batch.
-enum Outcome {
-    Delivered,
-    DeadLettered { reason: String, status: Option<u16> },
-}
 
 /// The delay before retry number `attempt` (0-based): exponential, capped at `maxInterval`, with
 /// full jitter above `initialInterval` (uniform between `initialInterval` and the cap), so a fleet
@@ -41,136 +44,225 @@ pub fn backoff_delay(policy: &RetryPolicy, attempt: u32) -> Duration {
     initial + Duration::from_nanos(rand::rng().random_range(0..=spread))
 }
 
-/// Delivers one output's events.
-pub struct Forwarder {
-    pub name: String,
-    pub output: Output,
-    pub batching: BatchPolicy,
-    pub retry: RetryPolicy,
-    pub buffer: DurableBuffer,
-    pub metrics: Arc<Metrics>,
+/// Forms batches from one consumer's position in the log.
+pub struct BatchReader {
+    buffer: DurableBuffer,
+    /// Whose cursor this reads from: an output's name, or [`SHARED_CONSUMER`].
+    consumer: String,
+    policy: BatchPolicy,
+    /// Sequential patterns: read no further than this output's cursor.
+    gate: Option<String>,
+    new_events: watch::Receiver<u64>,
+    cursor_moves: watch::Receiver<u64>,
+    /// Everything up to here has been read into `pending` or handed out.
+    read_pos: u64,
+    pending: Vec<Record>,
+    pending_bytes: usize,
+    deadline: Option<Instant>,
 }
 
-impl Forwarder {
-    /// Runs until `draining` turns true and everything buffered for this output is delivered.
-    /// Dropping the future at any point loses nothing: the cursor only moves after delivery.
-    pub async fn run(self, mut draining: watch::Receiver<bool>) {
-        let labels = self.metrics.output(&self.name);
-        let mut new_events = self.buffer.subscribe();
-        let count = self.batching.count;
-        let max_bytes = self.batching.byte_size.get() as usize;
-        let mut cursor = self.buffer.cursor(&self.name);
-        let mut read_pos = cursor;
-        let mut pending: Vec<Record> = Vec::new();
-        let mut pending_bytes = 0usize;
-        let mut deadline: Option<Instant> = None;
+/// A batch handed out by a [`BatchReader`]. `upto` is the consumer's cursor once it is done.
+pub struct Batch {
+    pub records: Vec<Record>,
+    pub upto: u64,
+}
+
+impl BatchReader {
+    pub fn new(
+        buffer: DurableBuffer,
+        consumer: &str,
+        policy: BatchPolicy,
+        gate: Option<String>,
+    ) -> BatchReader {
+        let read_pos = buffer.cursor(consumer);
+        BatchReader {
+            new_events: buffer.subscribe(),
+            cursor_moves: buffer.subscribe_cursors(),
+            buffer,
+            consumer: consumer.to_string(),
+            policy,
+            gate,
+            read_pos,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            deadline: None,
+        }
+    }
+
+    /// The next batch: when it is full, or its period since the first event has passed, or at
+    /// once when draining. `None` when draining and nothing is left to read.
+    pub async fn next(&mut self, draining: &mut watch::Receiver<bool>) -> Option<Batch> {
+        let count = self.policy.count;
+        let max_bytes = self.policy.byte_size.get() as usize;
         loop {
-            new_events.borrow_and_update();
-            if pending.len() < count && pending_bytes < max_bytes {
+            self.new_events.borrow_and_update();
+            self.cursor_moves.borrow_and_update();
+            // Another task (maxLag) may have moved the cursor past what this reader holds.
+            let cursor = self.buffer.cursor(&self.consumer);
+            if cursor > self.read_pos {
+                self.read_pos = cursor;
+                self.pending.retain(|r| r.seq > cursor);
+                self.pending_bytes = self.pending.iter().map(|r| r.json.len()).sum();
+            }
+            if self.pending.len() < count && self.pending_bytes < max_bytes {
+                let ceiling = self
+                    .gate
+                    .as_ref()
+                    .map_or(u64::MAX, |gate| self.buffer.cursor(gate));
                 match self
-                    .read(read_pos, count - pending.len(), max_bytes - pending_bytes)
+                    .read(
+                        ceiling,
+                        count - self.pending.len(),
+                        max_bytes - self.pending_bytes,
+                    )
                     .await
                 {
                     Ok(batch) => {
-                        read_pos = read_pos.max(batch.last_scanned);
-                        pending_bytes += batch.bytes;
-                        pending.extend(batch.records);
+                        self.read_pos = self.read_pos.max(batch.last_scanned);
+                        self.pending_bytes += batch.bytes;
+                        self.pending.extend(batch.records);
                     }
                     Err(e) => {
-                        tracing::error!(output = %self.name, error = %e, "cannot read the buffer; retrying in 1s");
+                        tracing::error!(consumer = %self.consumer, error = %e, "cannot read the buffer; retrying in 1s");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
                 }
             }
             let stopping = *draining.borrow();
-            if pending.is_empty() {
-                if read_pos > cursor {
+            if self.pending.is_empty() {
+                if self.read_pos > cursor {
                     // Only events for other outputs were there; step over them.
-                    self.acknowledge(read_pos);
-                    cursor = read_pos;
+                    if let Err(e) = self.buffer.acknowledge(&self.consumer, self.read_pos) {
+                        tracing::error!(consumer = %self.consumer, error = %e, "cannot record the position");
+                    }
                 }
                 if stopping {
-                    return;
+                    return None;
                 }
                 tokio::select! {
-                    _ = new_events.changed() => {}
+                    _ = self.new_events.changed() => {}
+                    _ = self.cursor_moves.changed() => {}
                     _ = draining.changed() => {}
                 }
                 continue;
             }
             let now = Instant::now();
-            let due = *deadline.get_or_insert_with(|| now + self.period());
-            let full = pending.len() >= count || pending_bytes >= max_bytes;
+            let due = match self.deadline {
+                Some(due) => due,
+                None => *self.deadline.insert(now + self.period()),
+            };
+            let full = self.pending.len() >= count || self.pending_bytes >= max_bytes;
             if !full && !stopping && now < due {
                 tokio::select! {
-                    _ = new_events.changed() => {}
+                    _ = self.new_events.changed() => {}
+                    _ = self.cursor_moves.changed() => {}
                     _ = tokio::time::sleep_until(due) => {}
                     _ = draining.changed() => {}
                 }
                 continue;
             }
-            let upto = read_pos;
-            match self.deliver(&pending, &labels).await {
-                Outcome::Delivered => self.acknowledge(upto),
-                Outcome::DeadLettered { reason, status } => {
-                    if let Err(e) = self
-                        .buffer
-                        .dead_letter(&self.name, &pending, upto, &reason, status)
-                    {
-                        // Keep the batch and try it again rather than lose it.
-                        tracing::error!(output = %self.name, error = %e, "cannot write to the dead-letter store; retrying the batch");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                    self.metrics
-                        .output_dead_lettered
-                        .get_or_create(&labels)
-                        .inc_by(pending.len() as u64);
-                    tracing::warn!(output = %self.name, events = pending.len(), status, %reason,
-                        "batch moved to the dead-letter store; inspect with `tally-sidecar dead-letter list`, re-send with `dead-letter replay`");
-                }
-            }
-            cursor = upto;
-            pending.clear();
-            pending_bytes = 0;
-            deadline = None;
+            self.deadline = None;
+            self.pending_bytes = 0;
+            return Some(Batch {
+                records: std::mem::take(&mut self.pending),
+                upto: self.read_pos,
+            });
         }
     }
 
     fn period(&self) -> Duration {
-        let jitter = self.batching.jitter.get();
+        let jitter = self.policy.jitter.get();
         let extra = if jitter.is_zero() {
             Duration::ZERO
         } else {
             Duration::from_nanos(rand::rng().random_range(0..=jitter.as_nanos() as u64))
         };
-        self.batching.period.get() + extra
+        self.policy.period.get() + extra
     }
 
     async fn read(
         &self,
-        after: u64,
+        ceiling: u64,
         max_events: usize,
         max_bytes: usize,
     ) -> Result<ReadBatch, String> {
         let buffer = self.buffer.clone();
-        let name = self.name.clone();
-        tokio::task::spawn_blocking(move || buffer.read(&name, after, max_events, max_bytes))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        let consumer = self.consumer.clone();
+        let after = self.read_pos;
+        tokio::task::spawn_blocking(move || {
+            buffer.read(&consumer, after, ceiling, max_events, max_bytes)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
     }
+}
 
-    fn acknowledge(&self, upto: u64) {
-        if let Err(e) = self.buffer.acknowledge(&self.name, upto) {
-            // The events were delivered; a lost cursor write only means they may be sent again.
-            tracing::error!(output = %self.name, error = %e, "cannot record the output's position");
+/// What happened to a batch.
+pub enum Outcome {
+    Delivered,
+    DeadLettered,
+}
+
+/// Sends batches to one output: retries with backoff, or dead-letters.
+pub struct Sender {
+    pub name: String,
+    pub output: Output,
+    pub retry: RetryPolicy,
+    /// Dead-letter a failed batch at once instead of retrying.
+    pub fail_fast: bool,
+    pub buffer: DurableBuffer,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Sender {
+    /// Delivers the batch, or moves it to the dead-letter store, advancing `advance` (a consumer
+    /// and its new cursor) in the same write. Only returns once the batch is settled one way or
+    /// the other; retries forever unless `maxElapsed` is set or the pattern fails fast.
+    pub async fn settle(&self, records: &[Record], advance: Option<(&str, u64)>) -> Outcome {
+        let labels = self.metrics.output(&self.name);
+        let (reason, status) = match self.deliver(records, &labels).await {
+            None => {
+                if let Some((consumer, upto)) = advance
+                    && let Err(e) = self.buffer.acknowledge(consumer, upto)
+                {
+                    // Delivered; a lost cursor write only means it may be sent again.
+                    tracing::error!(output = %self.name, error = %e, "cannot record the output's position");
+                }
+                return Outcome::Delivered;
+            }
+            Some(failure) => failure,
+        };
+        loop {
+            match self
+                .buffer
+                .dead_letter(&self.name, records, advance, &reason, status)
+            {
+                Ok(()) => break,
+                Err(e) => {
+                    // Keep the batch rather than lose it; the store is on the same disk, so
+                    // this clears when the disk does.
+                    tracing::error!(output = %self.name, error = %e, "cannot write to the dead-letter store; retrying in 1s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
         }
+        self.metrics
+            .output_dead_lettered
+            .get_or_create(&labels)
+            .inc_by(records.len() as u64);
+        tracing::warn!(output = %self.name, events = records.len(), status, %reason,
+            "batch moved to the dead-letter store; inspect with `tally-sidecar dead-letter list`, re-send with `dead-letter replay`");
+        Outcome::DeadLettered
     }
 
-    /// Sends until delivered or permanently failed. Retries forever unless `maxElapsed` is set.
-    async fn deliver(&self, records: &[Record], labels: &OutputLabels) -> Outcome {
+    /// Sends until delivered (`None`) or given up (`Some(reason, status)`).
+    async fn deliver(
+        &self,
+        records: &[Record],
+        labels: &OutputLabels,
+    ) -> Option<(String, Option<u16>)> {
         let started = Instant::now();
         let max_elapsed = self.retry.max_elapsed.get();
         let mut attempt: u32 = 0;
@@ -191,15 +283,12 @@ impl Forwarder {
                     if attempt > 0 {
                         tracing::info!(output = %self.name, attempts = attempt + 1, "delivered after retries");
                     }
-                    return Outcome::Delivered;
+                    return None;
                 }
                 Err(SendError::Permanent { status, detail }) => {
                     self.metrics
                         .output_error(&self.name, ErrorKind::permanent_status);
-                    return Outcome::DeadLettered {
-                        reason: detail,
-                        status: Some(status),
-                    };
+                    return Some((detail, status));
                 }
                 Err(SendError::Retryable {
                     kind,
@@ -209,16 +298,21 @@ impl Forwarder {
                 }) => (kind, status, detail, retry_after),
             };
             self.metrics.output_error(&self.name, kind);
+            if self.fail_fast {
+                return Some((
+                    format!("failed, and the pattern fails fast: {detail}"),
+                    status,
+                ));
+            }
             if !max_elapsed.is_zero() && started.elapsed() >= max_elapsed {
-                return Outcome::DeadLettered {
-                    reason: format!(
+                let elapsed = Duration::from_secs(started.elapsed().as_secs());
+                return Some((
+                    format!(
                         "gave up after {} (retry.maxElapsed): {detail}",
-                        humantime::format_duration(Duration::from_secs(
-                            started.elapsed().as_secs()
-                        ))
+                        humantime::format_duration(elapsed)
                     ),
                     status,
-                };
+                ));
             }
             let mut delay = backoff_delay(&self.retry, attempt);
             if let Some(after) = retry_after {
@@ -230,6 +324,177 @@ impl Forwarder {
             tokio::time::sleep(delay).await;
             attempt = attempt.saturating_add(1);
             self.metrics.output_retries.get_or_create(labels).inc();
+        }
+    }
+}
+
+/// One output of a fan-out pattern, with its own cursor.
+pub struct Forwarder {
+    pub reader: BatchReader,
+    pub sender: Sender,
+}
+
+impl Forwarder {
+    /// Runs until `draining` turns true and everything buffered for this output is settled.
+    /// Dropping the future at any point loses nothing: the cursor only moves after delivery.
+    pub async fn run(mut self, mut draining: watch::Receiver<bool>) {
+        while let Some(batch) = self.reader.next(&mut draining).await {
+            let name = self.sender.name.clone();
+            self.sender
+                .settle(&batch.records, Some((&name, batch.upto)))
+                .await;
+        }
+    }
+}
+
+/// Which output of a shared pattern gets the next batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// Each output in turn.
+    RoundRobin,
+    /// Whichever output is free first.
+    Greedy,
+}
+
+/// A batch given to one output of a shared pattern; `first` identifies it on completion.
+struct Job {
+    first: u64,
+    records: Vec<Record>,
+}
+
+/// Reads the shared cursor and hands each batch to exactly one output. The shared cursor moves
+/// only over batches that are settled, in order, so a crash resends only unsettled batches.
+pub struct Dispatcher {
+    pub reader: BatchReader,
+    pub senders: Vec<Sender>,
+    pub choice: Choice,
+}
+
+impl Dispatcher {
+    pub async fn run(self, mut draining: watch::Receiver<bool>) {
+        let Dispatcher {
+            mut reader,
+            senders,
+            choice,
+        } = self;
+        let buffer = reader.buffer.clone();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
+        // Greedy: every output takes from one queue when it is free. Round robin: each output
+        // has its own queue, fed in turn.
+        let mut queues = Vec::new();
+        let mut workers = JoinSet::new();
+        let shared = Arc::new(Mutex::new(None::<mpsc::Receiver<Job>>));
+        let (greedy_tx, greedy_rx) = mpsc::channel::<Job>(1);
+        *shared.lock().await = Some(greedy_rx);
+        for sender in senders {
+            let done = done_tx.clone();
+            match choice {
+                Choice::RoundRobin => {
+                    let (tx, rx) = mpsc::channel::<Job>(1);
+                    queues.push(tx);
+                    workers.spawn(work(sender, Arc::new(Mutex::new(Some(rx))), done));
+                }
+                Choice::Greedy => {
+                    workers.spawn(work(sender, shared.clone(), done));
+                }
+            }
+        }
+        drop(done_tx);
+        // Batches handed out and not yet settled: first seq -> (upto, settled).
+        let mut in_flight: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+        let mut turn = 0usize;
+        loop {
+            let batch = tokio::select! {
+                batch = reader.next(&mut draining) => batch,
+                Some(first) = done_rx.recv() => {
+                    settle_in_order(&buffer, &mut in_flight, first);
+                    continue;
+                }
+            };
+            let Some(batch) = batch else { break };
+            let Some(first) = batch.records.first().map(|r| r.seq) else {
+                continue;
+            };
+            in_flight.insert(first, (batch.upto, false));
+            let job = Job {
+                first,
+                records: batch.records,
+            };
+            let queue = match choice {
+                Choice::RoundRobin => {
+                    let queue = &queues[turn % queues.len()];
+                    turn += 1;
+                    queue
+                }
+                Choice::Greedy => &greedy_tx,
+            };
+            // Waits while the chosen output (or, greedy, every output) is busy, settling
+            // completions meanwhile so the cursor keeps moving.
+            let mut sending = std::pin::pin!(queue.send(job));
+            loop {
+                tokio::select! {
+                    sent = &mut sending => {
+                        if sent.is_err() {
+                            tracing::error!("an output worker stopped; the batch stays buffered");
+                        }
+                        break;
+                    }
+                    Some(first) = done_rx.recv() => settle_in_order(&buffer, &mut in_flight, first),
+                }
+            }
+        }
+        // Draining: no new batches; let the outputs settle what they hold.
+        drop(queues);
+        drop(greedy_tx);
+        while !in_flight.is_empty() {
+            match done_rx.recv().await {
+                Some(first) => settle_in_order(&buffer, &mut in_flight, first),
+                None => break,
+            }
+        }
+        while workers.join_next().await.is_some() {}
+    }
+}
+
+/// Marks the batch starting at `first` settled and moves the shared cursor over every settled
+/// batch at the front.
+fn settle_in_order(buffer: &DurableBuffer, in_flight: &mut BTreeMap<u64, (u64, bool)>, first: u64) {
+    if let Some(entry) = in_flight.get_mut(&first) {
+        entry.1 = true;
+    }
+    let mut upto = None;
+    while let Some(entry) = in_flight.first_entry() {
+        if !entry.get().1 {
+            break;
+        }
+        upto = Some(entry.remove().0);
+    }
+    if let Some(upto) = upto
+        && let Err(e) = buffer.acknowledge(SHARED_CONSUMER, upto)
+    {
+        tracing::error!(error = %e, "cannot record the shared position");
+    }
+}
+
+/// One output of a shared pattern: settles each job it takes and reports it done.
+async fn work(
+    sender: Sender,
+    queue: Arc<Mutex<Option<mpsc::Receiver<Job>>>>,
+    done: mpsc::UnboundedSender<u64>,
+) {
+    loop {
+        let job = {
+            let mut guard = queue.lock().await;
+            match guard.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => None,
+            }
+        };
+        let Some(job) = job else { return };
+        // The dispatcher moves the shared cursor; a dead letter only records the events.
+        sender.settle(&job.records, None).await;
+        if done.send(job.first).is_err() {
+            return;
         }
     }
 }

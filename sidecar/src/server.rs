@@ -24,6 +24,8 @@ pub struct AppState {
     pub auth_token: Option<String>,
     pub max_body_bytes: usize,
     pub exclude_namespaces: HashSet<String>,
+    /// Outputs with a `maxLag`: when the buffer is full, their oldest events make room.
+    pub max_lag_targets: Vec<crate::config::OutputConfig>,
     /// Set on SIGTERM: ingest answers 503 from then on.
     pub stopping: AtomicBool,
 }
@@ -283,7 +285,23 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Rejectio
         metrics.drop_events(DropReason::excluded_namespace, excluded);
         return Ok(());
     }
-    match state.buffer.append(events).await {
+    // With a maxLag output, a full buffer first moves that output's oldest events aside
+    // (synchronously, so even a burst faster than the background pass is never refused).
+    let retry_copy = (!state.max_lag_targets.is_empty()).then(|| events.clone());
+    let mut result = state.buffer.append(events).await;
+    if let (Err(AppendError::Full { .. }), Some(events)) = (&result, retry_copy) {
+        let buffer = state.buffer.reader();
+        let targets = state.max_lag_targets.clone();
+        let metrics = state.metrics.clone();
+        let reclaimed = tokio::task::spawn_blocking(move || {
+            crate::collector::reclaim(&buffer, &targets, &metrics)
+        })
+        .await;
+        if reclaimed.is_ok() {
+            result = state.buffer.append(events).await;
+        }
+    }
+    match result {
         Ok(appended) => {
             metrics.events_received.inc_by(total);
             if excluded > 0 {

@@ -71,6 +71,7 @@ fn open(dir: &std::path::Path) -> (DurableBuffer, WriterThread) {
             when_full: WhenFull::Reject,
             dedup_window_ms: 3_600_000,
             outputs: OUTPUTS.iter().map(|s| s.to_string()).collect(),
+            shared: false,
         },
         Arc::new(Metrics::new()),
     )
@@ -109,7 +110,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::ReadAck(o, n) | Op::ReadDeadLetter(o, n) => {
                 let output = OUTPUTS[o];
                 let cursor = buffer.cursor(output);
-                let batch = buffer.read(output, cursor, n, usize::MAX).expect("read");
+                let batch = buffer
+                    .read(output, cursor, u64::MAX, n, usize::MAX)
+                    .expect("read");
                 let got: Vec<String> = batch.records.iter().map(|r| id_of(&r.json)).collect();
                 let pending = model.pending.entry(output).or_default();
                 let expected: Vec<String> = pending.iter().take(n).cloned().collect();
@@ -125,7 +128,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             .dead_letter(
                                 output,
                                 &batch.records,
-                                batch.last_scanned,
+                                Some((output, batch.last_scanned)),
                                 "model",
                                 Some(400),
                             )
@@ -182,7 +185,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     for output in OUTPUTS {
         let cursor = buffer.cursor(output);
         let batch = buffer
-            .read(output, cursor, usize::MAX, usize::MAX)
+            .read(output, cursor, u64::MAX, usize::MAX, usize::MAX)
             .expect("read");
         let got: Vec<String> = batch.records.iter().map(|r| id_of(&r.json)).collect();
         prop_assert_eq!(&got, &model.pending[output], "final read of {}", output);
@@ -213,7 +216,9 @@ fn trimmed_buffer_restarts_empty_and_keeps_sequence() {
     rt.block_on(buffer.append((0..10).map(|i| event(&format!("x{i}"))).collect()))
         .expect("append");
     for output in OUTPUTS {
-        let batch = buffer.read(output, 0, 100, usize::MAX).expect("read");
+        let batch = buffer
+            .read(output, 0, u64::MAX, 100, usize::MAX)
+            .expect("read");
         assert_eq!(batch.records.len(), 10);
         buffer.acknowledge(output, batch.last_scanned).expect("ack");
     }
@@ -228,7 +233,7 @@ fn trimmed_buffer_restarts_empty_and_keeps_sequence() {
         .expect("append");
     assert_eq!(appended.duplicates, 1, "dedup survives the restart");
     let batch = buffer
-        .read("a", buffer.cursor("a"), 100, usize::MAX)
+        .read("a", buffer.cursor("a"), u64::MAX, 100, usize::MAX)
         .expect("read");
     assert_eq!(batch.records.len(), 1);
     assert_eq!(batch.records[0].seq, 11);

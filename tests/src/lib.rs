@@ -5,7 +5,9 @@
 //! clients speak HTTP over loopback (and the real OpenMeter and CloudEvents Python SDKs, see
 //! [`python`]). The upstream it forwards to is [`TestUpstream`], a fake of OpenMeter's ingest API:
 //! this machine has no internet access, and a fake is what lets a test make the upstream fail on
-//! command.
+//! command. The other outputs' endpoints are real too: a private PostgreSQL server from Debian's
+//! packages ([`TestPostgres`]) and a webhook receiver written independently in Python that
+//! verifies every HMAC signature itself ([`WebhookReceiver`]).
 //!
 //! Every wait polls with a deadline ([`poll_until`]); no test synchronises with a fixed sleep.
 
@@ -13,13 +15,17 @@ pub mod binary;
 pub mod events;
 pub mod metrics;
 pub mod poll;
+pub mod postgres;
 pub mod problem;
 pub mod python;
 pub mod sidecar;
 pub mod upstream;
+pub mod webhook;
 
 pub use events::{EventIds, event, event_from};
 pub use poll::{poll_for, poll_until};
+pub use postgres::TestPostgres;
 pub use problem::assert_problem;
 pub use sidecar::{CliOutput, Sidecar, SidecarBuilder};
 pub use upstream::{Behaviour, ReceivedRequest, RetryAfter, TestUpstream};
+pub use webhook::{WebhookReceiver, WebhookRequest};

@@ -75,25 +75,36 @@ impl SidecarBuilder {
 
     /// Adds an `openmeter` output named `name` to `url`, tuned for tests: small batching period
     /// (50ms) and short retries (50ms..500ms), so a test does not wait for production timings.
-    pub fn openmeter_output(mut self, name: &str, url: &str) -> Self {
-        let target = json!({
+    pub fn openmeter_output(self, name: &str, url: &str) -> Self {
+        self.output(json!({
             "name": name,
             "type": "openmeter",
             "url": url,
             "timeout": "5s",
             "batching": { "count": 100, "period": "50ms" },
             "retry": { "initialInterval": "50ms", "maxInterval": "500ms" },
-        });
+        }))
+    }
+
+    /// Appends an output (`outputs.targets[i]`, in the configuration's shape) as given.
+    pub fn output(mut self, target: Value) -> Self {
         let config = self.json_mut();
-        let outputs = config.as_object_mut().map(|c| {
-            c.entry("outputs")
-                .or_insert_with(|| json!({ "targets": [] }))
-        });
-        match outputs.and_then(|o| o["targets"].as_array_mut()) {
+        let targets = config
+            .as_object_mut()
+            .map(|c| c.entry("outputs").or_insert_with(|| json!({})))
+            .and_then(Value::as_object_mut)
+            .map(|o| o.entry("targets").or_insert_with(|| json!([])))
+            .and_then(Value::as_array_mut);
+        match targets {
             Some(targets) => targets.push(target),
             None => panic!("outputs.targets is not a list in {config}"),
         }
         self
+    }
+
+    /// Sets `outputs.pattern` (`fanOut`, `roundRobin`, ...).
+    pub fn pattern(self, pattern: &str) -> Self {
+        self.set("outputs.pattern", json!(pattern))
     }
 
     /// Sets one key, by dotted path; numeric segments index lists, e.g.

@@ -80,6 +80,8 @@ impl ReceivedRequest {
 #[derive(Debug)]
 struct State {
     behaviour: Mutex<Behaviour>,
+    /// How long each answer is held back (a slow upstream).
+    delay: Mutex<Duration>,
     requests: Mutex<Vec<ReceivedRequest>>,
 }
 
@@ -108,6 +110,7 @@ impl TestUpstream {
             .unwrap_or_else(|e| panic!("test upstream: local_addr: {e}"));
         let state = Arc::new(State {
             behaviour: Mutex::new(Behaviour::Accept),
+            delay: Mutex::new(Duration::ZERO),
             requests: Mutex::new(Vec::new()),
         });
         let upstream = TestUpstream {
@@ -127,6 +130,12 @@ impl TestUpstream {
     /// Changes how the following requests are answered.
     pub fn set(&self, behaviour: Behaviour) {
         *lock(&self.state.behaviour) = behaviour;
+    }
+
+    /// Holds every following answer back this long (a slow upstream); the request is recorded
+    /// when it arrives. `Duration::ZERO` answers at once again.
+    pub fn set_delay(&self, delay: Duration) {
+        *lock(&self.state.delay) = delay;
     }
 
     /// Answer 204 from now on.
@@ -372,6 +381,10 @@ async fn answer(
         status: status.as_u16(),
         events,
     });
+    let delay = *lock(&state.delay);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut response = Response::builder().status(status);
     if let Some(retry_after) = retry_after {
         let value = match retry_after {

@@ -1,35 +1,58 @@
 //! Where batches go: an OpenMeter-compatible ingest API (OpenMeter itself or another Tally
-//! collector) or standard output. An output only sends; retries, backoff and dead-lettering are
-//! the forwarder's.
+//! collector), a signed webhook, a PostgreSQL table, or standard output. An output only sends;
+//! batching, retries, backoff and dead-lettering are the forwarder's.
+
+mod http;
+mod postgres;
+mod webhook;
 
 use std::io::Write;
 use std::time::Duration;
 
+use ::http::StatusCode;
 use bytes::{BufMut, Bytes, BytesMut};
-use http::StatusCode;
 
 use crate::buffer::Record;
 use crate::config::{OutputConfig, OutputKind};
 use crate::metrics::ErrorKind;
 
+pub use self::http::HttpOutput;
+pub use self::postgres::PostgresOutput;
+pub use self::webhook::WebhookOutput;
+
 /// Why a send failed, and whether trying again can help.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendError {
-    /// 408, 429, 5xx, network errors and timeouts.
+    /// 408, 429, 5xx, network errors, timeouts, and database errors that may pass (a lost
+    /// connection, a deadlock, a server that is starting or out of resources).
     Retryable {
+        /// The `kind` label of `tally_output_errors_total`.
         kind: ErrorKind,
         /// The HTTP status, when the upstream answered.
         status: Option<u16>,
+        /// What failed, for the logs and the dead-letter reason.
         detail: String,
+        /// How long the upstream asked us to wait (`Retry-After`).
         retry_after: Option<Duration>,
     },
-    /// Other 4xx: the upstream will never take this batch.
-    Permanent { status: u16, detail: String },
+    /// Other 4xx, or a database error no retry can fix: the upstream will never take this batch.
+    Permanent {
+        /// The HTTP status; `None` when the output does not speak HTTP (PostgreSQL).
+        status: Option<u16>,
+        /// What failed and what to fix, for the logs and the dead-letter reason.
+        detail: String,
+    },
 }
 
 /// A configured output.
 pub enum Output {
+    /// `openmeter` and `collector`.
     Http(HttpOutput),
+    /// `webhook`.
+    Webhook(WebhookOutput),
+    /// `postgres`.
+    Postgres(PostgresOutput),
+    /// `stdout`.
     Stdout,
 }
 
@@ -40,6 +63,8 @@ impl Output {
             OutputKind::Openmeter | OutputKind::Collector => {
                 Output::Http(HttpOutput::new(config, index)?)
             }
+            OutputKind::Webhook => Output::Webhook(WebhookOutput::new(config, index)?),
+            OutputKind::Postgres => Output::Postgres(PostgresOutput::new(config, index)?),
             OutputKind::Stdout => Output::Stdout,
         })
     }
@@ -48,6 +73,8 @@ impl Output {
     pub async fn send(&self, records: &[Record]) -> Result<(), SendError> {
         match self {
             Output::Http(http) => http.send(records).await,
+            Output::Webhook(webhook) => webhook.send(records).await,
+            Output::Postgres(postgres) => postgres.send(records).await,
             Output::Stdout => write_stdout(records),
         }
     }
@@ -82,89 +109,6 @@ fn write_stdout(records: &[Record]) -> Result<(), SendError> {
     })
 }
 
-/// POSTs batches to `{url}/api/v1/events` as `application/cloudevents-batch+json`.
-pub struct HttpOutput {
-    client: reqwest::Client,
-    endpoint: reqwest::Url,
-    token: Option<String>,
-}
-
-impl HttpOutput {
-    fn new(config: &OutputConfig, index: usize) -> anyhow::Result<HttpOutput> {
-        let base = config
-            .url
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("outputs.targets[{index}].url is required"))?;
-        let endpoint =
-            reqwest::Url::parse(&format!("{}/api/v1/events", base.trim_end_matches('/')))
-                .map_err(|e| anyhow::anyhow!("outputs.targets[{index}].url {base:?}: {e}"))?;
-        let token = config.resolved_token(index)?;
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout.get())
-            .connect_timeout(config.timeout.get().min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("tally-sidecar/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(HttpOutput {
-            client,
-            endpoint,
-            token,
-        })
-    }
-
-    async fn send(&self, records: &[Record]) -> Result<(), SendError> {
-        let mut request = self
-            .client
-            .post(self.endpoint.clone())
-            .header(
-                http::header::CONTENT_TYPE,
-                "application/cloudevents-batch+json",
-            )
-            .body(json_array(records));
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().await.map_err(|e| SendError::Retryable {
-            kind: if e.is_timeout() {
-                ErrorKind::timeout
-            } else {
-                ErrorKind::network
-            },
-            status: None,
-            detail: format!("POST {}: {}", self.endpoint, error_chain(&e)),
-            retry_after: None,
-        })?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let body = response.text().await.unwrap_or_default();
-        let detail = format!(
-            "POST {} answered {status}: {}",
-            self.endpoint,
-            body.chars().take(500).collect::<String>()
-        );
-        if is_retryable(status) {
-            Err(SendError::Retryable {
-                kind: ErrorKind::retryable_status,
-                status: Some(status.as_u16()),
-                detail,
-                retry_after,
-            })
-        } else {
-            Err(SendError::Permanent {
-                status: status.as_u16(),
-                detail,
-            })
-        }
-    }
-}
-
 /// 408, 429 and 5xx may succeed later; other statuses will not.
 pub fn is_retryable(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
@@ -194,16 +138,48 @@ fn httpdate_parse(value: &str) -> Option<std::time::SystemTime> {
     Some(parsed.assume_utc().into())
 }
 
+/// An error and its causes on one line, `outer: inner: innermost`.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        // Some errors repeat their cause in their own message; say it once.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text
 }
+
+/// Reads a PEM bundle of CA certificates (`caFile`), naming the key when it cannot.
+fn read_ca_file(path: &std::path::Path, index: usize) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "outputs.targets[{index}].caFile: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    Ok(pem)
+}
+
+/// A self-signed CA certificate for tests of `caFile`.
+#[cfg(test)]
+const TEST_CA_PEM: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBiDCCAS2gAwIBAgIUQp0ZVIYicYQdQQeURub6rZEH2n8wCgYIKoZIzj0EAwIw
+GDEWMBQGA1UEAwwNdGFsbHkgdGVzdCBDQTAgFw0yNjExMjEwNTI5NTBaGA8yMTI2
+MTAyODA1Mjk1MFowGDEWMBQGA1UEAwwNdGFsbHkgdGVzdCBDQTBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABObMYCkCVjZBfuVPckTsatYtZ7FhJmKZvottU4Vn0vGZ
+hbbPYetFd5NKd3m818Bl5FDl9hNtCo/tuAuRhQ5f2Y6jUzBRMB0GA1UdDgQWBBRu
+Ogt61GXSDsy5VlkvPBRFuQRqOjAfBgNVHSMEGDAWgBRuOgt61GXSDsy5VlkvPBRF
+uQRqOjAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQCAhygonlG/
+9ODLjnxPkofmq0j7DHXb/mQBObkWY3KUnwIhAO0F4Ntksqly2wD+VKdCaWnF4Zp/
+VlqNxRi6sQXCSt7E
+-----END CERTIFICATE-----
+";
 
 #[cfg(test)]
 mod tests {
@@ -244,6 +220,31 @@ mod tests {
         assert_eq!(
             &json_array(&records)[..],
             br#"[{"id":"a"},{"id":"b","x":1}]"#
+        );
+    }
+
+    #[test]
+    fn error_chain_says_each_cause_once() {
+        #[derive(Debug)]
+        struct Wrapped(std::io::Error, &'static str);
+        impl std::fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.1)
+            }
+        }
+        impl std::error::Error for Wrapped {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let inner = || std::io::Error::other("connection refused");
+        assert_eq!(
+            error_chain(&Wrapped(inner(), "connect")),
+            "connect: connection refused"
+        );
+        assert_eq!(
+            error_chain(&Wrapped(inner(), "connect: connection refused")),
+            "connect: connection refused"
         );
     }
 }

@@ -1,0 +1,392 @@
+//! Starting, using and stopping one control plane.
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Config,
+    api::{ObjectMeta, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use tempfile::TempDir;
+use tokio::time::{Instant, sleep, timeout};
+
+use crate::{
+    Error, binaries::Binaries, kubeconfig, pki::Pki, ports::free_ports, process::ComponentProcess,
+};
+
+/// The label every namespace made by [`ControlPlane::new_namespace`] carries, with value `"true"`.
+pub const NAMESPACE_LABEL: &str = "tally.dev/e2e";
+
+/// The controllers kube-controller-manager runs: what Tally's operator relies on (StatefulSets and their PVCs,
+/// Deployments, ReplicaSets, owner-reference garbage collection) and namespace deletion. There is no kubelet and
+/// no scheduler, so Pods are created but never run.
+const CONTROLLERS: &[&str] = &[
+    "deployment-controller",
+    "replicaset-controller",
+    "statefulset-controller",
+    "garbage-collector-controller",
+    "namespace-controller",
+];
+
+const SERVICE_CLUSTER_IP_RANGE: &str = "10.0.0.0/24";
+
+const ETCD_READY_WITHIN: Duration = Duration::from_secs(30);
+/// The API server is ready within a few seconds (it bootstraps RBAC roles and priority levels first); the margin is
+/// for a machine busy with builds.
+const APISERVER_READY_WITHIN: Duration = Duration::from_secs(120);
+const CONTROLLER_MANAGER_READY_WITHIN: Duration = Duration::from_secs(60);
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Lines of each component's log printed when start-up fails.
+const LOG_TAIL_LINES: usize = 40;
+
+/// A running etcd, kube-apiserver and kube-controller-manager on 127.0.0.1, in a fresh temporary directory.
+///
+/// Dropping it (or calling [`ControlPlane::stop`]) kills every process and deletes the directory. Set
+/// `TALLY_E2E_KEEP_DIR=1` to keep the directory (logs, certificates, kubeconfig) for inspection. The processes also
+/// die with the test process, even when it is killed.
+///
+/// The [`kube::Client`] it hands out runs on the Tokio runtime that called [`ControlPlane::start`]; start one
+/// control plane per `#[tokio::test]` (it takes about 3 s) rather than sharing one across runtimes.
+pub struct ControlPlane {
+    processes: Vec<ComponentProcess>,
+    client: Client,
+    server: String,
+    kubeconfig: PathBuf,
+    dir: TempDir,
+}
+
+impl ControlPlane {
+    /// Starts etcd, then kube-apiserver, then kube-controller-manager, each waited for until healthy.
+    ///
+    /// On failure, prints the tail of every component's log to stderr and stops what was started.
+    pub async fn start() -> Result<Self, Error> {
+        let binaries = Binaries::locate()?;
+        let mut dir = tempfile::Builder::new()
+            .prefix("tally-e2e-")
+            .tempdir()
+            .map_err(|e| Error::io("creating the control plane's temporary directory", e))?;
+        if std::env::var_os("TALLY_E2E_KEEP_DIR").is_some_and(|v| !v.is_empty() && v != "0") {
+            dir.disable_cleanup(true);
+            eprintln!(
+                "tally-e2e: keeping the control plane's directory {}",
+                dir.path().display()
+            );
+        }
+
+        let mut processes = Vec::new();
+        match boot(&binaries, dir.path(), &mut processes).await {
+            Ok(Booted {
+                client,
+                server,
+                kubeconfig,
+            }) => Ok(ControlPlane {
+                processes,
+                client,
+                server,
+                kubeconfig,
+                dir,
+            }),
+            Err(error) => {
+                eprintln!("tally-e2e: the control plane failed to start: {error}");
+                for process in &processes {
+                    eprintln!("{}", process.log_summary(LOG_TAIL_LINES));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// A client authenticated as an administrator (group `system:masters`).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The admin kubeconfig, for `kubectl`, `helm` or an operator run as a process.
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The API server's URL, `https://127.0.0.1:<port>`.
+    pub fn server_url(&self) -> &str {
+        &self.server
+    }
+
+    /// The directory holding the logs (`<component>.log`), certificates and kubeconfigs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates a namespace named `<prefix>-<random suffix>`, labelled [`NAMESPACE_LABEL`]`=true`, and returns its
+    /// name. `prefix` must be lower-case letters, digits and `-`, starting with a letter.
+    pub async fn new_namespace(&self, prefix: &str) -> Result<String, Error> {
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{prefix}-")),
+                labels: Some(BTreeMap::from([(
+                    NAMESPACE_LABEL.to_string(),
+                    "true".to_string(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        let created = Api::<Namespace>::all(self.client())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .map_err(|source| Error::Api {
+                context: format!("creating a namespace named {prefix}-…"),
+                source,
+            })?;
+        created
+            .metadata
+            .name
+            .ok_or(Error::UnnamedObject("the namespace it created"))
+    }
+
+    /// Kills every process and deletes the directory; the same as dropping the control plane.
+    pub fn stop(self) {}
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Reverse start order: nothing notices its dependency vanish and starts logging errors.
+        while let Some(mut process) = self.processes.pop() {
+            process.kill();
+        }
+    }
+}
+
+struct Booted {
+    client: Client,
+    server: String,
+    kubeconfig: PathBuf,
+}
+
+async fn boot(
+    binaries: &Binaries,
+    dir: &Path,
+    processes: &mut Vec<ComponentProcess>,
+) -> Result<Booted, Error> {
+    let pki = Pki::generate(&dir.join("pki"))?;
+    let [
+        etcd_client_port,
+        etcd_peer_port,
+        apiserver_port,
+        controller_manager_port,
+    ] = free_ports::<4>()?;
+    let etcd_url = format!("http://127.0.0.1:{etcd_client_port}");
+    let server = format!("https://127.0.0.1:{apiserver_port}");
+
+    // etcd
+    let etcd_peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
+    let etcd_args = args([
+        "--name=default".into(),
+        format!("--data-dir={}", dir.join("etcd-data").display()),
+        format!("--listen-client-urls={etcd_url}"),
+        format!("--advertise-client-urls={etcd_url}"),
+        format!("--listen-peer-urls={etcd_peer_url}"),
+        format!("--initial-advertise-peer-urls={etcd_peer_url}"),
+        format!("--initial-cluster=default={etcd_peer_url}"),
+        // The data is thrown away with the test; fsync only costs time.
+        "--unsafe-no-fsync=true".into(),
+    ]);
+    let etcd = spawn(processes, "etcd", &binaries.etcd, &etcd_args, dir)?;
+    let health_client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let etcd_health = format!("{etcd_url}/health");
+    wait_until_ready(etcd, ETCD_READY_WITHIN, || {
+        http_ok(&health_client, &etcd_health)
+    })
+    .await?;
+
+    // kube-apiserver, flags as controller-runtime's envtest sets them.
+    let apiserver_args = args([
+        "--advertise-address=127.0.0.1".into(),
+        // The endpoint reconciler publishes the advertise address as the `kubernetes` Service's endpoint and refuses
+        // a loopback one; nothing runs in the cluster to use that Service.
+        "--endpoint-reconciler-type=none".into(),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={apiserver_port}"),
+        format!("--cert-dir={}", dir.join("kube-apiserver-certs").display()),
+        format!("--tls-cert-file={}", pki.serving.cert.display()),
+        format!("--tls-private-key-file={}", pki.serving.key.display()),
+        format!("--client-ca-file={}", pki.ca_cert.display()),
+        format!("--etcd-servers={etcd_url}"),
+        format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
+        "--allow-privileged=true".into(),
+        "--authorization-mode=RBAC".into(),
+        // No token controller runs, so Pods must not need a service account token.
+        "--disable-admission-plugins=ServiceAccount".into(),
+        format!("--service-account-issuer={server}"),
+        format!(
+            "--service-account-key-file={}",
+            pki.service_account_pub.display()
+        ),
+        format!(
+            "--service-account-signing-key-file={}",
+            pki.service_account_key.display()
+        ),
+    ]);
+    let apiserver = spawn(
+        processes,
+        "kube-apiserver",
+        &binaries.kube_apiserver,
+        &apiserver_args,
+        dir,
+    )?;
+
+    let admin_kubeconfig = dir.join("admin.kubeconfig");
+    kubeconfig::write(&admin_kubeconfig, &server, &pki.ca_cert, &pki.admin)?;
+    let client = client_from(&admin_kubeconfig).await?;
+    wait_until_ready(apiserver, APISERVER_READY_WITHIN, || {
+        apiserver_ready(&client)
+    })
+    .await?;
+
+    // kube-controller-manager
+    let controller_manager_kubeconfig = dir.join("kube-controller-manager.kubeconfig");
+    kubeconfig::write(
+        &controller_manager_kubeconfig,
+        &server,
+        &pki.ca_cert,
+        &pki.controller_manager,
+    )?;
+    let kubeconfig_flag = controller_manager_kubeconfig.display();
+    let controller_manager_args = args([
+        format!("--kubeconfig={kubeconfig_flag}"),
+        // Its secure port (/metrics) authenticates client certificates of our CA and delegates authorization to the
+        // API server. Skipping the lookup of the front-proxy CA, which this API server has none of, keeps the log
+        // free of a retry loop of errors.
+        format!("--authentication-kubeconfig={kubeconfig_flag}"),
+        format!("--authorization-kubeconfig={kubeconfig_flag}"),
+        "--authentication-skip-lookup=true".into(),
+        format!("--client-ca-file={}", pki.ca_cert.display()),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={controller_manager_port}"),
+        format!("--tls-cert-file={}", pki.serving.cert.display()),
+        format!("--tls-private-key-file={}", pki.serving.key.display()),
+        format!("--controllers={}", CONTROLLERS.join(",")),
+        "--leader-elect=false".into(),
+        // Controllers act as the controller manager itself (system:masters), not as per-controller service
+        // accounts, whose tokens nothing would issue.
+        "--use-service-account-credentials=false".into(),
+    ]);
+    let controller_manager = spawn(
+        processes,
+        "kube-controller-manager",
+        &binaries.kube_controller_manager,
+        &controller_manager_args,
+        dir,
+    )?;
+    let ca = reqwest::Certificate::from_pem(
+        &std::fs::read(&pki.ca_cert)
+            .map_err(|e| Error::io(format!("reading {}", pki.ca_cert.display()), e))?,
+    )?;
+    let tls_client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .build()?;
+    let controller_manager_health = format!("https://127.0.0.1:{controller_manager_port}/healthz");
+    wait_until_ready(controller_manager, CONTROLLER_MANAGER_READY_WITHIN, || {
+        http_ok(&tls_client, &controller_manager_health)
+    })
+    .await?;
+
+    Ok(Booted {
+        client,
+        server,
+        kubeconfig: admin_kubeconfig,
+    })
+}
+
+fn args<const N: usize>(flags: [String; N]) -> Vec<OsString> {
+    flags.into_iter().map(OsString::from).collect()
+}
+
+fn spawn<'a>(
+    processes: &'a mut Vec<ComponentProcess>,
+    name: &'static str,
+    program: &Path,
+    args: &[OsString],
+    dir: &Path,
+) -> Result<&'a mut ComponentProcess, Error> {
+    let process = ComponentProcess::spawn(name, program, args, dir.join(format!("{name}.log")))?;
+    processes.push(process);
+    let last = processes.len() - 1;
+    Ok(&mut processes[last])
+}
+
+async fn client_from(kubeconfig: &Path) -> Result<Client, Error> {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Client::try_from(config).map_err(|source| Error::Api {
+        context: "building the admin client".into(),
+        source,
+    })
+}
+
+async fn apiserver_ready(client: &Client) -> Result<(), String> {
+    let request = http::Request::get("/readyz")
+        .body(Vec::new())
+        .map_err(|e| e.to_string())?;
+    client
+        .request_text(request)
+        .await
+        .map(drop)
+        .map_err(|e| format!("GET /readyz: {e}"))
+}
+
+async fn http_ok(client: &reqwest::Client, url: &str) -> Result<(), String> {
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        let body = response.text().await.unwrap_or_default();
+        Err(format!("GET {url}: {status} {body}"))
+    }
+}
+
+/// Polls `probe` until it succeeds, failing as soon as the process exits or when `within` has passed.
+async fn wait_until_ready<F, Fut>(
+    process: &mut ComponentProcess,
+    within: Duration,
+    mut probe: F,
+) -> Result<(), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        process.ensure_running()?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let last_check = match timeout(remaining, probe()).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(failure)) => failure,
+            Err(_) => "the check itself did not finish in time".to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(Error::NotReady {
+                component: process.name(),
+                timeout: within,
+                last_check,
+                log: process.log().to_path_buf(),
+            });
+        }
+        sleep(POLL_INTERVAL).await;
+    }
+}

@@ -1,0 +1,28 @@
+//! A real, local Kubernetes control plane for Tally's tests: etcd, `kube-apiserver` and `kube-controller-manager`
+//! as processes on 127.0.0.1, with no Docker and no kubelet.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), tally_e2e::Error> {
+//! let control_plane = tally_e2e::ControlPlane::start().await?;
+//! let namespace = control_plane.new_namespace("my-test").await?;
+//! let client = control_plane.client();
+//! // ... create objects in `namespace` with `client`; the real controllers act on them.
+//! control_plane.stop();
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The Kubernetes binaries are built by `e2e/k8s/build.sh` (see `e2e/README.md`); etcd comes from the
+//! `etcd-bin-vendored` crate.
+
+mod binaries;
+mod control_plane;
+mod error;
+mod kubeconfig;
+mod pki;
+mod ports;
+mod process;
+
+pub use binaries::{KUBERNETES_VERSION, kubernetes_bin_dir};
+pub use control_plane::{ControlPlane, NAMESPACE_LABEL};
+pub use error::Error;
