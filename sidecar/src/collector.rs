@@ -43,11 +43,49 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
 }
 
 /// Frees buffer space: moves the oldest events of outputs over their `maxLag` to their
-/// dead-letter stores, then deletes what every output has.
-pub fn reclaim(buffer: &DurableBuffer, targets: &[OutputConfig], metrics: &Metrics) {
-    enforce_max_lag(buffer, targets, metrics);
-    if let Err(e) = buffer.trim() {
-        tracing::error!(error = %e, "cannot delete delivered events");
+/// dead-letter stores, then deletes what every output has. Shared by the background pass and
+/// the ingest path (which reclaims before refusing for space); one at a time, so no event is
+/// moved or counted twice.
+pub struct Reclaimer {
+    buffer: DurableBuffer,
+    /// The outputs with a `maxLag`.
+    targets: Vec<OutputConfig>,
+    metrics: Arc<Metrics>,
+    running: std::sync::Mutex<()>,
+}
+
+impl Reclaimer {
+    pub fn new(
+        buffer: DurableBuffer,
+        targets: &[OutputConfig],
+        metrics: Arc<Metrics>,
+    ) -> Reclaimer {
+        Reclaimer {
+            buffer,
+            targets: targets
+                .iter()
+                .filter(|t| t.max_lag.is_some())
+                .cloned()
+                .collect(),
+            metrics,
+            running: std::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether some output has a `maxLag`, so a full buffer may be relieved at its expense.
+    pub fn has_max_lag(&self) -> bool {
+        !self.targets.is_empty()
+    }
+
+    pub fn run(&self) {
+        let _one_at_a_time = self
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        enforce_max_lag(&self.buffer, &self.targets, &self.metrics);
+        if let Err(e) = self.buffer.trim() {
+            tracing::error!(error = %e, "cannot delete delivered events");
+        }
     }
 }
 
@@ -187,10 +225,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .run(draining_rx.clone()),
         );
     }
+    let reclaimer = Arc::new(Reclaimer::new(
+        buffer.reader(),
+        &config.outputs.targets,
+        metrics.clone(),
+    ));
     let trimmer = {
         let buffer = buffer.reader();
         let metrics = metrics.clone();
-        let targets = config.outputs.targets.clone();
+        let reclaimer = reclaimer.clone();
         let mut new_events = buffer.subscribe();
         let mut cursor_moves = buffer.subscribe_cursors();
         tokio::spawn(async move {
@@ -205,7 +248,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     _ = new_events.changed() => false,
                     _ = cursor_moves.changed() => false,
                 };
-                reclaim(&buffer, &targets, &metrics);
+                reclaimer.run();
                 if refresh {
                     refresh_gauges(&buffer, &metrics);
                 }
@@ -219,13 +262,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         auth_token,
         max_body_bytes: config.ingest.max_body_bytes.get() as usize,
-        max_lag_targets: config
-            .outputs
-            .targets
-            .iter()
-            .filter(|t| t.max_lag.is_some())
-            .cloned()
-            .collect(),
+        reclaimer,
         exclude_namespaces: config
             .exclude_namespaces
             .iter()

@@ -3,6 +3,7 @@
 //! attributes (extensions included) in the order the sender wrote them.
 
 use http::HeaderMap;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -41,57 +42,82 @@ pub enum BodyShape {
 }
 
 /// Parses a structured-mode body (one event or an array of events) and validates every event.
-/// A batch is all-or-nothing: the first invalid event fails the whole body.
+/// A batch is all-or-nothing: the first invalid event fails the whole body. Each event is kept
+/// as the exact JSON text it was sent as, so numbers like `1.50` or 20-digit integers reach the
+/// outputs unchanged.
 pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, InvalidEvent> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| InvalidEvent {
+    let not_json = |e: serde_json::Error| InvalidEvent {
         location: "body".into(),
         message: format!("not valid JSON: {e}"),
         events: 1,
-    })?;
-    match (value, shape) {
-        (Value::Array(items), BodyShape::Batch | BodyShape::Either) => {
+    };
+    let raw: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
+    let text = raw.get().trim();
+    let body_error = |message: String, events: usize| InvalidEvent {
+        location: "body".into(),
+        message,
+        events,
+    };
+    match (text.as_bytes().first(), shape) {
+        (Some(b'['), BodyShape::Batch | BodyShape::Either) => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(not_json)?;
             if items.is_empty() {
-                return Err(InvalidEvent {
-                    location: "body".into(),
-                    message: "the batch is empty; send at least one event".into(),
-                    events: 1,
-                });
+                return Err(body_error(
+                    "the batch is empty; send at least one event".into(),
+                    1,
+                ));
             }
             let count = items.len();
             items
                 .into_iter()
                 .enumerate()
-                .map(|(i, item)| validate(item, &format!("events[{i}]")))
+                .map(|(i, item)| validate_raw(item.get(), &format!("events[{i}]")))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| InvalidEvent { events: count, ..e })
         }
-        (Value::Object(map), BodyShape::Single | BodyShape::Either) => {
-            Ok(vec![validate(Value::Object(map), "event")?])
+        (Some(b'{'), BodyShape::Single | BodyShape::Either) => {
+            Ok(vec![validate_raw(text, "event")?])
         }
-        (Value::Array(items), BodyShape::Single) => Err(InvalidEvent {
-            location: "body".into(),
-            message: "application/cloudevents+json carries one event, but the body is an array; \
-                      send batches as application/cloudevents-batch+json"
-                .into(),
-            events: items.len().max(1),
-        }),
-        (_, BodyShape::Batch) => Err(InvalidEvent {
-            location: "body".into(),
-            message: "application/cloudevents-batch+json must be a JSON array of events".into(),
-            events: 1,
-        }),
-        (other, _) => Err(InvalidEvent {
-            location: "body".into(),
-            message: format!(
+        (Some(b'['), BodyShape::Single) => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(not_json)?;
+            Err(body_error(
+                "application/cloudevents+json carries one event, but the body is an array; \
+                 send batches as application/cloudevents-batch+json"
+                    .into(),
+                items.len().max(1),
+            ))
+        }
+        (_, BodyShape::Batch) => Err(body_error(
+            "application/cloudevents-batch+json must be a JSON array of events".into(),
+            1,
+        )),
+        (first, _) => Err(body_error(
+            format!(
                 "expected a JSON object (one event) or an array of events, got {}",
-                json_kind(&other)
+                match first {
+                    Some(b'n') => "null",
+                    Some(b't' | b'f') => "a boolean",
+                    Some(b'"') => "a string",
+                    _ => "a number",
+                }
             ),
-            events: 1,
-        }),
+            1,
+        )),
     }
 }
 
-/// Parses a CloudEvents binary-mode request: attributes in `ce-*` headers, the body is `data`.
+/// Validates one event given as JSON text, keeping that text.
+fn validate_raw(text: &str, at: &str) -> Result<Event, InvalidEvent> {
+    let value: Value = serde_json::from_str(text).map_err(|e| InvalidEvent {
+        location: at.to_string(),
+        message: format!("not valid JSON: {e}"),
+        events: 1,
+    })?;
+    validate(value, at, text.trim())
+}
+
+/// Parses a CloudEvents binary-mode request: attributes in `ce-*` headers, the body is `data`
+/// (kept as the exact JSON text sent).
 pub fn parse_binary(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, InvalidEvent> {
     let mut map = Map::new();
     // Required attributes first so the stored event reads like a structured one.
@@ -112,15 +138,26 @@ pub fn parse_binary(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, Inva
         "datacontenttype".into(),
         Value::String("application/json".into()),
     );
+    let mut text = Value::Object(map.clone()).to_string();
     if !body.iter().all(u8::is_ascii_whitespace) {
-        let data: Value = serde_json::from_slice(body).map_err(|e| InvalidEvent {
+        let data: &RawValue = serde_json::from_slice(body).map_err(|e| InvalidEvent {
             location: "event.data".into(),
             message: format!("the body (the event's data) is not valid JSON: {e}"),
             events: 1,
         })?;
-        map.insert("data".into(), data);
+        // The attributes are a non-empty object, so the text ends with `}`.
+        text.pop();
+        text.push_str(",\"data\":");
+        text.push_str(data.get().trim());
+        text.push('}');
+        let parsed: Value = serde_json::from_str(data.get()).map_err(|e| InvalidEvent {
+            location: "event.data".into(),
+            message: format!("the body (the event's data) is not valid JSON: {e}"),
+            events: 1,
+        })?;
+        map.insert("data".into(), parsed);
     }
-    Ok(vec![validate(Value::Object(map), "event")?])
+    Ok(vec![validate(Value::Object(map), "event", &text)?])
 }
 
 fn header_text(value: &http::HeaderValue, attr: &str) -> Result<String, InvalidEvent> {
@@ -145,8 +182,8 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-/// Applies OpenMeter's rules to one event.
-fn validate(value: Value, at: &str) -> Result<Event, InvalidEvent> {
+/// Applies OpenMeter's rules to one event, whose JSON text is `text`.
+fn validate(value: Value, at: &str, text: &str) -> Result<Event, InvalidEvent> {
     let fail = |field: &str, message: String| InvalidEvent {
         location: if field.is_empty() {
             at.to_string()
@@ -240,18 +277,12 @@ fn validate(value: Value, at: &str) -> Result<Event, InvalidEvent> {
         Some(Value::String(ns)) => Some(ns.clone()),
         _ => None,
     };
-    let event = Event {
+    Ok(Event {
         source: source.to_string(),
         id: id.to_string(),
         namespace,
-        json: Vec::new(),
-    };
-    let json = serde_json::to_vec(&Value::Object(map)).map_err(|e| InvalidEvent {
-        location: at.to_string(),
-        message: format!("cannot be encoded: {e}"),
-        events: 1,
-    })?;
-    Ok(Event { json, ..event })
+        json: text.as_bytes().to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -267,6 +298,16 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&events[0].json), GOOD);
         assert_eq!(events[0].source, "svc");
         assert_eq!(events[0].id, "e1");
+    }
+
+    #[test]
+    fn numbers_and_spacing_are_kept_as_sent() {
+        let body = r#"[ {"specversion":"1.0","id":"n","source":"s","type":"t","subject":"c","data":{"gb":1.50,"calls":123456789012345678901234567890}} ]"#;
+        let events = parse_structured(body.as_bytes(), BodyShape::Batch).expect("valid");
+        assert_eq!(
+            String::from_utf8_lossy(&events[0].json),
+            r#"{"specversion":"1.0","id":"n","source":"s","type":"t","subject":"c","data":{"gb":1.50,"calls":123456789012345678901234567890}}"#
+        );
     }
 
     #[test]
@@ -328,9 +369,10 @@ mod tests {
         ] {
             headers.insert(k, http::HeaderValue::from_static(v));
         }
-        let events = parse_binary(&headers, br#"{"tokens":12}"#).expect("valid");
+        let events = parse_binary(&headers, br#"{"tokens":12.50}"#).expect("valid");
+        assert!(String::from_utf8_lossy(&events[0].json).ends_with(r#","data":{"tokens":12.50}}"#));
         let value: Value = serde_json::from_slice(&events[0].json).expect("json");
-        assert_eq!(value["data"]["tokens"], 12);
+        assert_eq!(value["data"]["tokens"], 12.5);
         assert_eq!(value["k8snamespace"], "team-a");
         assert_eq!(events[0].namespace.as_deref(), Some("team-a"));
         headers.remove("ce-subject");

@@ -24,8 +24,8 @@ pub struct AppState {
     pub auth_token: Option<String>,
     pub max_body_bytes: usize,
     pub exclude_namespaces: HashSet<String>,
-    /// Outputs with a `maxLag`: when the buffer is full, their oldest events make room.
-    pub max_lag_targets: Vec<crate::config::OutputConfig>,
+    /// Makes room when the buffer is full and some output has a `maxLag`.
+    pub reclaimer: Arc<crate::collector::Reclaimer>,
     /// Set on SIGTERM: ingest answers 503 from then on.
     pub stopping: AtomicBool,
 }
@@ -246,7 +246,8 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Rejectio
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_some_and(|n| n > drain_cap(limit) as u64) {
+        // Too large even to drain: answer at once.
         return Err(too_large(limit).because(RejectReason::too_large, 1));
     }
     let bytes = read_body(body, limit).await.map_err(|p| {
@@ -287,16 +288,11 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Rejectio
     }
     // With a maxLag output, a full buffer first moves that output's oldest events aside
     // (synchronously, so even a burst faster than the background pass is never refused).
-    let retry_copy = (!state.max_lag_targets.is_empty()).then(|| events.clone());
+    let retry_copy = state.reclaimer.has_max_lag().then(|| events.clone());
     let mut result = state.buffer.append(events).await;
     if let (Err(AppendError::Full { .. }), Some(events)) = (&result, retry_copy) {
-        let buffer = state.buffer.reader();
-        let targets = state.max_lag_targets.clone();
-        let metrics = state.metrics.clone();
-        let reclaimed = tokio::task::spawn_blocking(move || {
-            crate::collector::reclaim(&buffer, &targets, &metrics)
-        })
-        .await;
+        let reclaimer = state.reclaimer.clone();
+        let reclaimed = tokio::task::spawn_blocking(move || reclaimer.run()).await;
         if reclaimed.is_ok() {
             result = state.buffer.append(events).await;
         }
@@ -367,23 +363,40 @@ fn append_problem(e: AppendError, events: u64) -> Rejection {
     }
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Problem> {
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => Ok(bytes),
-        Err(e) => {
-            let over_limit = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if over_limit {
-                Err(too_large(limit))
-            } else {
-                Err(Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "unreadable-body",
-                    "Bad Request",
-                    format!("the request body could not be read: {e}"),
-                ))
-            }
+/// How much of an over-limit body is read and discarded before answering 413, so the client
+/// finishes sending and reads the answer instead of seeing its connection reset.
+fn drain_cap(limit: usize) -> usize {
+    limit.saturating_mul(4).max(8 << 20)
+}
+
+/// Reads the body up to `limit` bytes; past it, discards up to [`drain_cap`] and answers 413.
+async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, Problem> {
+    use http_body_util::BodyExt;
+    let mut buffer = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable-body",
+                "Bad Request",
+                format!("the request body could not be read: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            buffer.extend_from_slice(&data);
+        } else if seen > drain_cap(limit) {
+            break;
         }
+    }
+    if seen > limit {
+        Err(too_large(limit))
+    } else {
+        Ok(buffer.freeze())
     }
 }
 
