@@ -23,7 +23,7 @@ help: ## list the targets
 run: deps build ## build and start tally-sidecar on 127.0.0.1:4196 (buffer in ./data, events on stdout)
 	$(TALLY_SIDECAR_BIN) --config config/local.yaml
 
-test: deps lint build unit integration e2e ## everything CI checks: fmt, clippy, unit, integration and control-plane tests
+test: deps lint build k8s unit integration e2e ## everything CI checks: fmt, clippy, unit, integration and control-plane tests
 	@echo "make test: all checks passed"
 
 bench: deps build ## measure ingest, drain, idle RSS and start-up against this machine's ceilings
@@ -36,7 +36,7 @@ lint:
 	cargo fmt --all -- --check
 	$(CARGO_RELEASE) clippy --release --workspace --all-targets -- -D warnings
 
-unit:
+unit: k8s ## sidecar and operator tests (the operator's include a real control plane)
 	$(CARGO_RELEASE) test --release -p tally-sidecar -p tally-operator
 
 integration: build
@@ -44,6 +44,10 @@ integration: build
 
 e2e: k8s ## tests against a real kube-apiserver, kube-controller-manager and etcd on 127.0.0.1
 	$(CARGO_RELEASE) test --release -p tally-e2e
+
+.PHONY: crds
+crds: ## regenerate crds/ from the Rust types (a test fails when they are stale)
+	$(CARGO_RELEASE) run --release -p tally-operator -- crd > crds/meteringcollector.yaml
 
 k8s: ## build kube-apiserver and kube-controller-manager from the k8s.io/kubernetes Go module (cached by version)
 	e2e/k8s/build.sh

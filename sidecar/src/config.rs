@@ -31,7 +31,7 @@ pub enum ConfigError {
 }
 
 /// The whole collector configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Config {
     /// Address of the ingest HTTP server.
@@ -68,14 +68,14 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Durability {
     Sync,
     None,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
@@ -92,14 +92,14 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// Largest accepted request body; larger bodies are answered 413.
@@ -120,7 +120,7 @@ impl Default for IngestConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct DedupConfig {
     /// A repeated `(source, id)` within this window is acknowledged and stored once. `0s` disables dedup.
@@ -135,7 +135,7 @@ impl Default for DedupConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct BufferConfig {
     /// Upper bound of the buffered events (keys and values, before compression).
@@ -153,7 +153,7 @@ impl Default for BufferConfig {
 }
 
 /// What ingest does when the buffer is at `maxBytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum WhenFull {
     /// Answer 503 with Retry-After; nothing is accepted that is not stored.
@@ -162,7 +162,7 @@ pub enum WhenFull {
     DropOldest,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct OutputsConfig {
     pub pattern: BrokerPattern,
@@ -179,7 +179,7 @@ impl Default for OutputsConfig {
 }
 
 /// How events are spread over the outputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum BrokerPattern {
     /// Every output receives every event, each with its own durable cursor.
@@ -219,7 +219,7 @@ impl BrokerPattern {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutputConfig {
     /// Unique name; it keys the output's cursor and dead-letter store, so renaming restarts delivery.
@@ -330,7 +330,7 @@ fn default_output_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum OutputKind {
     /// OpenMeter or any OpenMeter-compatible ingest API.
@@ -347,7 +347,7 @@ pub enum OutputKind {
 
 /// When a batch is sent: at `count` events, at `byteSize` bytes, or `period` after its first event,
 /// whichever comes first; `jitter` adds a random delay of up to that much to the period.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct BatchPolicy {
     pub count: usize,
@@ -368,7 +368,7 @@ impl Default for BatchPolicy {
 }
 
 /// Exponential backoff with full jitter between `initialInterval` and `maxInterval`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct RetryPolicy {
     pub initial_interval: HumanDuration,
@@ -389,8 +389,12 @@ impl Default for RetryPolicy {
 
 /// Where a secret comes from: exactly one of an environment variable or a file
 /// (`{ env: NAME }` or `{ file: /path }`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.env) != has(self.file)",
+    "message": "set exactly one of `env` or `file`"
+}]))]
 pub struct SecretSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<String>,
@@ -472,6 +476,25 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// In a schema (the operator's CRD), a duration is a string of numbers with units.
+impl schemars::JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HumanDuration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": r"^\s*([0-9]+\s*[a-zA-Zµ]+\s*)+$",
+            "description": "A duration: a number with a unit, like 500ms, 30s, 5m or 24h."
+        })
+    }
+}
+
 /// A size in bytes, written as `1024`, `64Ki`, `1Mi`, `1Gi` (powers of 1024) or `1KB`, `1MB`, `1GB`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
@@ -532,6 +555,25 @@ impl FromStr for ByteSize {
             .checked_mul(factor)
             .map(ByteSize)
             .ok_or_else(|| format!("size {text:?} is too large"))
+    }
+}
+
+/// In a schema (the operator's CRD), a size is a string: digits and an optional unit.
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": r"^\s*[0-9]+\s*(B|Ki|KiB|Mi|MiB|Gi|GiB|Ti|TiB|k|K|KB|M|MB|G|GB|T|TB)?\s*$",
+            "description": "A size in bytes: 1024, 64Ki, 1Mi, 1Gi (powers of 1024) or 1KB, 1MB, 1GB."
+        })
     }
 }
 

@@ -10,6 +10,8 @@ use time::format_description::well_known::Rfc3339;
 
 /// The Content-Type of every ingest request.
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+/// The `source` of every event.
+pub const SOURCE: &str = "//api.example.com/gateway";
 
 /// Makes request bodies (JSON arrays of events) with ids that are unique within the factory.
 pub struct EventFactory {
@@ -21,14 +23,30 @@ impl EventFactory {
     /// Ids are `<prefix>-<n>` with n counting from 0; the prefix must not end in a digit run
     /// that could be confused with n (it is separated by the last `-`).
     pub fn new(prefix: impl Into<String>) -> Self {
+        Self::starting_at(prefix, 0)
+    }
+
+    /// Like [`EventFactory::new`], with n counting from `first` (so an upstream that ticks off
+    /// sequence numbers can tell this factory's events from an earlier one's).
+    pub fn starting_at(prefix: impl Into<String>, first: u64) -> Self {
         EventFactory {
             prefix: prefix.into(),
-            next: AtomicU64::new(0),
+            next: AtomicU64::new(first),
         }
+    }
+
+    /// The id of event number `n`.
+    pub fn id(&self, n: u64) -> String {
+        format!("{}-{n}", self.prefix)
     }
 
     /// A `application/cloudevents-batch+json` body of `count` fresh events.
     pub fn batch(&self, count: usize) -> Bytes {
+        self.numbered_batch(count).1
+    }
+
+    /// A body of `count` fresh events, and the sequence number of its first event.
+    pub fn numbered_batch(&self, count: usize) -> (u64, Bytes) {
         let first = self.next.fetch_add(count as u64, Ordering::Relaxed);
         let now = OffsetDateTime::now_utc();
         // Millisecond precision, as SDKs send it.
@@ -47,13 +65,14 @@ impl EventFactory {
             let _ = write!(
                 body,
                 concat!(
-                    r#"{{"specversion":"1.0","id":"{prefix}-{n}","source":"//api.example.com/gateway","#,
+                    r#"{{"specversion":"1.0","id":"{prefix}-{n}","source":"{source}","#,
                     r#""type":"com.example.api.request","subject":"customer-{customer:04}","time":"{now}","#,
                     r#""data":{{"method":"POST","route":"/v1/orders","status":200,"#,
                     r#""durationMs":{duration},"bytes":{bytes}}}}}"#
                 ),
                 prefix = self.prefix,
                 n = n,
+                source = SOURCE,
                 customer = n % 997,
                 now = now,
                 duration = 3 + n % 250,
@@ -61,7 +80,7 @@ impl EventFactory {
             );
         }
         body.push(']');
-        Bytes::from(body)
+        (first, Bytes::from(body))
     }
 }
 

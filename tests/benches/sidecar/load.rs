@@ -46,6 +46,12 @@ pub struct LoadReport {
     pub transport_errors: u64,
     /// Latency of every acknowledged request.
     pub latencies: Latencies,
+    /// When the first and the last acknowledgement arrived.
+    pub first_ack_at: Option<Instant>,
+    pub last_ack_at: Option<Instant>,
+    /// For each connection that got an acknowledgement: the sequence number of the last event of
+    /// its last acknowledged request. Every acknowledged event was sent before one of these.
+    pub last_acked: Vec<u64>,
 }
 
 impl LoadReport {
@@ -111,6 +117,9 @@ pub async fn run(addr: SocketAddr, spec: &LoadSpec, factory: Arc<EventFactory>) 
                     *report.failed_statuses.entry(status).or_default() += n;
                 }
                 report.latencies.0.extend(part.latencies.0);
+                report.first_ack_at = earliest(report.first_ack_at, part.first_ack_at);
+                report.last_ack_at = report.last_ack_at.max(part.last_ack_at);
+                report.last_acked.extend(part.last_acked);
             }
             Err(_) => report.transport_errors += 1,
         }
@@ -146,6 +155,7 @@ impl Connection {
         let mut sender: Option<SendRequest<Full<Bytes>>> = None;
         let mut consecutive_errors = 0;
         let mut sequence: u32 = 0;
+        let mut last_acked = None;
         loop {
             if Instant::now() >= self.deadline {
                 break;
@@ -156,7 +166,7 @@ impl Connection {
                 break;
             }
             // The body is made before the clock starts: generating load is not the server's time.
-            let body = self.factory.batch(self.spec.events_per_request);
+            let (first, body) = self.factory.numbered_batch(self.spec.events_per_request);
             let sent_at = match interval {
                 Some(interval) => {
                     let scheduled = self.started + offset + interval * sequence;
@@ -182,12 +192,13 @@ impl Connection {
             };
             match outcome {
                 Ok(StatusCode::NO_CONTENT) => {
+                    let now = Instant::now();
                     consecutive_errors = 0;
                     report.acked_requests += 1;
-                    report
-                        .latencies
-                        .0
-                        .push(sent_at.elapsed().as_micros() as u64);
+                    report.latencies.0.push((now - sent_at).as_micros() as u64);
+                    report.first_ack_at.get_or_insert(now);
+                    report.last_ack_at = Some(now);
+                    last_acked = Some(first + self.spec.events_per_request as u64 - 1);
                 }
                 Ok(status) => {
                     consecutive_errors = 0;
@@ -204,7 +215,15 @@ impl Connection {
                 }
             }
         }
+        report.last_acked.extend(last_acked);
         report
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

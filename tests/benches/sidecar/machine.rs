@@ -20,6 +20,8 @@ pub struct Machine {
     pub data_dir: String,
     /// `df -hT` of that directory (device, type, size, used, free).
     pub data_disk: Option<String>,
+    /// That directory's block device as named in /proc/diskstats (`vda`), if it is one.
+    pub data_device: Option<String>,
 }
 
 impl Machine {
@@ -51,6 +53,11 @@ impl Machine {
                 .and_then(|l| l.split_once(':'))
                 .map(|(_, model)| model.trim().to_owned())
         });
+        let data_device = data_disk
+            .as_deref()
+            .and_then(|df| df.split_whitespace().next()?.strip_prefix("/dev/"))
+            .filter(|name| disk_counters(name).is_some())
+            .map(str::to_owned);
         Machine {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             cpu_model,
@@ -58,6 +65,7 @@ impl Machine {
             kernel,
             data_dir: data_dir.display().to_string(),
             data_disk,
+            data_device,
         }
     }
 }
@@ -86,4 +94,51 @@ pub fn fsync_ceiling(dir: &Path, duration: Duration) -> anyhow::Result<f64> {
     drop(file);
     let _ = std::fs::remove_file(&path);
     Ok(rate)
+}
+
+/// A block device's cumulative I/O counters (/proc/diskstats) at one moment.
+#[derive(Clone, Copy, Debug)]
+pub struct DiskCounters {
+    at: Instant,
+    io_ms: u64,
+    sectors_written: u64,
+}
+
+/// How busy a device was between two readings. Every process on the machine counts, not only
+/// the benchmark's.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct DiskUse {
+    /// Fraction of the time the device had I/O in flight (`%util` of iostat).
+    pub busy_fraction: f64,
+    pub write_mib_per_second: f64,
+}
+
+/// The counters of `device` (a name in /proc/diskstats, such as `vda`).
+pub fn disk_counters(device: &str) -> Option<DiskCounters> {
+    let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+    let fields: Vec<&str> = stats
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&device))?;
+    // After major, minor and name: sectors written is field 7, milliseconds doing I/O field 10.
+    Some(DiskCounters {
+        at: Instant::now(),
+        sectors_written: fields.get(9)?.parse().ok()?,
+        io_ms: fields.get(12)?.parse().ok()?,
+    })
+}
+
+impl DiskCounters {
+    /// The use since `earlier`.
+    pub fn since(&self, earlier: &DiskCounters) -> DiskUse {
+        let seconds = (self.at - earlier.at).as_secs_f64().max(1e-9);
+        DiskUse {
+            busy_fraction: self.io_ms.saturating_sub(earlier.io_ms) as f64 / 1000.0 / seconds,
+            write_mib_per_second: self.sectors_written.saturating_sub(earlier.sectors_written)
+                as f64
+                * 512.0
+                / (1024.0 * 1024.0)
+                / seconds,
+        }
+    }
 }

@@ -1,11 +1,14 @@
 //! `make bench`: tally-sidecar's throughput, latency, drain rate, memory and start-up time, measured
 //! in one run beside this machine's ceilings (fsyncs per second of the data disk, requests per
-//! second of a bare HTTP server on loopback). Spawns the release binary; see BENCHMARKS.md.
+//! second of a bare HTTP server on loopback); then fanOut to a blackhole and a private PostgreSQL
+//! beside a plain COPY of the same rows. Spawns the release binary; see BENCHMARKS.md.
 //!
 //! Environment: `TALLY_SIDECAR_BIN` (the binary), `TALLY_BENCH_SECONDS` (length of each measured
-//! load, default 10), `TALLY_BENCH_DIR` (where the data directories go; default the temp dir).
+//! load, default 10), `TALLY_BENCH_DIR` (where the data directories go; default the temp dir),
+//! `TALLY_POSTGRES_BINDIR` (PostgreSQL's server binaries; default Debian's newest).
 
 mod events;
+mod fanout;
 mod load;
 mod machine;
 mod process;
@@ -22,8 +25,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::events::EventFactory;
+use crate::fanout::FanOut;
 use crate::load::{LoadReport, LoadSpec};
-use crate::machine::Machine;
+use crate::machine::{DiskUse, Machine};
 use crate::process::{SidecarProcess, sidecar_binary};
 use crate::report::{Bound, Figure};
 use crate::sink::{HttpSink, IdTally, SinkMode};
@@ -97,6 +101,7 @@ struct Results {
     half_rate: Option<HalfRate>,
     drain: Option<Drain>,
     idle: Option<Idle>,
+    fan_out: Option<FanOut>,
     errors: Vec<String>,
 }
 
@@ -170,11 +175,20 @@ async fn run() -> anyhow::Result<bool> {
 
     let binary = sidecar_binary();
     let (mut ingest, mut half_rate, mut drain, mut idle) = (None, None, None, None);
+    let mut fan_out = None;
     match &binary {
         Err(e) => failed("sidecar", anyhow::anyhow!("{e:#}")),
         Ok(binary) => {
             println!("sidecar: {}", binary.display());
-            match measure_ingest(binary, &root.path().join("ingest"), measured).await {
+            let device = machine.data_device.clone();
+            match measure_ingest(
+                binary,
+                &root.path().join("ingest"),
+                measured,
+                device.as_deref(),
+            )
+            .await
+            {
                 Ok(r) => {
                     println!(
                         "ingest: {:.0} events/s, p50 {:.2} ms, p99 {:.2} ms",
@@ -219,6 +233,32 @@ async fn run() -> anyhow::Result<bool> {
                 }
                 Err(e) => failed("idle", e),
             }
+            // Last, so PostgreSQL's writes cannot disturb the figures above.
+            match fanout::measure_fan_out(
+                binary,
+                &root.path().join("fan-out"),
+                measured,
+                device.as_deref(),
+            )
+            .await
+            {
+                Ok(r) => {
+                    println!(
+                        "fanOut: ingest {:.0} events/s; blackhole {:.0} events/s; PostgreSQL {:.0} rows/s \
+                         ({} rows, last one {:.2} s after the last ack); plain COPY {:.0} rows/s; \
+                         Tally / COPY = {:.2}",
+                        r.ingest_events_per_second,
+                        r.blackhole.per_second,
+                        r.postgres.per_second,
+                        r.events,
+                        r.postgres.after_last_ack_seconds,
+                        r.copy.rows_per_second,
+                        r.tally_vs_copy
+                    );
+                    fan_out = Some(r);
+                }
+                Err(e) => failed("fanOut", e),
+            }
         }
     }
 
@@ -229,6 +269,7 @@ async fn run() -> anyhow::Result<bool> {
         half_rate.as_ref(),
         drain.as_ref(),
         idle.as_ref(),
+        fan_out.as_ref(),
     );
     println!();
     print!("{}", report::table(&figures));
@@ -245,6 +286,7 @@ async fn run() -> anyhow::Result<bool> {
         half_rate,
         drain,
         idle,
+        fan_out,
         errors,
     };
     let path = results_path()?;
@@ -280,6 +322,7 @@ fn figures(
     half_rate: Option<&HalfRate>,
     drain: Option<&Drain>,
     idle: Option<&Idle>,
+    fan_out: Option<&FanOut>,
 ) -> Vec<Figure> {
     let bare_events = ceilings
         .bare_requests_per_second
@@ -362,6 +405,58 @@ fn figures(
         Figure::new("startup_ms", "start-up to /readyz 200 (median)", "ms")
             .value(idle.map(|i| i.startup_ms))
             .bound(Some(Bound::AtMost(TARGET_STARTUP_MS))),
+        Figure::new(
+            "fanout_ingest_events_per_second",
+            "fanOut to blackhole + PostgreSQL: ingest",
+            "events/s",
+        )
+        .value(fan_out.map(|f| f.ingest_events_per_second))
+        .bound(ingest.map(|i| Bound::Ceiling(i.events_per_second)))
+        .note(if fan_out.is_some() {
+            "ceiling: the one-output ingest run"
+        } else {
+            ""
+        }),
+        Figure::new(
+            "fanout_blackhole_events_per_second",
+            "fanOut: blackhole output",
+            "events/s",
+        )
+        .value(fan_out.map(|f| f.blackhole.per_second))
+        .note(match fan_out {
+            Some(f) => format!(
+                "last event {:.2} s after the last ack",
+                f.blackhole.after_last_ack_seconds
+            ),
+            None => String::new(),
+        }),
+        Figure::new(
+            "fanout_postgres_rows_per_second",
+            "fanOut: PostgreSQL rows/s through Tally",
+            "rows/s",
+        )
+        .value(fan_out.map(|f| f.postgres.per_second))
+        .bound(fan_out.map(|f| Bound::Ceiling(f.copy.rows_per_second)))
+        .note(match fan_out {
+            Some(f) => format!(
+                "ceiling: plain COPY; {} rows, last {:.2} s after the last ack; {:.0} rows/s during the load, {:.0} after",
+                f.events,
+                f.postgres.after_last_ack_seconds,
+                f.postgres.during_load_per_second.unwrap_or(f64::NAN),
+                f.postgres.after_load_per_second.unwrap_or(f64::NAN)
+            ),
+            None => String::new(),
+        }),
+        Figure::new(
+            "fanout_copy_rows_per_second",
+            "fanOut: plain COPY of the same rows",
+            "rows/s",
+        )
+        .value(fan_out.map(|f| f.copy.rows_per_second))
+        .note(match fan_out {
+            Some(f) => format!("{:.2} s", f.copy.seconds),
+            None => String::new(),
+        }),
     ]
 }
 
@@ -467,6 +562,8 @@ struct Ingest {
     sidecar_cpu_seconds_per_million_events: f64,
     /// CPU of this process (load generator and blackhole) in the same time, in cores.
     bench_cpu_cores: f64,
+    /// The data disk during the measured load (every process's I/O).
+    disk: Option<DiskUse>,
 }
 
 /// The YAML of a sidecar with durable acks forwarding to `upstream_port` in batches of 1000.
@@ -496,7 +593,12 @@ async fn start_ready(binary: &Path, dir: &Path, config: &str) -> anyhow::Result<
     Ok(sidecar)
 }
 
-async fn measure_ingest(binary: &Path, dir: &Path, measured: Duration) -> anyhow::Result<Ingest> {
+async fn measure_ingest(
+    binary: &Path,
+    dir: &Path,
+    measured: Duration,
+    device: Option<&str>,
+) -> anyhow::Result<Ingest> {
     let blackhole = HttpSink::bind(0, SinkMode::Discard).await?;
     let config = upstream_config(dir, blackhole.addr().port(), DEFAULT_RETRY);
     let sidecar = start_ready(binary, dir, &config).await?;
@@ -516,8 +618,12 @@ async fn measure_ingest(binary: &Path, dir: &Path, measured: Duration) -> anyhow
     let commits_before = sidecar.metrics().await?.sum("tally_buffer_commits_total");
     let sidecar_cpu_before = sidecar.cpu_time()?;
     let bench_cpu_before = process::cpu_time_of(std::process::id())?;
+    let disk_before = device.and_then(machine::disk_counters);
     spec.duration = measured;
     let report = load::run(sidecar.addr(), &spec, factory).await;
+    let disk = disk_before
+        .zip(device.and_then(machine::disk_counters))
+        .map(|(before, after)| after.since(&before));
     let sidecar_cpu = sidecar.cpu_time()?.saturating_sub(sidecar_cpu_before);
     let bench_cpu = process::cpu_time_of(std::process::id())?.saturating_sub(bench_cpu_before);
     let after = sidecar.metrics().await?;
@@ -542,6 +648,7 @@ async fn measure_ingest(binary: &Path, dir: &Path, measured: Duration) -> anyhow
         sidecar_cpu_cores: sidecar_cpu.as_secs_f64() / elapsed,
         sidecar_cpu_seconds_per_million_events: sidecar_cpu.as_secs_f64() / events * 1e6,
         bench_cpu_cores: bench_cpu.as_secs_f64() / elapsed,
+        disk,
     };
     sidecar.stop(STOP_LIMIT).await?;
     drop(blackhole);

@@ -235,26 +235,80 @@ impl Drop for SidecarProcess {
 
 /// CPU time (user + system) process `pid` has used so far, from /proc/<pid>/stat.
 pub fn cpu_time_of(pid: u32) -> anyhow::Result<Duration> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    // Fields after the command name (which may hold spaces) start at field 3, `state`;
-    // utime and stime are fields 14 and 15, in clock ticks.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    let (Some(user), Some(system)) = (ticks(11), ticks(12)) else {
-        bail!("{path} has no utime/stime fields");
-    };
+    let stat = Stat::read(pid)?;
+    ticks_to_duration(stat.utime + stat.stime)
+}
+
+/// CPU time (user + system) of process `pid`, of its live children, and of the children it has
+/// already reaped. For a PostgreSQL postmaster this is the whole server: backends, background
+/// workers and the autovacuum workers that came and went.
+pub fn process_tree_cpu(pid: u32) -> anyhow::Result<Duration> {
+    let parent = Stat::read(pid)?;
+    let mut ticks = parent.utime + parent.stime + parent.cutime + parent.cstime;
+    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
+        let Some(child) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process that exited since the listing is simply not counted here.
+        if let Ok(stat) = Stat::read(child)
+            && stat.ppid == pid
+        {
+            ticks += stat.utime + stat.stime;
+        }
+    }
+    ticks_to_duration(ticks)
+}
+
+/// The parent of process `pid`.
+pub fn parent_of(pid: u32) -> anyhow::Result<u32> {
+    Ok(Stat::read(pid)?.ppid)
+}
+
+/// The fields of /proc/<pid>/stat the benchmark uses; CPU times in clock ticks.
+struct Stat {
+    ppid: u32,
+    utime: u64,
+    stime: u64,
+    cutime: u64,
+    cstime: u64,
+}
+
+impl Stat {
+    fn read(pid: u32) -> anyhow::Result<Stat> {
+        let path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        // Fields after the command name (which may hold spaces) start at field 3, `state`;
+        // ppid is field 4, utime, stime, cutime and cstime fields 14 to 17.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        let (Some(ppid), Some(utime), Some(stime), Some(cutime), Some(cstime)) =
+            (field(1), field(11), field(12), field(13), field(14))
+        else {
+            bail!("{path} has no ppid/utime/stime/cutime/cstime fields");
+        };
+        Ok(Stat {
+            ppid: ppid as u32,
+            utime,
+            stime,
+            cutime,
+            cstime,
+        })
+    }
+}
+
+fn ticks_to_duration(ticks: u64) -> anyhow::Result<Duration> {
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if per_second <= 0 {
         bail!("cannot read the clock tick rate");
     }
-    Ok(Duration::from_secs_f64(
-        (user + system) as f64 / per_second as f64,
-    ))
+    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }
 
 /// The address in a `... listening on 127.0.0.1:PORT ...` log line (colour codes or not).
@@ -292,6 +346,32 @@ impl Metrics {
                 None
             };
             if let Some(v) = value.and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()) {
+                *found.get_or_insert(0.0) += v;
+            }
+        }
+        found
+    }
+
+    /// The sum of the samples of `name` labelled `output="<output>"` (any other labels), if any.
+    pub fn output(&self, name: &str, output: &str) -> Option<f64> {
+        let label = format!("output=\"{output}\"");
+        let mut found = None;
+        for line in self.0.lines().filter(|l| !l.starts_with('#')) {
+            let Some((labels, value)) = line
+                .strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('{'))
+                .and_then(|rest| rest.rsplit_once('}'))
+            else {
+                continue;
+            };
+            if !labels.split(',').any(|l| l == label) {
+                continue;
+            }
+            if let Some(v) = value
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+            {
                 *found.get_or_insert(0.0) += v;
             }
         }

@@ -1,0 +1,11 @@
+//! tally-operator: reconciles `MeteringCollector` resources into collector StatefulSets.
+//!
+//! The reconcile is a pipeline of small modules: [`validate`] and [`build`] are pure, [`reconcile`] applies what
+//! they produce and writes the [`status`].
+
+pub mod build;
+pub mod crd;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
+pub mod validate;

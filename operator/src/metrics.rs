@@ -1,0 +1,73 @@
+//! Prometheus metrics of the reconciler, served on `/metrics`.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The label of a failed reconcile: which kind of error it was.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub error: &'static str,
+}
+
+/// The reconciler's counters, histogram and gauge.
+#[derive(Debug)]
+pub struct Metrics {
+    pub reconciliations: Counter,
+    pub failures: Family<ErrorLabels, Counter>,
+    pub duration: Histogram,
+    /// MeteringCollectors the last reconciles saw, valid or not.
+    pub collectors: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            reconciliations: Counter::default(),
+            failures: Family::default(),
+            duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            collectors: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `tally_operator_` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("tally_operator");
+        registry.register(
+            "reconciliations",
+            "Reconciles of MeteringCollectors",
+            self.reconciliations.clone(),
+        );
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that failed, by kind of error",
+            self.failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconcile",
+            self.duration.clone(),
+        );
+        registry.register(
+            "collectors",
+            "MeteringCollectors managed by this operator",
+            self.collectors.clone(),
+        );
+    }
+
+    pub fn observe(&self, took: Duration) {
+        self.reconciliations.inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn failed(&self, error: &'static str) {
+        self.failures.get_or_create(&ErrorLabels { error }).inc();
+    }
+}
