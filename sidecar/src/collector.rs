@@ -262,6 +262,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         auth_token,
         max_body_bytes: config.ingest.max_body_bytes.get() as usize,
+        read_timeout: config.ingest.read_timeout.get(),
         reclaimer,
         exclude_namespaces: config
             .exclude_namespaces

@@ -108,6 +108,9 @@ pub struct IngestConfig {
     pub auth_token: Option<String>,
     /// The same token, read from an environment variable or a file.
     pub auth_token_from: Option<SecretSource>,
+    /// Longest time to receive a request body; a slower client gets 408, so a trickling
+    /// connection cannot hold a request open forever.
+    pub read_timeout: HumanDuration,
 }
 
 impl Default for IngestConfig {
@@ -116,6 +119,7 @@ impl Default for IngestConfig {
             max_body_bytes: ByteSize(1024 * 1024),
             auth_token: None,
             auth_token_from: None,
+            read_timeout: HumanDuration(Duration::from_secs(30)),
         }
     }
 }
@@ -656,6 +660,12 @@ impl Config {
             source
                 .check()
                 .map_err(|m| ("ingest.authTokenFrom".to_string(), m))?;
+        }
+        if self.ingest.read_timeout.get().is_zero() {
+            return Err((
+                "ingest.readTimeout".into(),
+                "must be greater than 0s".into(),
+            ));
         }
         if self.ingest.auth_token.is_some() && self.ingest.auth_token_from.is_some() {
             return Err((

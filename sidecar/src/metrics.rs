@@ -19,6 +19,8 @@ pub enum RejectReason {
     buffer_full,
     stopping,
     storage_error,
+    /// The body did not arrive within `ingest.readTimeout`.
+    read_timeout,
 }
 
 /// Why accepted or buffered events were dropped on purpose.
@@ -222,6 +224,7 @@ impl Metrics {
             RejectReason::buffer_full,
             RejectReason::stopping,
             RejectReason::storage_error,
+            RejectReason::read_timeout,
         ] {
             let _ = m.events_rejected.get_or_create(&RejectLabels { reason });
         }

@@ -23,6 +23,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub auth_token: Option<String>,
     pub max_body_bytes: usize,
+    /// Longest time to receive a request body.
+    pub read_timeout: std::time::Duration,
     pub exclude_namespaces: HashSet<String>,
     /// Makes room when the buffer is full and some output has a `maxLag`.
     pub reclaimer: Arc<crate::collector::Reclaimer>,
@@ -250,14 +252,28 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Rejectio
         // Too large even to drain: answer at once.
         return Err(too_large(limit).because(RejectReason::too_large, 1));
     }
-    let bytes = read_body(body, limit).await.map_err(|p| {
-        let reason = if p.status == StatusCode::PAYLOAD_TOO_LARGE {
-            RejectReason::too_large
-        } else {
-            RejectReason::invalid
-        };
-        p.because(reason, 1)
-    })?;
+    let bytes = tokio::time::timeout(state.read_timeout, read_body(body, limit))
+        .await
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "read-timeout",
+                "Request Timeout",
+                format!(
+                    "the request body did not arrive within ingest.readTimeout ({}); send it at once, or raise the timeout",
+                    humantime::format_duration(state.read_timeout)
+                ),
+            )
+            .because(RejectReason::read_timeout, 1)
+        })?
+        .map_err(|p| {
+            let reason = if p.status == StatusCode::PAYLOAD_TOO_LARGE {
+                RejectReason::too_large
+            } else {
+                RejectReason::invalid
+            };
+            p.because(reason, 1)
+        })?;
     let parsed = match mode {
         Some(shape) => event::parse_structured(&bytes, shape),
         None => event::parse_binary(&parts.headers, &bytes),

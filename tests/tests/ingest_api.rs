@@ -731,3 +731,62 @@ async fn ingest_metrics_count_events() {
     .await;
     assert_eq!(lag, 0.0);
 }
+
+/// A client that sends its headers and then trickles (here: stops sending) the body gets a 408
+/// problem after `ingest.readTimeout`, instead of holding the request open forever; it is counted.
+/// Raw TCP, so the test controls exactly which bytes are on the wire.
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let sidecar = Sidecar::builder()
+        .set("ingest.readTimeout", json!("300ms"))
+        .start()
+        .await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", sidecar.port()))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let head = "POST /api/v1/events HTTP/1.1\r\nHost: tally\r\n\
+                Content-Type: application/cloudevents+json\r\nContent-Length: 200\r\n\r\n";
+    stream
+        .write_all(format!("{head}{{\"specversion\":").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("write: {e}"));
+    // Nothing more is sent; the answer must come by itself, well before this deadline.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&chunk[..n]);
+                    if answer.windows(4).any(|w| w == b"\r\n\r\n")
+                        && String::from_utf8_lossy(&answer).contains("\"instance\"")
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within 10 s to a stalled body");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "a stalled body gets 408: {text}"
+    );
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: application/problem+json"),
+        "{text}"
+    );
+    assert!(text.contains("ingest.readTimeout"), "{text}");
+    assert_eq!(
+        sidecar
+            .metric("tally_events_rejected_total{reason=\"read_timeout\"}")
+            .await,
+        1.0
+    );
+}
