@@ -304,9 +304,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     state.stopping.store(true, Ordering::SeqCst);
 
-    // In-flight requests are answered; nothing can append any more.
-    // Requests that passed the stopping check before it was set may still append; whatever
-    // the outputs do not deliver in time stays buffered for the next start.
+    // New ingest requests are refused from here on. Requests that passed the stopping check
+    // just before may still append; whatever the outputs do not deliver in time stays
+    // buffered for the next start.
     let _ = draining_tx.send(true);
     let timeout = config.shutdown_timeout.get();
     let flushed = tokio::time::timeout(timeout, async {
