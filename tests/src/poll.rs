@@ -1,5 +1,6 @@
 //! Waiting for a condition with a deadline instead of sleeping a guessed amount of time.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 /// How often a condition is checked again.
@@ -37,4 +38,27 @@ pub async fn poll_for<T>(within: Duration, mut check: impl AsyncFnMut() -> Optio
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+/// Polls `delivered` until it holds every id of `wanted`. Returns the ids still missing after
+/// `within` (empty when all arrived), so each receiver can panic with its own diagnostics.
+pub async fn missing_after<'a>(
+    wanted: &[&'a str],
+    within: Duration,
+    delivered: impl Fn() -> HashSet<String>,
+) -> Vec<&'a str> {
+    let all = poll_for(within, async || {
+        let got = delivered();
+        wanted.iter().all(|id| got.contains(*id)).then_some(())
+    })
+    .await;
+    if all.is_some() {
+        return Vec::new();
+    }
+    let got = delivered();
+    wanted
+        .iter()
+        .copied()
+        .filter(|id| !got.contains(*id))
+        .collect()
 }

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::poll::poll_for;
+use crate::poll::missing_after;
 
 /// How the upstream answers `POST /api/v1/events`; switchable while a test runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -265,20 +265,8 @@ impl TestUpstream {
         within: Duration,
     ) {
         let wanted: Vec<&str> = ids.into_iter().collect();
-        let all = poll_for(within, async || {
-            let delivered = self.delivered_id_set();
-            wanted
-                .iter()
-                .all(|id| delivered.contains(*id))
-                .then_some(())
-        })
-        .await;
-        if all.is_none() {
-            let delivered = self.delivered_id_set();
-            let missing: Vec<&&str> = wanted
-                .iter()
-                .filter(|id| !delivered.contains(**id))
-                .collect();
+        let missing = missing_after(&wanted, within, || self.delivered_id_set()).await;
+        if !missing.is_empty() {
             panic!(
                 "after {within:?}, {} of {} events are still not delivered to the upstream \
                  ({} requests received); first missing: {:?}",

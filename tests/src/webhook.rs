@@ -14,7 +14,7 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::poll::poll_for;
+use crate::poll::missing_after;
 use crate::python::{python_interpreter, script};
 
 /// How long the receiver may take to start listening.
@@ -203,20 +203,8 @@ impl WebhookReceiver {
         within: Duration,
     ) {
         let wanted: Vec<&str> = ids.into_iter().collect();
-        let all = poll_for(within, async || {
-            let delivered = self.delivered_id_set();
-            wanted
-                .iter()
-                .all(|id| delivered.contains(*id))
-                .then_some(())
-        })
-        .await;
-        if all.is_none() {
-            let delivered = self.delivered_id_set();
-            let missing: Vec<&&str> = wanted
-                .iter()
-                .filter(|id| !delivered.contains(**id))
-                .collect();
+        let missing = missing_after(&wanted, within, || self.delivered_id_set()).await;
+        if !missing.is_empty() {
             let verdicts: Vec<(u16, String)> = self
                 .requests()
                 .iter()
