@@ -21,7 +21,8 @@ const EXIT_CONFIG: u8 = 2;
     about = "Durable usage-event collector"
 )]
 struct Cli {
-    /// Configuration file (YAML). Without it, built-in defaults apply.
+    /// Configuration file (YAML). Without it, the YAML text in TALLY_CONFIG_YAML, else built-in
+    /// defaults.
     #[arg(long, short, global = true, env = "TALLY_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -130,10 +131,28 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The environment variable that may hold the whole configuration as YAML text, for containers
+/// configured without a file (the injected sidecar).
+pub const CONFIG_YAML_ENV: &str = "TALLY_CONFIG_YAML";
+
+/// The configuration from `--config` / `TALLY_CONFIG`, else from `TALLY_CONFIG_YAML`, else the
+/// built-in defaults.
 fn load(path: Option<&Path>) -> Result<Config, crate::config::ConfigError> {
-    match path {
-        Some(path) => Config::load(path),
-        None => Ok(Config::default()),
+    let inline = std::env::var(CONFIG_YAML_ENV)
+        .ok()
+        .filter(|text| !text.trim().is_empty());
+    match (path, inline) {
+        (Some(path), None) => Config::load(path),
+        (Some(path), Some(_)) => Err(crate::config::ConfigError::Invalid {
+            origin: CONFIG_YAML_ENV.into(),
+            key: "(top level)".into(),
+            message: format!(
+                "both a configuration file ({}) and {CONFIG_YAML_ENV} are set; use one of them",
+                path.display()
+            ),
+        }),
+        (None, Some(text)) => Config::parse(&text, CONFIG_YAML_ENV),
+        (None, None) => Ok(Config::default()),
     }
 }
 

@@ -164,6 +164,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let metrics = Arc::new(Metrics::new());
     let auth_token = config.ingest_token()?;
+    let pod = config.pod_identity()?;
     let outputs = config
         .outputs
         .targets
@@ -269,6 +270,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .iter()
             .cloned()
             .collect::<HashSet<_>>(),
+        pod,
         stopping: AtomicBool::new(false),
     });
     let stats = buffer.stats()?;

@@ -48,7 +48,30 @@ pub struct Config {
     pub buffer: BufferConfig,
     /// Events whose `k8snamespace` attribute is one of these are dropped and counted.
     pub exclude_namespaces: Vec<String>,
+    /// The pod this sidecar runs in; events that lack `k8snamespace` / `k8spod` get them.
+    pub pod: PodConfig,
     pub outputs: OutputsConfig,
+}
+
+/// Where the sidecar learns its pod's namespace and name (the injector sets both from the downward API).
+/// Each one that is set is stamped as a CloudEvents extension attribute on every accepted event that
+/// does not already carry it: `k8snamespace` and `k8spod`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PodConfig {
+    /// The pod's namespace, for example `{ env: POD_NAMESPACE }`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace_from: Option<SecretSource>,
+    /// The pod's name, for example `{ env: POD_NAME }`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_from: Option<SecretSource>,
+}
+
+/// The pod identity resolved at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodIdentity {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
 }
 
 impl Default for Config {
@@ -63,6 +86,7 @@ impl Default for Config {
             dedup: DedupConfig::default(),
             buffer: BufferConfig::default(),
             exclude_namespaces: Vec::new(),
+            pod: PodConfig::default(),
             outputs: OutputsConfig::default(),
         }
     }
@@ -661,6 +685,14 @@ impl Config {
                 .check()
                 .map_err(|m| ("ingest.authTokenFrom".to_string(), m))?;
         }
+        for (key, source) in [
+            ("pod.namespaceFrom", &self.pod.namespace_from),
+            ("pod.nameFrom", &self.pod.name_from),
+        ] {
+            if let Some(source) = source {
+                source.check().map_err(|m| (key.to_string(), m))?;
+            }
+        }
         if self.ingest.read_timeout.get().is_zero() {
             return Err((
                 "ingest.readTimeout".into(),
@@ -749,6 +781,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The pod's namespace and name, resolved from their sources (environment variables or files).
+    pub fn pod_identity(&self) -> Result<PodIdentity, ConfigError> {
+        Ok(PodIdentity {
+            namespace: resolve_secret(None, self.pod.namespace_from.as_ref(), "pod.namespaceFrom")?,
+            name: resolve_secret(None, self.pod.name_from.as_ref(), "pod.nameFrom")?,
+        })
     }
 
     /// The ingest bearer token, resolved from its source.
@@ -1038,6 +1078,42 @@ outputs:
             let head = rest.split(": ").next().unwrap_or_default();
             assert!(!key.starts_with(head), "{err} repeats the path");
         }
+    }
+
+    #[test]
+    fn pod_identity_comes_from_its_sources() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let namespace = dir.path().join("namespace");
+        std::fs::write(&namespace, "shop\n").expect("write");
+        let text = format!(
+            "pod: {{ namespaceFrom: {{ file: {} }}, nameFrom: {{ env: TALLY_TEST_POD_NAME_UNSET }} }}",
+            namespace.display()
+        );
+        let config = Config::parse(&text, "test").expect("valid");
+        let error = config
+            .pod_identity()
+            .expect_err("the name variable is not set");
+        assert_eq!(
+            error.to_string(),
+            "pod.nameFrom: environment variable TALLY_TEST_POD_NAME_UNSET is not set"
+        );
+        let text = format!(
+            "pod: {{ namespaceFrom: {{ file: {} }} }}",
+            namespace.display()
+        );
+        let config = Config::parse(&text, "test").expect("valid");
+        assert_eq!(
+            config.pod_identity().expect("resolves"),
+            PodIdentity {
+                namespace: Some("shop".into()),
+                name: None
+            }
+        );
+        let error = Config::parse("pod: { nameFrom: {} }", "test").expect_err("empty source");
+        assert_eq!(
+            error.to_string(),
+            "test: pod.nameFrom: set exactly one of `env` or `file`"
+        );
     }
 
     #[test]

@@ -6,6 +6,8 @@ use http::HeaderMap;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
+
+use crate::config::PodIdentity;
 use time::format_description::well_known::Rfc3339;
 
 /// A validated event, ready to be buffered.
@@ -15,6 +17,10 @@ pub struct Event {
     pub id: String,
     /// The `k8snamespace` extension attribute, used to drop events of excluded namespaces.
     pub namespace: Option<String>,
+    /// Whether the event carries a `k8snamespace` attribute (of any type).
+    pub has_namespace: bool,
+    /// Whether the event carries a `k8spod` attribute (of any type).
+    pub has_pod: bool,
     /// The event's JSON text, forwarded unchanged.
     pub json: Vec<u8>,
 }
@@ -281,8 +287,43 @@ fn validate(value: Value, at: &str, text: &str) -> Result<Event, InvalidEvent> {
         source: source.to_string(),
         id: id.to_string(),
         namespace,
+        has_namespace: map.contains_key("k8snamespace"),
+        has_pod: map.contains_key("k8spod"),
         json: text.as_bytes().to_vec(),
     })
+}
+
+impl Event {
+    /// Adds the `k8snamespace` and `k8spod` extension attributes the event lacks, after its other
+    /// attributes; attributes the sender set are never changed.
+    pub fn stamp(&mut self, identity: &PodIdentity) {
+        let mut added = String::new();
+        if let Some(namespace) = identity
+            .namespace
+            .as_deref()
+            .filter(|_| !self.has_namespace)
+        {
+            added.push_str(",\"k8snamespace\":");
+            added.push_str(&Value::String(namespace.to_string()).to_string());
+            self.namespace = Some(namespace.to_string());
+            self.has_namespace = true;
+        }
+        if let Some(pod) = identity.name.as_deref().filter(|_| !self.has_pod) {
+            added.push_str(",\"k8spod\":");
+            added.push_str(&Value::String(pod.to_string()).to_string());
+            self.has_pod = true;
+        }
+        if added.is_empty() {
+            return;
+        }
+        // A validated event is a JSON object with at least its required attributes, so its text
+        // ends with `}` and the added members follow a member.
+        if self.json.last() == Some(&b'}') {
+            self.json.pop();
+            self.json.extend_from_slice(added.as_bytes());
+            self.json.push(b'}');
+        }
+    }
 }
 
 #[cfg(test)]
@@ -290,6 +331,69 @@ mod tests {
     use super::*;
 
     const GOOD: &str = r#"{"specversion":"1.0","id":"e1","source":"svc","type":"api-calls","subject":"cust-1","time":"2024-01-01T00:00:00+02:00","data":{"n":1},"tenant":"t9"}"#;
+
+    fn identity(namespace: Option<&str>, name: Option<&str>) -> PodIdentity {
+        PodIdentity {
+            namespace: namespace.map(str::to_string),
+            name: name.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn stamping_appends_missing_pod_attributes_and_keeps_the_rest() {
+        let mut events = parse_structured(GOOD.as_bytes(), BodyShape::Single).expect("valid");
+        events[0].stamp(&identity(Some("shop"), Some("api-7f9c")));
+        let text = String::from_utf8(events[0].json.clone()).expect("utf-8");
+        assert_eq!(
+            text,
+            format!(
+                "{},\"k8snamespace\":\"shop\",\"k8spod\":\"api-7f9c\"}}",
+                &GOOD[..GOOD.len() - 1]
+            )
+        );
+        assert_eq!(events[0].namespace.as_deref(), Some("shop"));
+        // Stamping again changes nothing.
+        events[0].stamp(&identity(Some("other"), Some("other")));
+        assert_eq!(String::from_utf8_lossy(&events[0].json), text);
+    }
+
+    #[test]
+    fn stamping_never_overrides_what_the_sender_set() {
+        let sent = r#"{"specversion":"1.0","id":"e1","source":"svc","type":"t","subject":"s","k8snamespace":"team-a", "k8spod":7 }"#;
+        let mut events = parse_structured(sent.as_bytes(), BodyShape::Single).expect("valid");
+        events[0].stamp(&identity(Some("shop"), Some("api")));
+        assert_eq!(String::from_utf8_lossy(&events[0].json), sent);
+        assert_eq!(events[0].namespace.as_deref(), Some("team-a"));
+
+        let only_pod = r#"{"specversion":"1.0","id":"e1","source":"svc","type":"t","subject":"s"}"#;
+        let mut events = parse_structured(only_pod.as_bytes(), BodyShape::Single).expect("valid");
+        events[0].stamp(&identity(None, Some("a\"b")));
+        let text = String::from_utf8(events[0].json.clone()).expect("utf-8");
+        let value: Value = serde_json::from_str(&text).expect("still JSON");
+        assert_eq!(value["k8spod"], "a\"b");
+        assert!(value.get("k8snamespace").is_none());
+    }
+
+    #[test]
+    fn stamping_binary_mode_events_keeps_their_data_text() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "b1"),
+            ("ce-source", "svc"),
+            ("ce-type", "t"),
+            ("ce-subject", "s"),
+        ] {
+            headers.insert(name, http::HeaderValue::from_static(value));
+        }
+        let mut events = parse_binary(&headers, br#"{"tokens": 1.50}"#).expect("valid");
+        events[0].stamp(&identity(Some("shop"), Some("api")));
+        let text = String::from_utf8(events[0].json.clone()).expect("utf-8");
+        assert!(
+            text.ends_with(r#""data":{"tokens": 1.50},"k8snamespace":"shop","k8spod":"api"}"#),
+            "{text}"
+        );
+    }
 
     #[test]
     fn keeps_attributes_and_their_order() {

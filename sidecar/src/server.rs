@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 
 use crate::buffer::{AppendError, DurableBuffer};
+use crate::config::PodIdentity;
 use crate::event::{self, BodyShape, Event, InvalidEvent};
 use crate::metrics::{DropReason, Metrics, RejectReason};
 
@@ -26,6 +27,8 @@ pub struct AppState {
     /// Longest time to receive a request body.
     pub read_timeout: std::time::Duration,
     pub exclude_namespaces: HashSet<String>,
+    /// This pod's namespace and name, stamped on events that lack them.
+    pub pod: PodIdentity,
     /// Makes room when the buffer is full and some output has a `maxLag`.
     pub reclaimer: Arc<crate::collector::Reclaimer>,
     /// Set on SIGTERM: ingest answers 503 from then on.
@@ -278,10 +281,13 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Rejectio
         Some(shape) => event::parse_structured(&bytes, shape),
         None => event::parse_binary(&parts.headers, &bytes),
     };
-    let events = parsed.map_err(|e| {
+    let mut events = parsed.map_err(|e| {
         let count = e.events as u64;
         invalid(e).because(RejectReason::invalid, count)
     })?;
+    for event in &mut events {
+        event.stamp(&state.pod);
+    }
     let total = events.len() as u64;
     let events: Vec<Event> = if state.exclude_namespaces.is_empty() {
         events

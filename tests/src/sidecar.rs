@@ -33,6 +33,7 @@ static SENTINELS: AtomicU64 = AtomicU64::new(0);
 pub struct SidecarBuilder {
     config: ConfigSource,
     env: Vec<(String, String)>,
+    inline: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +56,7 @@ impl SidecarBuilder {
         SidecarBuilder {
             config: ConfigSource::Json(json!({})),
             env: Vec::new(),
+            inline: false,
         }
     }
 
@@ -69,7 +71,7 @@ impl SidecarBuilder {
     pub fn yaml(text: &str) -> Self {
         SidecarBuilder {
             config: ConfigSource::Yaml(text.to_string()),
-            env: Vec::new(),
+            ..SidecarBuilder::new()
         }
     }
 
@@ -147,6 +149,14 @@ impl SidecarBuilder {
         self
     }
 
+    /// Hands the configuration to the process as the `TALLY_CONFIG_YAML` environment variable
+    /// instead of a `--config` file, as the injected sidecar receives it. The file is still
+    /// written, for the CLI commands of [`Sidecar::run_cli`].
+    pub fn inline_config(mut self) -> Self {
+        self.inline = true;
+        self
+    }
+
     /// Writes the configuration into a fresh temporary directory; the process is not started.
     pub fn build(self) -> Sidecar {
         let dir = tempfile::Builder::new()
@@ -179,15 +189,20 @@ impl SidecarBuilder {
                 (text, data_dir, None)
             }
         };
-        std::fs::write(&config_path, text)
+        std::fs::write(&config_path, &text)
             .unwrap_or_else(|e| panic!("writing {}: {e}", config_path.display()));
+        let mut env = self.env;
+        if self.inline {
+            env.push(("TALLY_CONFIG_YAML".into(), text));
+        }
         Sidecar {
             dir: Some(dir),
             config_path,
             data_dir,
             port,
             token,
-            env: self.env,
+            env,
+            inline: self.inline,
             child: None,
             starts: 0,
             http: http_client(),
@@ -221,6 +236,8 @@ pub struct Sidecar {
     /// `ingest.authToken`, sent with every request the harness makes.
     token: Option<String>,
     env: Vec<(String, String)>,
+    /// The configuration is in `TALLY_CONFIG_YAML`, not passed with `--config`.
+    inline: bool,
     child: Option<Child>,
     starts: u32,
     http: reqwest::Client,
@@ -284,9 +301,11 @@ impl Sidecar {
         let stdout = self.log_file("stdout.log");
         let mut stderr = self.log_file("stderr.log");
         let _ = writeln!(stderr, "----- tally-sidecar start #{} -----", self.starts);
-        let child = Command::new(sidecar_binary())
-            .arg("--config")
-            .arg(&self.config_path)
+        let mut command = Command::new(sidecar_binary());
+        if !self.inline {
+            command.arg("--config").arg(&self.config_path);
+        }
+        let child = command
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -390,7 +409,14 @@ impl Sidecar {
             argv.push("--config".into());
             argv.push(self.config_path.clone().into_os_string());
         }
-        run_tally(&argv, &self.env).await
+        // The CLI reads the same configuration from the file.
+        let env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(name, _)| name != "TALLY_CONFIG_YAML")
+            .cloned()
+            .collect();
+        run_tally(&argv, &env).await
     }
 
     /// `POST /api/v1/events` with this content type (none when `None`) and body, with the bearer
