@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and kube-controller-manager from the k8s.io/kubernetes Go module at the version in
-# ./VERSION, into ${XDG_CACHE_HOME:-$HOME/.cache}/tally/k8s/<version>/bin/. Skips the build when both binaries for
-# that version are already there. Fails (non-zero exit) when anything goes wrong; it never skips silently.
+# Builds kube-apiserver, kube-controller-manager and kube-scheduler (used only with fake nodes, see ../kwok) from the
+# k8s.io/kubernetes Go module at the version in ./VERSION, into ${XDG_CACHE_HOME:-$HOME/.cache}/tally/k8s/<version>/bin/.
+# Skips the build when all binaries for that version are already there. Fails (non-zero exit) when anything goes wrong; it never skips silently.
 #
 # k8s.io/kubernetes is not meant to be used as a module: its go.mod replaces each k8s.io/* staging module with a
 # directory inside its own repository, and replace directives of a dependency are ignored. So this script writes
@@ -22,7 +22,7 @@ if [[ ! "$version" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]]; then
 fi
 minor="${BASH_REMATCH[1]}"
 staging_version="v0.$minor.${BASH_REMATCH[2]}"
-components=(kube-apiserver kube-controller-manager)
+components=(kube-apiserver kube-controller-manager kube-scheduler)
 
 bin_dir="${XDG_CACHE_HOME:-$HOME/.cache}/tally/k8s/$version/bin"
 force=false
@@ -39,7 +39,7 @@ if ! $force && $all_present; then
 fi
 
 export GOFLAGS=-mod=mod
-# Static binaries that run anywhere, like the upstream release builds of these two components.
+# Static binaries that run anywhere, like the upstream release builds of these components.
 export CGO_ENABLED=0
 
 # Write go.mod from the release's own go.mod, whose path in the module cache `go mod download -json` reports.

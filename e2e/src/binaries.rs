@@ -11,18 +11,28 @@ use crate::Error;
 /// The Kubernetes release the binaries are built from, as pinned in `e2e/k8s/VERSION`.
 pub const KUBERNETES_VERSION: &str = include_str!("../k8s/VERSION").trim_ascii();
 
-/// `${XDG_CACHE_HOME:-$HOME/.cache}/tally/k8s/<version>/bin`, where `e2e/k8s/build.sh` puts the binaries.
-pub fn kubernetes_bin_dir() -> PathBuf {
-    let cache = env::var_os("XDG_CACHE_HOME")
+/// The kwok release built for fake nodes, as pinned in `e2e/kwok/VERSION`.
+pub const KWOK_VERSION: &str = include_str!("../kwok/VERSION").trim_ascii();
+
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/tally`.
+fn cache_dir() -> PathBuf {
+    env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    cache
+        .unwrap_or_else(|| PathBuf::from(".cache"))
         .join("tally")
-        .join("k8s")
-        .join(KUBERNETES_VERSION)
-        .join("bin")
+}
+
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/tally/k8s/<version>/bin`, where `e2e/k8s/build.sh` puts the binaries.
+pub fn kubernetes_bin_dir() -> PathBuf {
+    cache_dir().join("k8s").join(KUBERNETES_VERSION).join("bin")
+}
+
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/tally/kwok/<version>`, where `e2e/kwok/build.sh` puts `bin/kwok` and the
+/// `stages.yaml` it runs with.
+pub fn kwok_dir() -> PathBuf {
+    cache_dir().join("kwok").join(KWOK_VERSION)
 }
 
 /// Paths of the three programs, each checked to exist.
@@ -54,6 +64,36 @@ fn etcd() -> Result<PathBuf, Error> {
         });
     }
     Ok(path.to_path_buf())
+}
+
+/// What fake nodes need on top of the control plane: the scheduler, and kwok with its stages.
+#[derive(Debug, Clone)]
+pub(crate) struct FakeNodeBinaries {
+    pub kube_scheduler: PathBuf,
+    pub kwok: PathBuf,
+    pub kwok_stages: PathBuf,
+}
+
+impl FakeNodeBinaries {
+    pub fn locate() -> Result<Self, Error> {
+        let kwok_dir = kwok_dir();
+        let kwok_file = |what: &'static str, path: PathBuf| {
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(Error::MissingKwok {
+                    what,
+                    version: KWOK_VERSION,
+                    path,
+                })
+            }
+        };
+        Ok(FakeNodeBinaries {
+            kube_scheduler: kubernetes_binary(&kubernetes_bin_dir(), "kube-scheduler")?,
+            kwok: kwok_file("kwok", kwok_dir.join("bin").join("kwok"))?,
+            kwok_stages: kwok_file("stages.yaml", kwok_dir.join("stages.yaml"))?,
+        })
+    }
 }
 
 fn kubernetes_binary(bin_dir: &Path, binary: &'static str) -> Result<PathBuf, Error> {

@@ -8,40 +8,55 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeSpec, NodeStatus};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{
     Api, Client, Config,
-    api::{ObjectMeta, PostParams},
+    api::{ListParams, ObjectMeta, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
 use tempfile::TempDir;
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::{
-    Error, binaries::Binaries, kubeconfig, pki::Pki, ports::free_ports, process::ComponentProcess,
+    Error,
+    binaries::{Binaries, FakeNodeBinaries},
+    kubeconfig,
+    pki::Pki,
+    ports::free_ports,
+    process::ComponentProcess,
 };
 
 /// The label every namespace made by [`ControlPlane::new_namespace`] carries, with value `"true"`.
 pub const NAMESPACE_LABEL: &str = "tally.dev/e2e";
 
 /// The controllers kube-controller-manager runs: what Tally's operator relies on (StatefulSets and their PVCs,
-/// Deployments, ReplicaSets, owner-reference garbage collection) and namespace deletion. There is no kubelet and
-/// no scheduler, so Pods are created but never run.
+/// Deployments, ReplicaSets, owner-reference garbage collection), namespace deletion, and the PersistentVolume
+/// binder, which binds a claim to a matching PersistentVolume a test creates (the API server only resizes bound
+/// claims). There is no kubelet, and no scheduler unless asked for, so Pods are created but never run.
 const CONTROLLERS: &[&str] = &[
     "deployment-controller",
     "replicaset-controller",
     "statefulset-controller",
     "garbage-collector-controller",
     "namespace-controller",
+    "persistentvolume-binder-controller",
 ];
 
-const SERVICE_CLUSTER_IP_RANGE: &str = "10.0.0.0/24";
+/// Wide enough for the operator benchmark: every MeteringCollector has a ClusterIP Service.
+const SERVICE_CLUSTER_IP_RANGE: &str = "10.0.0.0/16";
 
 const ETCD_READY_WITHIN: Duration = Duration::from_secs(30);
 /// The API server is ready within a few seconds (it bootstraps RBAC roles and priority levels first); the margin is
 /// for a machine busy with builds.
 const APISERVER_READY_WITHIN: Duration = Duration::from_secs(120);
 const CONTROLLER_MANAGER_READY_WITHIN: Duration = Duration::from_secs(60);
+const SCHEDULER_READY_WITHIN: Duration = Duration::from_secs(60);
+const KWOK_READY_WITHIN: Duration = Duration::from_secs(60);
+/// The annotation that hands a Node to kwok (`--manage-nodes-with-annotation-selector`).
+pub const FAKE_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
+/// Pod IPs kwok hands out; apart from the Service range.
+const FAKE_POD_CIDR: &str = "10.244.0.0/16";
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Lines of each component's log printed when start-up fails.
 const LOG_TAIL_LINES: usize = 40;
@@ -62,11 +77,47 @@ pub struct ControlPlane {
     dir: TempDir,
 }
 
+/// Options of a control plane; [`ControlPlane::start`] starts one with none of them.
+#[derive(Debug, Clone, Default)]
+pub struct ControlPlaneBuilder {
+    fake_nodes: usize,
+}
+
+impl ControlPlaneBuilder {
+    /// Also run `kube-scheduler` and kwok, with `nodes` fake Nodes (`kwok-node-0`, …) that kwok manages: pods are
+    /// scheduled onto them and kwok marks them Running and Ready, without any container running. Needs
+    /// `e2e/kwok/build.sh` besides `e2e/k8s/build.sh`. 0 (the default) runs neither.
+    pub fn with_fake_nodes(mut self, nodes: usize) -> Self {
+        self.fake_nodes = nodes;
+        self
+    }
+
+    /// Starts the control plane (see [`ControlPlane::start`]), then the scheduler and kwok if asked for, and waits
+    /// until every fake Node is Ready.
+    pub async fn start(self) -> Result<ControlPlane, Error> {
+        let fake_nodes = if self.fake_nodes > 0 {
+            Some((FakeNodeBinaries::locate()?, self.fake_nodes))
+        } else {
+            None
+        };
+        ControlPlane::start_with(fake_nodes).await
+    }
+}
+
 impl ControlPlane {
+    /// Options beyond the plain control plane, such as [`ControlPlaneBuilder::with_fake_nodes`].
+    pub fn builder() -> ControlPlaneBuilder {
+        ControlPlaneBuilder::default()
+    }
+
     /// Starts etcd, then kube-apiserver, then kube-controller-manager, each waited for until healthy.
     ///
     /// On failure, prints the tail of every component's log to stderr and stops what was started.
     pub async fn start() -> Result<Self, Error> {
+        Self::start_with(None).await
+    }
+
+    async fn start_with(fake_nodes: Option<(FakeNodeBinaries, usize)>) -> Result<Self, Error> {
         let binaries = Binaries::locate()?;
         let mut dir = tempfile::Builder::new()
             .prefix("tally-e2e-")
@@ -81,7 +132,7 @@ impl ControlPlane {
         }
 
         let mut processes = Vec::new();
-        match boot(&binaries, dir.path(), &mut processes).await {
+        match boot(&binaries, fake_nodes.as_ref(), dir.path(), &mut processes).await {
             Ok(Booted {
                 client,
                 server,
@@ -171,6 +222,7 @@ struct Booted {
 
 async fn boot(
     binaries: &Binaries,
+    fake_nodes: Option<&(FakeNodeBinaries, usize)>,
     dir: &Path,
     processes: &mut Vec<ComponentProcess>,
 ) -> Result<Booted, Error> {
@@ -180,7 +232,9 @@ async fn boot(
         etcd_peer_port,
         apiserver_port,
         controller_manager_port,
-    ] = free_ports::<4>()?;
+        scheduler_port,
+        kwok_port,
+    ] = free_ports::<6>()?;
     let etcd_url = format!("http://127.0.0.1:{etcd_client_port}");
     let server = format!("https://127.0.0.1:{apiserver_port}");
 
@@ -223,8 +277,14 @@ async fn boot(
         format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
         "--allow-privileged=true".into(),
         "--authorization-mode=RBAC".into(),
-        // No token controller runs, so Pods must not need a service account token.
-        "--disable-admission-plugins=ServiceAccount".into(),
+        // No token controller runs, so Pods must not need a service account token. Fake nodes: TaintNodesByCondition
+        // would taint each new Node not-ready, and no node-lifecycle controller runs to lift the taint once kwok
+        // reports it Ready, so nothing would be scheduled.
+        if fake_nodes.is_some() {
+            "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition".into()
+        } else {
+            "--disable-admission-plugins=ServiceAccount".into()
+        },
         format!("--service-account-issuer={server}"),
         format!(
             "--service-account-key-file={}",
@@ -301,11 +361,126 @@ async fn boot(
     })
     .await?;
 
+    if let Some((fake_node_binaries, nodes)) = fake_nodes {
+        let admin = admin_kubeconfig.display();
+        // kube-scheduler, as the administrator (no per-component RBAC to set up), serving /healthz like the
+        // controller manager.
+        let scheduler_args = args([
+            format!("--kubeconfig={admin}"),
+            format!("--authentication-kubeconfig={admin}"),
+            format!("--authorization-kubeconfig={admin}"),
+            "--authentication-skip-lookup=true".into(),
+            format!("--client-ca-file={}", pki.ca_cert.display()),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={scheduler_port}"),
+            format!("--tls-cert-file={}", pki.serving.cert.display()),
+            format!("--tls-private-key-file={}", pki.serving.key.display()),
+            "--leader-elect=false".into(),
+        ]);
+        let scheduler = spawn(
+            processes,
+            "kube-scheduler",
+            &fake_node_binaries.kube_scheduler,
+            &scheduler_args,
+            dir,
+        )?;
+        let scheduler_health = format!("https://127.0.0.1:{scheduler_port}/healthz");
+        wait_until_ready(scheduler, SCHEDULER_READY_WITHIN, || {
+            http_ok(&tls_client, &scheduler_health)
+        })
+        .await?;
+
+        // kwok: the kubelet of the Nodes annotated for it, with the release's "fast" stages.
+        let kwok_args = args([
+            format!("--kubeconfig={admin}"),
+            format!("--config={}", fake_node_binaries.kwok_stages.display()),
+            format!("--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake"),
+            format!("--cidr={FAKE_POD_CIDR}"),
+            "--node-ip=127.0.0.1".into(),
+            format!("--server-address=127.0.0.1:{kwok_port}"),
+        ]);
+        let kwok = spawn(processes, "kwok", &fake_node_binaries.kwok, &kwok_args, dir)?;
+        create_fake_nodes(&client, *nodes).await?;
+        let kwok_health = format!("http://127.0.0.1:{kwok_port}/healthz");
+        wait_until_ready(kwok, KWOK_READY_WITHIN, || async {
+            http_ok(&health_client, &kwok_health).await?;
+            fake_nodes_ready(&client, *nodes).await
+        })
+        .await?;
+    }
+
     Ok(Booted {
         client,
         server,
         kubeconfig: admin_kubeconfig,
     })
+}
+
+/// Creates `kwok-node-0` … `kwok-node-<count - 1>`, annotated for kwok, with room for many pods.
+async fn create_fake_nodes(client: &Client, count: usize) -> Result<(), Error> {
+    let nodes = Api::<Node>::all(client.clone());
+    for i in 0..count {
+        let name = format!("kwok-node-{i}");
+        let resources = BTreeMap::from([
+            ("cpu".to_string(), Quantity("32".into())),
+            ("memory".to_string(), Quantity("256Gi".into())),
+            ("pods".to_string(), Quantity("110".into())),
+        ]);
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                annotations: Some(BTreeMap::from([(
+                    FAKE_NODE_ANNOTATION.to_string(),
+                    "fake".to_string(),
+                )])),
+                labels: Some(BTreeMap::from([
+                    ("kubernetes.io/hostname".to_string(), name.clone()),
+                    ("kubernetes.io/os".to_string(), "linux".to_string()),
+                    ("type".to_string(), "kwok".to_string()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec::default()),
+            // Nodes may carry their status on create; kwok keeps what is there and adds the conditions.
+            status: Some(NodeStatus {
+                allocatable: Some(resources.clone()),
+                capacity: Some(resources),
+                ..NodeStatus::default()
+            }),
+        };
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .map_err(|source| Error::Api {
+                context: format!("creating the fake Node {name}"),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+async fn fake_nodes_ready(client: &Client, count: usize) -> Result<(), String> {
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("listing Nodes: {e}"))?;
+    let ready = nodes
+        .items
+        .iter()
+        .filter(|node| {
+            node.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
+    if ready >= count {
+        Ok(())
+    } else {
+        Err(format!(
+            "{ready} of {count} fake Nodes are Ready (kwok marks them)"
+        ))
+    }
 }
 
 fn args<const N: usize>(flags: [String; N]) -> Vec<OsString> {

@@ -14,6 +14,16 @@ pub enum Error {
     },
 
     #[error(
+        "{what} of kwok {version} is missing at {}: run e2e/kwok/build.sh first",
+        path.display()
+    )]
+    MissingKwok {
+        what: &'static str,
+        version: &'static str,
+        path: PathBuf,
+    },
+
+    #[error(
         "the etcd binary of the etcd-bin-vendored crate is missing at {}: run `cargo fetch` to restore the \
          crate's sources",
         path.display()

@@ -18,11 +18,16 @@
 mod binaries;
 mod control_plane;
 mod error;
+mod helm;
 mod kubeconfig;
 mod pki;
 mod ports;
 mod process;
 
-pub use binaries::{KUBERNETES_VERSION, kubernetes_bin_dir};
-pub use control_plane::{ControlPlane, NAMESPACE_LABEL};
+pub use binaries::{KUBERNETES_VERSION, KWOK_VERSION, kubernetes_bin_dir, kwok_dir};
+pub use control_plane::{ControlPlane, ControlPlaneBuilder, FAKE_NODE_ANNOTATION, NAMESPACE_LABEL};
 pub use error::Error;
+pub use helm::{
+    Apply, FIELD_MANAGER, Helm, HelmError, Manifests, apply, chart_dir, get, gvk_of, helm_version,
+    is_served,
+};
