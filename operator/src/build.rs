@@ -19,7 +19,7 @@ use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 use tally_sidecar::config::{Config, SecretSource};
 
-use crate::crd::MeteringCollector;
+use crate::crd::{MeteringCollector, MeteringCollectorSpec};
 use crate::validate::ValidatedCollector;
 
 /// Pod-template annotation holding the SHA-256 of the rendered pipeline, so a pipeline change rolls the pods.
@@ -74,6 +74,19 @@ pub fn config_map_name(collector: &MeteringCollector) -> String {
 /// Name of the headless Service that gives each replica a stable DNS name.
 pub fn headless_service_name(collector: &MeteringCollector) -> String {
     format!("{}-headless", collector.name_any())
+}
+
+/// The configuration a collector runs: `spec.pipeline` with the collector's `spec.excludeNamespaces` added to
+/// `excludeNamespaces`, so events its sidecars stamped with an excluded namespace are dropped (and counted) even if
+/// they come from a pod injected before the namespace was excluded.
+pub fn collector_pipeline(spec: &MeteringCollectorSpec) -> Config {
+    let mut pipeline = spec.pipeline.clone();
+    for namespace in &spec.exclude_namespaces {
+        if !pipeline.exclude_namespaces.contains(namespace) {
+            pipeline.exclude_namespaces.push(namespace.clone());
+        }
+    }
+    pipeline
 }
 
 /// The pipeline exactly as the collector will read it.

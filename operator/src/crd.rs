@@ -16,6 +16,14 @@ use tally_sidecar::config::Config;
 /// The field manager of every write the operator makes (children and status).
 pub const FIELD_MANAGER: &str = "tally-operator";
 
+/// Admission refuses a smaller `storage.size` (a transition rule: it only runs on updates).
+const STORAGE_NO_SHRINK_RULE: &str = "!isQuantity(string(self)) || !isQuantity(string(oldSelf)) || \
+     quantity(string(self)).compareTo(quantity(string(oldSelf))) >= 0";
+/// What a user who tried to shrink the buffer reads.
+pub const STORAGE_NO_SHRINK_MESSAGE: &str = "storage.size cannot shrink: Kubernetes cannot make a volume smaller; \
+     keep the current size or set a larger one (to start over with smaller buffers, delete the collector and its \
+     buffer-<name>-N claims, which loses events not yet delivered)";
+
 /// Upper bound of `pipeline.outputs.targets`, so the API server can bound the cost of the uniqueness rule.
 pub const MAX_OUTPUTS: u64 = 16;
 
@@ -67,11 +75,17 @@ pub struct MeteringCollectorSpec {
 }
 
 /// The buffer volume of each replica (`volumeClaimTemplates`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct StorageSpec {
-    /// Requested size of each replica's buffer volume, a Kubernetes quantity such as `10Gi`.
+    /// Requested size of each replica's buffer volume, a Kubernetes quantity such as `10Gi`. It can grow (the
+    /// operator expands the claims when their StorageClass allows it) but never shrink.
     #[serde(default = "default_storage_size")]
+    #[x_kube(
+        validation = Rule::new("isQuantity(string(self))")
+            .message("storage.size must be a Kubernetes quantity such as 10Gi"),
+        validation = Rule::new(STORAGE_NO_SHRINK_RULE).message(STORAGE_NO_SHRINK_MESSAGE)
+    )]
     pub size: Quantity,
     /// StorageClass of the buffer volumes; the cluster default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -5,7 +5,10 @@
 
 pub mod build;
 pub mod crd;
+pub mod inject;
+pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod status;
+pub mod storage;
 pub mod validate;

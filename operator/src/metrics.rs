@@ -1,4 +1,4 @@
-//! Prometheus metrics of the reconciler, served on `/metrics`.
+//! Prometheus metrics of the reconciler and of leader election, served on `/metrics`.
 
 use std::time::Duration;
 
@@ -23,6 +23,8 @@ pub struct Metrics {
     pub duration: Histogram,
     /// MeteringCollectors the last reconciles saw, valid or not.
     pub collectors: Gauge,
+    /// 1 while this process holds the leader-election lease (and so runs the reconciler), else 0.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -32,6 +34,7 @@ impl Default for Metrics {
             failures: Family::default(),
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             collectors: Gauge::default(),
+            leader: Gauge::default(),
         }
     }
 }
@@ -59,6 +62,11 @@ impl Metrics {
             "collectors",
             "MeteringCollectors managed by this operator",
             self.collectors.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this process holds the leader-election lease and runs the reconciler, else 0",
+            self.leader.clone(),
         );
     }
 

@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
@@ -27,6 +29,7 @@ use crate::build::{self, CollectorObjects};
 use crate::crd::{FIELD_MANAGER, MeteringCollector, MeteringCollectorStatus};
 use crate::metrics::Metrics;
 use crate::status::{self, Observation};
+use crate::storage::{self, ClaimAction, StorageProblem};
 use crate::validate;
 
 /// How often a healthy collector is looked at again even if nothing changed.
@@ -34,6 +37,8 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// Backoff of failed reconciles: doubles from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How soon a collector whose buffer claims wait to be bound (before they can grow) is looked at again.
+const CLAIM_BINDING_RECHECK: Duration = Duration::from_secs(30);
 
 /// Why a reconcile failed; these are retried with backoff. Problems of the spec are not errors: they are reported
 /// on the status and wait for the next change.
@@ -47,6 +52,8 @@ pub enum Error {
     },
     #[error("writing the status of {name}: {source}")]
     Status { name: String, source: kube::Error },
+    #[error("{action}: {source}")]
+    Storage { action: String, source: kube::Error },
 }
 
 impl Error {
@@ -55,6 +62,7 @@ impl Error {
         match self {
             Error::Apply { .. } => "apply",
             Error::Status { .. } => "status",
+            Error::Storage { .. } => "storage",
         }
     }
 }
@@ -69,10 +77,11 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    /// `instance` names this replica in the Events it publishes (the leader-election identity).
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
+            instance,
         };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
@@ -136,8 +145,19 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
         service,
         headless_service,
         pod_disruption_budget,
-        stateful_set,
+        mut stateful_set,
     } = build::build(&validated);
+
+    // volumeClaimTemplates are immutable: keep the ones the StatefulSet was created with; size changes go to the
+    // claims themselves (the storage stage below).
+    let existing = Api::<StatefulSet>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(&collector.name_any())
+        .await
+        .map_err(|source| Error::Storage {
+            action: format!("reading StatefulSet {namespace}/{}", collector.name_any()),
+            source,
+        })?;
+    storage::keep_claim_templates(&mut stateful_set, existing.as_ref());
 
     let applied = async {
         apply(&ctx.client, namespace, &config_map).await?;
@@ -168,9 +188,107 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
         Err(error) => return Err(error),
     };
 
-    let status = status::desired_status(collector, &Observation::Applied(&stateful_set), &now);
+    let storage = reconcile_storage(ctx, collector, namespace).await?;
+    let observation = Observation::Applied {
+        stateful_set: &stateful_set,
+        storage: storage.problem.as_ref(),
+    };
+    let status = status::desired_status(collector, &observation, &now);
     write_status(ctx, collector, status).await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(if storage.waiting_for_binding {
+        CLAIM_BINDING_RECHECK
+    } else {
+        RESYNC
+    }))
+}
+
+/// What the storage stage found.
+struct StorageOutcome {
+    /// A size change that cannot be carried out; reported on the status, not retried until something changes.
+    problem: Option<StorageProblem>,
+    /// Some claims must grow but are not bound yet.
+    waiting_for_binding: bool,
+}
+
+/// Grows the collector's buffer claims to `spec.storage.size` where their StorageClass allows it.
+async fn reconcile_storage(
+    ctx: &Context,
+    collector: &MeteringCollector,
+    namespace: &str,
+) -> Result<StorageOutcome, Error> {
+    let desired = &collector.spec.storage.size;
+    let selector = build::selector_labels(collector)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let claims_api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
+    let claims: Vec<PersistentVolumeClaim> = claims_api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|source| Error::Storage {
+            action: format!("listing the buffer claims in {namespace} ({selector})"),
+            source,
+        })?
+        .items
+        .into_iter()
+        .filter(|claim| storage::is_buffer_claim(collector, &claim.name_any()))
+        .collect();
+    let must_grow = claims.iter().any(|claim| {
+        storage::requested(claim).and_then(|current| storage::compare(desired, current))
+            == Some(std::cmp::Ordering::Greater)
+    });
+    // StorageClasses are only needed (and only read) when a claim must grow.
+    let classes = if must_grow {
+        Api::<StorageClass>::all(ctx.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| Error::Storage {
+                action: "listing StorageClasses".into(),
+                source,
+            })?
+            .items
+    } else {
+        Vec::new()
+    };
+    let actions = storage::plan(desired, &claims, &classes);
+    let reference = collector.object_ref(&());
+    for action in &actions {
+        let ClaimAction::Expand { claim, from } = action else {
+            continue;
+        };
+        let patch = json!({ "spec": { "resources": { "requests": { "storage": desired } } } });
+        claims_api
+            .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|source| Error::Storage {
+                action: format!(
+                    "expanding PersistentVolumeClaim {namespace}/{claim} to {}",
+                    desired.0
+                ),
+                source,
+            })?;
+        tracing::info!(collector = %key(collector), %claim, from = %from.0, to = %desired.0, "expanded a buffer claim");
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "StorageExpanded".into(),
+            note: Some(format!(
+                "buffer claim {claim} expanded from {} to {}",
+                from.0, desired.0
+            )),
+            action: "ExpandVolume".into(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(collector = %key(collector), %error, "publishing an event failed");
+        }
+    }
+    Ok(StorageOutcome {
+        problem: storage::problem(desired, &actions),
+        waiting_for_binding: actions
+            .iter()
+            .any(|a| matches!(a, ClaimAction::WaitForBinding { .. })),
+    })
 }
 
 /// Server-side apply of one child, forced, with the operator's field manager.
@@ -254,27 +372,37 @@ async fn write_status(
 }
 
 /// Retries a failed reconcile with exponential backoff per collector.
-pub fn error_policy(collector: Arc<MeteringCollector>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(collector: Arc<DynamicObject>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(error.metric_label());
-    let failures = ctx.record_failure(&key(&collector));
+    let key = format!(
+        "{}/{}",
+        collector.namespace().unwrap_or_default(),
+        collector.name_any()
+    );
+    let failures = ctx.record_failure(&key);
     let delay = BACKOFF_FIRST
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
         .min(BACKOFF_MAX);
-    tracing::warn!(collector = %key(&collector), %error, ?delay, "reconcile failed; retrying");
+    tracing::warn!(collector = %key, %error, ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
 }
 
 /// Runs the controller until `shutdown` resolves: watches MeteringCollectors in every namespace and the children
 /// they own.
+///
+/// Collectors are watched as untyped objects and deserialised one at a time by [`reconcile_object`]: a typed watch
+/// fails its whole list when one stored object does not fit the Rust type (one written under an earlier CRD
+/// version, say), which would stop every collector from being reconciled. A malformed one is reported instead.
 pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let collectors = Api::<MeteringCollector>::all(client.clone());
+    let resource = ApiResource::erase::<MeteringCollector>(&());
+    let collectors = Api::<DynamicObject>::all_with(client.clone(), &resource);
     let config = watcher::Config::default().any_semantic();
     let metrics = ctx.metrics.clone();
-    let controller = Controller::new(collectors, config.clone());
+    let controller = Controller::new_with(collectors, config.clone(), resource);
     let store = controller.store();
     controller
         .owns(Api::<StatefulSet>::all(client.clone()), config.clone())
@@ -282,7 +410,7 @@ pub async fn run(
         .owns(Api::<Service>::all(client.clone()), config.clone())
         .owns(Api::<PodDisruptionBudget>::all(client), config)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile_object, error_policy, ctx)
         .for_each(|result| {
             match result {
                 Ok((object, _)) => tracing::debug!(collector = %object, "reconciled"),
@@ -294,4 +422,107 @@ pub async fn run(
             futures::future::ready(())
         })
         .await;
+}
+
+/// Reason of the conditions and the Event of a collector the operator cannot read.
+pub const MALFORMED_REASON: &str = "MalformedObject";
+
+/// Reconciles one watched object: deserialises it into a [`MeteringCollector`] and [`reconcile`]s it, or reports
+/// it as malformed and waits for it to change.
+pub async fn reconcile_object(
+    object: Arc<DynamicObject>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let value = serde_json::to_value(object.as_ref()).unwrap_or_default();
+    match serde_path_to_error::deserialize::<_, MeteringCollector>(value) {
+        Ok(collector) => reconcile(Arc::new(collector), ctx).await,
+        Err(error) => {
+            report_malformed(&ctx, &object, &error.to_string()).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Reports a malformed collector: a log line, the failure metric (`error="malformed"`), a Warning Event, and
+/// Degraded=True on its status naming the field when the API server accepts that status (once per problem).
+async fn report_malformed(ctx: &Context, object: &DynamicObject, error: &str) -> Result<(), Error> {
+    let name = object.name_any();
+    let namespace = object.namespace().unwrap_or_default();
+    let message = format!(
+        "the operator cannot read this MeteringCollector: {error}; fix that field (for example with kubectl edit \
+         meteringcollector {name} -n {namespace}) so that it matches the CRD schema"
+    );
+    // The status write below comes back through the watch: report each problem once.
+    let already = object
+        .data
+        .pointer("/status/conditions")
+        .and_then(|c| c.as_array())
+        .is_some_and(|conditions| {
+            conditions.iter().any(|c| {
+                c["type"] == status::DEGRADED
+                    && c["reason"] == MALFORMED_REASON
+                    && c["message"] == message.as_str()
+            })
+        });
+    if already {
+        return Ok(());
+    }
+    tracing::warn!(collector = %format!("{namespace}/{name}"), %error, "malformed MeteringCollector");
+    ctx.metrics.failed("malformed");
+
+    let resource = ApiResource::erase::<MeteringCollector>(&());
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let generation = object.metadata.generation;
+    let condition = |type_: &str, status: &str| {
+        json!({
+            "type": type_,
+            "status": status,
+            "reason": MALFORMED_REASON,
+            "message": message,
+            "lastTransitionTime": now,
+            "observedGeneration": generation,
+        })
+    };
+    let patch = json!({
+        "status": {
+            "conditions": [
+                condition(status::READY, "False"),
+                condition(status::PROGRESSING, "False"),
+                condition(status::DEGRADED, "True"),
+            ],
+            "observedGeneration": generation,
+        },
+    });
+    // A merge patch, not an apply: server-side apply needs the live object to fit the schema, which this one does
+    // not. The API server may still refuse the write (a CEL rule on the malformed field fails to evaluate); then
+    // the log, the metric and the Event are the report.
+    let written = Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &namespace, &resource)
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await;
+    match written {
+        Ok(_) => {}
+        Err(kube::Error::Api(response)) if matches!(response.code, 400 | 422 | 500) => {
+            tracing::warn!(
+                collector = %format!("{namespace}/{name}"),
+                refusal = %response.message,
+                "the API server refuses the status of the malformed collector; reporting with an Event only"
+            );
+        }
+        Err(source) => return Err(Error::Status { name, source }),
+    }
+    let event = Event {
+        type_: EventType::Warning,
+        reason: MALFORMED_REASON.into(),
+        note: Some(message.clone()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx
+        .recorder
+        .publish(&event, &object.object_ref(&resource))
+        .await
+    {
+        tracing::warn!(collector = %format!("{namespace}/{name}"), %error, "publishing an event failed");
+    }
+    Ok(())
 }

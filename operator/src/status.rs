@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
 use crate::crd::{MeteringCollector, MeteringCollectorStatus};
+use crate::storage::StorageProblem;
 use crate::validate::InvalidSpec;
 
 pub const READY: &str = "Ready";
@@ -21,8 +22,13 @@ pub enum Observation<'a> {
     InvalidSpec(&'a InvalidSpec),
     /// The API server refused a child built from this spec.
     Rejected { kind: &'static str, message: String },
-    /// Every child was applied; this is the StatefulSet the API server returned.
-    Applied(&'a StatefulSet),
+    /// Every child was applied.
+    Applied {
+        /// The StatefulSet the API server returned.
+        stateful_set: &'a StatefulSet,
+        /// A buffer size change that cannot be carried out.
+        storage: Option<&'a StorageProblem>,
+    },
 }
 
 /// One condition before its transition time is decided.
@@ -90,7 +96,10 @@ pub fn desired_status(
             ],
             previous.ready_replicas,
         ),
-        Observation::Applied(stateful_set) => {
+        Observation::Applied {
+            stateful_set,
+            storage,
+        } => {
             let status = stateful_set.status.clone().unwrap_or_default();
             let ready = status.ready_replicas.unwrap_or(0);
             let updated = status.updated_replicas.unwrap_or(0);
@@ -134,19 +143,16 @@ pub fn desired_status(
                     format!("{updated} of {replicas} replicas run the current spec"),
                 )
             };
-            (
-                vec![
-                    ready_verdict,
-                    progressing,
-                    verdict(
-                        DEGRADED,
-                        false,
-                        "AsExpected",
-                        "every child was applied".into(),
-                    ),
-                ],
-                ready,
-            )
+            let degraded = match storage {
+                Some(problem) => verdict(DEGRADED, true, problem.reason(), problem.message()),
+                None => verdict(
+                    DEGRADED,
+                    false,
+                    "AsExpected",
+                    "every child was applied".into(),
+                ),
+            };
+            (vec![ready_verdict, progressing, degraded], ready)
         }
     };
 

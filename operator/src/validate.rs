@@ -74,7 +74,7 @@ pub fn validate(collector: &MeteringCollector) -> Result<ValidatedCollector, Inv
         return Err(invalid("spec.replicas", "must be at least 1"));
     }
 
-    let rendered_pipeline = build::render_pipeline(&spec.pipeline)
+    let rendered_pipeline = build::render_pipeline(&build::collector_pipeline(spec))
         .map_err(|e| invalid("spec.pipeline", format!("cannot be rendered: {e}")))?;
     // The sidecar's own loader is the authority on what it accepts.
     Config::parse(&rendered_pipeline, "spec.pipeline").map_err(|e| {

@@ -456,7 +456,14 @@ fn condition<'a>(
 fn status_reports_readiness_rollout_and_invalid_specs() {
     let mut collector = collector(COLLECTOR);
     let rolling = stateful_set_status(1, 1);
-    let status = status::desired_status(&collector, &Observation::Applied(&rolling), &time(100));
+    let status = status::desired_status(
+        &collector,
+        &Observation::Applied {
+            stateful_set: &rolling,
+            storage: None,
+        },
+        &time(100),
+    );
     assert_eq!(status.observed_generation, Some(3));
     assert_eq!(status.ready_replicas, 1);
     assert_eq!(
@@ -475,7 +482,14 @@ fn status_reports_readiness_rollout_and_invalid_specs() {
     // Later, all ready: Ready and Progressing flip (new transition time); Degraded keeps its old one.
     collector.status = Some(status);
     let done = stateful_set_status(2, 2);
-    let status = status::desired_status(&collector, &Observation::Applied(&done), &time(200));
+    let status = status::desired_status(
+        &collector,
+        &Observation::Applied {
+            stateful_set: &done,
+            storage: None,
+        },
+        &time(200),
+    );
     let ready = condition(&status, "Ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
@@ -494,7 +508,14 @@ fn status_reports_readiness_rollout_and_invalid_specs() {
 
     // The same observation again yields the same status: writing it is a no-op.
     collector.status = Some(status.clone());
-    let again = status::desired_status(&collector, &Observation::Applied(&done), &time(300));
+    let again = status::desired_status(
+        &collector,
+        &Observation::Applied {
+            stateful_set: &done,
+            storage: None,
+        },
+        &time(300),
+    );
     assert_eq!(again, status);
     assert!(status::transitions(Some(&status), &again).is_empty());
 

@@ -72,7 +72,11 @@ async fn create(api: &Api<MeteringCollector>, collector: &MeteringCollector) -> 
 }
 
 fn context(client: &Client) -> Arc<Context> {
-    Arc::new(Context::new(client.clone(), Arc::new(Metrics::default())))
+    Arc::new(Context::new(
+        client.clone(),
+        Arc::new(Metrics::default()),
+        None,
+    ))
 }
 
 #[tokio::test]
