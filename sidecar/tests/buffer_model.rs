@@ -53,6 +53,8 @@ fn event(id: &str) -> Event {
         source: "model".into(),
         id: id.into(),
         namespace: None,
+        has_namespace: false,
+        has_pod: false,
         json: format!(r#"{{"id":"{id}","source":"model"}}"#).into_bytes(),
     }
 }
