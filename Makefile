@@ -12,10 +12,11 @@ PYTHON_REQUIREMENTS := tests/python/requirements.txt
 VENV := $(CACHE_DIR)/venv-$(shell sha256sum $(PYTHON_REQUIREMENTS) 2>/dev/null | cut -c1-12)
 export TALLY_PYTHON := $(VENV)/bin/python
 export TALLY_SIDECAR_BIN := $(CARGO_TARGET_DIR)/release/tally-sidecar
+export TALLY_OPERATOR_BIN := $(CARGO_TARGET_DIR)/release/tally-operator
 APT_PACKAGES := clang libclang-dev postgresql
 CARGO_RELEASE := cargo --locked
 
-.PHONY: help run test bench build lint unit integration e2e k8s deps apt rust python clean-data
+.PHONY: help run demo test bench build lint unit integration e2e k8s deps apt rust python clean-data
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -23,11 +24,15 @@ help: ## list the targets
 run: deps build ## build and start tally-sidecar on 127.0.0.1:4196 (buffer in ./data, events on stdout)
 	$(TALLY_SIDECAR_BIN) --config config/local.yaml
 
-test: deps lint build k8s unit integration e2e ## everything CI checks: fmt, clippy, unit, integration and control-plane tests
+demo: deps build k8s helm ## a local control plane, the chart, the operator, an injected workload and a minute of events
+	$(CARGO_TARGET_DIR)/release/tally-demo
+
+test: deps lint build k8s helm unit integration e2e ## everything CI checks: fmt, clippy, unit, integration and control-plane tests
 	@echo "make test: all checks passed"
 
-bench: deps build ## measure ingest, drain, idle RSS and start-up against this machine's ceilings
+bench: deps build k8s ## measure the sidecar (ingest, drain, RSS, start-up) and the operator (reconcile latency, 500 collectors) against ceilings
 	$(CARGO_RELEASE) bench -p tally-tests --bench sidecar
+	$(CARGO_RELEASE) bench -p tally-operator --bench operator
 
 build:
 	$(CARGO_RELEASE) build --release --workspace --bins
@@ -42,15 +47,24 @@ unit: k8s ## sidecar and operator tests (the operator's include a real control p
 integration: build
 	$(CARGO_RELEASE) test --release -p tally-tests
 
-e2e: k8s ## tests against a real kube-apiserver, kube-controller-manager and etcd on 127.0.0.1
+e2e: k8s helm ## tests against a real kube-apiserver, kube-controller-manager and etcd on 127.0.0.1
 	$(CARGO_RELEASE) test --release -p tally-e2e
 
 .PHONY: crds
-crds: ## regenerate crds/ from the Rust types (a test fails when they are stale)
+crds: ## regenerate crds/ and the chart's copy from the Rust types (tests fail when either is stale)
 	$(CARGO_RELEASE) run --release -p tally-operator -- crd > crds/meteringcollector.yaml
+	cp crds/meteringcollector.yaml charts/tally/files/crds/meteringcollector.yaml
 
-k8s: ## build kube-apiserver and kube-controller-manager from the k8s.io/kubernetes Go module (cached by version)
+.PHONY: helm chart
+helm: ## build the Helm CLI from the helm.sh/helm/v3 Go module (cached by version)
+	e2e/helm/build.sh
+
+chart: k8s helm build ## helm lint/template charts/tally with every ci/ values file and apply it to a real control plane
+	$(CARGO_RELEASE) test --release -p tally-e2e --test chart
+
+k8s: ## build kube-apiserver, kube-controller-manager, kube-scheduler and kwok from their Go modules (cached by version)
 	e2e/k8s/build.sh
+	e2e/kwok/build.sh
 
 deps: apt rust python
 

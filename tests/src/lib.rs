@@ -14,6 +14,7 @@
 pub mod binary;
 pub mod events;
 pub mod metrics;
+pub mod pod;
 pub mod poll;
 pub mod postgres;
 pub mod problem;
