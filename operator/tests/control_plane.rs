@@ -3,26 +3,22 @@
 //! change rolls the pod template, an unchanged collector causes no writes, and the real garbage collector removes
 //! the children with the collector.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client, CustomResourceExt, Resource, ResourceExt};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
-use tally_e2e::ControlPlane;
+use support::{RunningController, collector, context, control_plane_with_crd, create, eventually};
 use tally_operator::build::{CONFIG_HASH_ANNOTATION, config_hash};
 use tally_operator::crd::MeteringCollector;
-use tally_operator::metrics::Metrics;
-use tally_operator::reconcile::{self, Context};
-
-/// Generous for two busy cores; a working controller acts within a second or two.
-const WITHIN: Duration = Duration::from_secs(60);
+use tally_operator::reconcile;
 
 const COLLECTOR: &str = r#"
 apiVersion: metering.tally.dev/v1alpha1
@@ -43,51 +39,9 @@ spec:
           tokenFrom: { file: /var/run/secrets/tally/openmeter/token }
 "#;
 
-fn collector(yaml: &str) -> MeteringCollector {
-    serde_yaml::from_str(yaml).expect("fixture is a MeteringCollector")
-}
-
-async fn install_crd(client: &Client) {
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    crds.create(&PostParams::default(), &MeteringCollector::crd())
-        .await
-        .expect("the API server accepts the CRD");
-    eventually("the CRD is established", || async {
-        let crd = crds.get(MeteringCollector::crd_name()).await.ok()?;
-        crd.status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-    })
-    .await;
-}
-
-/// Creates a collector, retrying while the new resource type is not yet served.
-async fn create(api: &Api<MeteringCollector>, collector: &MeteringCollector) -> MeteringCollector {
-    eventually("the MeteringCollector is created", || async {
-        api.create(&PostParams::default(), collector).await.ok()
-    })
-    .await
-}
-
-fn context(client: &Client) -> Arc<Context> {
-    Arc::new(Context::new(
-        client.clone(),
-        Arc::new(Metrics::default()),
-        None,
-    ))
-}
-
 #[tokio::test]
 async fn the_api_server_rejects_invalid_collectors_with_the_cel_message() {
-    let control_plane = ControlPlane::start().await.expect("control plane starts");
-    let client = control_plane.client();
-    install_crd(&client).await;
-    let ns = control_plane
-        .new_namespace("invalid")
-        .await
-        .expect("namespace");
+    let (control_plane, client, ns) = control_plane_with_crd("invalid").await;
     let api = Api::<MeteringCollector>::namespaced(client.clone(), &ns);
     // The first valid create also proves the type is served before the rejections are checked.
     create(&api, &collector(COLLECTOR)).await;
@@ -145,21 +99,12 @@ async fn the_api_server_rejects_invalid_collectors_with_the_cel_message() {
 
 #[tokio::test]
 async fn a_collector_becomes_a_statefulset_with_pods_claims_and_rolls_on_pipeline_changes() {
-    let control_plane = ControlPlane::start().await.expect("control plane starts");
-    let client = control_plane.client();
-    install_crd(&client).await;
-    let ns = control_plane
-        .new_namespace("collector")
-        .await
-        .expect("namespace");
+    let (control_plane, client, ns) = control_plane_with_crd("collector").await;
     let collectors = Api::<MeteringCollector>::namespaced(client.clone(), &ns);
     let created = create(&collectors, &collector(COLLECTOR)).await;
     let uid = created.uid().expect("uid");
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(reconcile::run(context(&client), async move {
-        let _ = stopped.await;
-    }));
+    let controller = RunningController::start(&client);
 
     // Every child, owned by the collector.
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
@@ -343,23 +288,13 @@ async fn a_collector_becomes_a_statefulset_with_pods_claims_and_rolls_on_pipelin
         "buffers are retained"
     );
 
-    let _ = stop.send(());
-    tokio::time::timeout(WITHIN, controller)
-        .await
-        .expect("the controller stops on shutdown")
-        .expect("controller task");
+    controller.stop().await;
     control_plane.stop();
 }
 
 #[tokio::test]
 async fn reconciling_an_unchanged_collector_writes_nothing() {
-    let control_plane = ControlPlane::start().await.expect("control plane starts");
-    let client = control_plane.client();
-    install_crd(&client).await;
-    let ns = control_plane
-        .new_namespace("idempotent")
-        .await
-        .expect("namespace");
+    let (control_plane, client, ns) = control_plane_with_crd("idempotent").await;
     let collectors = Api::<MeteringCollector>::namespaced(client.clone(), &ns);
     create(&collectors, &collector(COLLECTOR)).await;
     let ctx = context(&client);
@@ -447,25 +382,6 @@ fn controlled_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
         .iter()
         .flatten()
         .any(|r| r.uid == uid && r.controller == Some(true) && r.kind == "MeteringCollector")
-}
-
-/// Polls `check` until it returns `Some`, panicking with `what` after [`WITHIN`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WITHIN:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn list<K>(client: &Client, namespace: &str) -> Vec<K>

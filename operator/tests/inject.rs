@@ -8,34 +8,31 @@
 //! be stopped and its certificate lifetime shortened; one runs the real binary and reads its /metrics. Nothing
 //! outlives a test: the in-process webhook is aborted and the binary killed on drop.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
+use support::{RunningController, WITHIN, control_plane_with_crd, create, eventually, free_port};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::inject::certs;
 use tally_operator::inject::config::FailurePolicy;
 use tally_operator::inject::metrics::{AdmissionLabels, WebhookMetrics};
 use tally_operator::inject::{self, INJECTED_ANNOTATION, SIDECAR_NAME, WebhookArgs};
-use tally_operator::metrics::Metrics;
-use tally_operator::reconcile::{self, Context};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// Generous for two busy cores; the webhook and the controllers act within a second or two.
-const WITHIN: Duration = Duration::from_secs(60);
 const CONFIGURATION: &str = "tally-operator";
 const SECRET: &str = "tally-operator-webhook-tls";
 
@@ -110,27 +107,30 @@ fn webhook_args(port: u16, cert_validity: Duration) -> WebhookArgs {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// A control plane with the CRD, a namespace for the operator (`tally-system…`) and one opted in to injection
+/// (`apps…`).
+struct Cluster {
+    control_plane: ControlPlane,
+    client: Client,
+    operator_ns: String,
+    apps: String,
 }
 
-async fn install_crd(client: &Client) {
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    crds.create(&PostParams::default(), &MeteringCollector::crd())
-        .await
-        .expect("the API server accepts the CRD");
-    eventually("the CRD is established", || async {
-        let crd = crds.get(MeteringCollector::crd_name()).await.ok()?;
-        crd.status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-    })
-    .await;
+impl Cluster {
+    async fn start() -> Cluster {
+        let (control_plane, client, operator_ns) = control_plane_with_crd("tally-system").await;
+        let apps = control_plane
+            .new_namespace("apps")
+            .await
+            .expect("namespace");
+        label_namespace(&client, &apps, "enabled").await;
+        Cluster {
+            control_plane,
+            client,
+            operator_ns,
+            apps,
+        }
+    }
 }
 
 /// Creates an injection-enabled collector `meter` in `namespace` excluding `exclude`.
@@ -148,10 +148,7 @@ async fn create_collector(client: &Client, namespace: &str, exclude: &[&str]) {
     }))
     .expect("a MeteringCollector");
     let api = Api::<MeteringCollector>::namespaced(client.clone(), namespace);
-    eventually("the MeteringCollector is created", || async {
-        api.create(&PostParams::default(), &collector).await.ok()
-    })
-    .await;
+    create(&api, &collector).await;
 }
 
 async fn label_namespace(client: &Client, namespace: &str, value: &str) {
@@ -291,17 +288,12 @@ fn assert_not_injected(pod: &Pod, why: &str) {
 
 #[tokio::test]
 async fn opted_in_pods_are_injected_once_and_no_other_pod_is() {
-    let control_plane = ControlPlane::start().await.expect("control plane starts");
-    let client = control_plane.client();
-    install_crd(&client).await;
-    let operator_ns = control_plane
-        .new_namespace("tally-system")
-        .await
-        .expect("namespace");
-    let apps = control_plane
-        .new_namespace("apps")
-        .await
-        .expect("namespace");
+    let Cluster {
+        control_plane,
+        client,
+        operator_ns,
+        apps,
+    } = Cluster::start().await;
     let batch = control_plane
         .new_namespace("batch")
         .await
@@ -310,24 +302,13 @@ async fn opted_in_pods_are_injected_once_and_no_other_pod_is() {
         .new_namespace("plain")
         .await
         .expect("namespace");
-    label_namespace(&client, &apps, "enabled").await;
     // Labelled, but the collector excludes it.
     label_namespace(&client, &batch, "enabled").await;
     // The collector lives in an opted-in namespace: its own pods must still be left alone.
     create_collector(&client, &apps, &[&batch]).await;
 
     let webhook = Webhook::start(&client, &operator_ns, Duration::from_secs(8760 * 3600));
-    let (stop_reconciler, reconciler_stopped) = oneshot::channel::<()>();
-    let reconciler = tokio::spawn(reconcile::run(
-        Arc::new(Context::new(
-            client.clone(),
-            Arc::new(Metrics::default()),
-            None,
-        )),
-        async move {
-            let _ = reconciler_stopped.await;
-        },
-    ));
+    let reconciler = RunningController::start(&client);
     configuration_ready(
         &client,
         &operator_ns,
@@ -439,29 +420,19 @@ async fn opted_in_pods_are_injected_once_and_no_other_pod_is() {
     assert_not_injected(&collector_pod, "the collector's own StatefulSet pod");
 
     assert!(webhook.admissions("injected", "opted_in") >= 4);
-    let _ = stop_reconciler.send(());
-    tokio::time::timeout(WITHIN, reconciler)
-        .await
-        .expect("reconciler stops")
-        .expect("task");
+    reconciler.stop().await;
     webhook.stop().await;
     control_plane.stop();
 }
 
 #[tokio::test]
 async fn replicas_share_one_secret_and_a_stopped_webhook_blocks_no_pod() {
-    let control_plane = ControlPlane::start().await.expect("control plane starts");
-    let client = control_plane.client();
-    install_crd(&client).await;
-    let operator_ns = control_plane
-        .new_namespace("tally-system")
-        .await
-        .expect("namespace");
-    let apps = control_plane
-        .new_namespace("apps")
-        .await
-        .expect("namespace");
-    label_namespace(&client, &apps, "enabled").await;
+    let Cluster {
+        control_plane,
+        client,
+        operator_ns,
+        apps,
+    } = Cluster::start().await;
     create_collector(&client, &apps, &[]).await;
 
     // Four replicas starting at once agree on one CA and certificate.
@@ -507,18 +478,12 @@ async fn replicas_share_one_secret_and_a_stopped_webhook_blocks_no_pod() {
 
 #[tokio::test]
 async fn admissions_keep_working_across_certificate_rotations() {
-    let control_plane = ControlPlane::start().await.expect("control plane starts");
-    let client = control_plane.client();
-    install_crd(&client).await;
-    let operator_ns = control_plane
-        .new_namespace("tally-system")
-        .await
-        .expect("namespace");
-    let apps = control_plane
-        .new_namespace("apps")
-        .await
-        .expect("namespace");
-    label_namespace(&client, &apps, "enabled").await;
+    let Cluster {
+        control_plane,
+        client,
+        operator_ns,
+        apps,
+    } = Cluster::start().await;
     create_collector(&client, &apps, &[]).await;
     let collector = format!("{apps}/meter");
 
@@ -622,18 +587,12 @@ async fn scrape(port: u16) -> Option<String> {
 
 #[tokio::test]
 async fn the_operator_binary_serves_the_webhook_and_counts_admissions() {
-    let control_plane = ControlPlane::start().await.expect("control plane starts");
-    let client = control_plane.client();
-    install_crd(&client).await;
-    let operator_ns = control_plane
-        .new_namespace("tally-system")
-        .await
-        .expect("namespace");
-    let apps = control_plane
-        .new_namespace("apps")
-        .await
-        .expect("namespace");
-    label_namespace(&client, &apps, "enabled").await;
+    let Cluster {
+        control_plane,
+        client,
+        operator_ns,
+        apps,
+    } = Cluster::start().await;
     create_collector(&client, &apps, &[]).await;
 
     let (port, http) = (free_port(), free_port());
@@ -737,23 +696,4 @@ fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-/// Polls `check` until it returns `Some`, panicking with `what` after [`WITHIN`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WITHIN:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

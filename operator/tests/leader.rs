@@ -3,23 +3,22 @@
 //! created afterwards; a SIGTERMed leader exits 0 and releases the Lease so the follower takes over long before it
 //! would expire; a leader whose Lease is taken from it stops and exits 1.
 
-use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::PostParams;
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
+use support::{WITHIN, collector, control_plane_with_crd, create, eventually, free_port};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 
-/// Generous for two busy cores; a working operator acts within a second or two.
-const WITHIN: Duration = Duration::from_secs(60);
 const LEASE_NAME: &str = "tally-operator";
 
 const COLLECTOR: &str = r#"
@@ -193,13 +192,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Self {
-        let control_plane = ControlPlane::start().await.expect("control plane starts");
-        let client = control_plane.client();
-        install_crd(&client).await;
-        let operator_namespace = control_plane
-            .new_namespace("operator")
-            .await
-            .expect("namespace");
+        let (control_plane, client, operator_namespace) = control_plane_with_crd("operator").await;
         let namespace = control_plane
             .new_namespace("collectors")
             .await
@@ -224,7 +217,7 @@ impl Cluster {
     }
 
     fn operator(&self, identity: &str, args: &[&str]) -> Operator {
-        let http = free_port();
+        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let log = self.control_plane.dir().join(format!("{identity}.log"));
         let file = std::fs::File::create(&log).expect("operator log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_tally-operator"));
@@ -276,13 +269,8 @@ impl Cluster {
     }
 
     async fn create_collector(&self, name: &str) {
-        let collector: MeteringCollector =
-            serde_yaml::from_str(&COLLECTOR.replace("NAME", name)).expect("fixture");
         let api = Api::<MeteringCollector>::namespaced(self.client.clone(), &self.namespace);
-        eventually("the MeteringCollector is created", || async {
-            api.create(&PostParams::default(), &collector).await.ok()
-        })
-        .await;
+        create(&api, &collector(&COLLECTOR.replace("NAME", name))).await;
     }
 
     async fn stateful_set_appears(&self, name: &str) {
@@ -392,44 +380,4 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         let value = line.strip_prefix(name)?.strip_prefix(' ')?;
         value.trim().parse().ok()
     })
-}
-
-fn free_port() -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("a free port");
-    listener.local_addr().expect("its address")
-}
-
-async fn install_crd(client: &Client) {
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    crds.create(&PostParams::default(), &MeteringCollector::crd())
-        .await
-        .expect("the API server accepts the CRD");
-    eventually("the CRD is established", || async {
-        let crd = crds.get(MeteringCollector::crd_name()).await.ok()?;
-        crd.status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-    })
-    .await;
-}
-
-/// Polls `check` until it returns `Some`, panicking with `what` after [`WITHIN`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WITHIN:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

@@ -5,17 +5,14 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-
 use futures::TryStreamExt;
-use k8s_openapi::api::core::v1::{
-    HostPathVolumeSource, PersistentVolume, PersistentVolumeSpec, Pod,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
-use kube::{Api, Client, ResourceExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
-use support::{RunningController, WITHIN, collector, create, eventually, install_crd};
+use support::{
+    RunningController, WITHIN, collector, create, eventually, install_crd, persistent_volume,
+};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::{MeteringCollector, MeteringCollectorStatus};
 
@@ -29,33 +26,6 @@ spec:
   image: registry.invalid/tally-sidecar:1
   storage: { size: 1Gi }
 "#;
-
-/// A volume without a StorageClass, which the binder gives to a claim without one.
-async fn volume(client: &Client, name: &str) {
-    let volume = PersistentVolume {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PersistentVolumeSpec {
-            capacity: Some(BTreeMap::from([(
-                "storage".into(),
-                Quantity("10Gi".into()),
-            )])),
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
-            host_path: Some(HostPathVolumeSource {
-                path: format!("/tmp/{name}"),
-                ..HostPathVolumeSource::default()
-            }),
-            ..PersistentVolumeSpec::default()
-        }),
-        ..PersistentVolume::default()
-    };
-    Api::<PersistentVolume>::all(client.clone())
-        .create(&PostParams::default(), &volume)
-        .await
-        .expect("PersistentVolume created");
-}
 
 /// `(Ready, Progressing, readyReplicas)` of a status, as `("True", "False", 1)`.
 fn summary(status: &MeteringCollectorStatus) -> (String, String, i32) {
@@ -87,8 +57,9 @@ async fn a_collector_on_fake_nodes_becomes_ready_and_follows_a_scale_up() {
         .expect("control plane with kube-scheduler, kwok and 2 fake nodes starts");
     let client = control_plane.client();
     install_crd(&client).await;
+    // Without a StorageClass, which the binder gives to a claim without one.
     for name in ["pv-0", "pv-1"] {
-        volume(&client, name).await;
+        persistent_volume(&client, name, None).await;
     }
     let ns = control_plane
         .new_namespace("ready")

@@ -16,7 +16,8 @@ use kube::core::{ApiResource, DynamicObject};
 use kube::{Api, CustomResourceExt};
 use serde_json::json;
 use support::{
-    RunningController, apply_crd, collector, create, eventually, expect_event, install_crd,
+    RunningController, apply_crd, collector, control_plane_with_crd, create, eventually,
+    expect_event, install_crd,
 };
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
@@ -172,13 +173,7 @@ spec:
 
 #[tokio::test]
 async fn transitions_publish_events_and_status_writes_cause_no_reconcile_loop() {
-    let control_plane = ControlPlane::start().await.expect("control plane starts");
-    let client = control_plane.client();
-    install_crd(&client).await;
-    let ns = control_plane
-        .new_namespace("events")
-        .await
-        .expect("namespace");
+    let (control_plane, client, ns) = control_plane_with_crd("events").await;
     let collectors = Api::<MeteringCollector>::namespaced(client.clone(), &ns);
     create(&collectors, &collector(METER)).await;
     // Valid for the API server, refused by the operator's validation (names longer than 52 characters).

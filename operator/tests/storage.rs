@@ -7,20 +7,17 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{
-    HostPathVolumeSource, PersistentVolume, PersistentVolumeClaim, PersistentVolumeSpec,
-};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use support::{RunningController, collector, create, eventually, expect_event, install_crd};
-use tally_e2e::ControlPlane;
+use support::{
+    RunningController, collector, control_plane_with_crd, create, eventually, expect_event,
+    persistent_volume,
+};
 use tally_operator::crd::{MeteringCollector, STORAGE_NO_SHRINK_MESSAGE};
 
 fn fixture(name: &str, replicas: i32, size: &str, class: &str) -> MeteringCollector {
@@ -54,35 +51,6 @@ async fn storage_class(client: &Client, name: &str, expandable: Option<bool>) {
         .create(&PostParams::default(), &class)
         .await
         .expect("StorageClass created");
-}
-
-/// A 10Gi volume of `class` the binder can give to any claim of that class.
-async fn volume(client: &Client, name: &str, class: &str) {
-    let volume = PersistentVolume {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PersistentVolumeSpec {
-            capacity: Some(BTreeMap::from([(
-                "storage".into(),
-                Quantity("10Gi".into()),
-            )])),
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
-            storage_class_name: Some(class.into()),
-            persistent_volume_reclaim_policy: Some("Retain".into()),
-            host_path: Some(HostPathVolumeSource {
-                path: format!("/tmp/{name}"),
-                ..HostPathVolumeSource::default()
-            }),
-            ..PersistentVolumeSpec::default()
-        }),
-        ..PersistentVolume::default()
-    };
-    Api::<PersistentVolume>::all(client.clone())
-        .create(&PostParams::default(), &volume)
-        .await
-        .expect("PersistentVolume created");
 }
 
 fn requested(claim: &PersistentVolumeClaim) -> Option<String> {
@@ -120,20 +88,15 @@ fn claim_template_size(stateful_set: &StatefulSet) -> Option<String> {
 
 #[tokio::test]
 async fn a_larger_size_grows_expandable_claims_and_is_reported_where_it_cannot() {
-    let control_plane = ControlPlane::start().await.expect("control plane starts");
-    let client = control_plane.client();
-    install_crd(&client).await;
+    let (control_plane, client, ns) = control_plane_with_crd("storage").await;
     storage_class(&client, "expandable", Some(true)).await;
     storage_class(&client, "fixed", None).await;
+    // 10Gi volumes the binder can give to any claim of their class.
     for name in ["pv-expandable-0", "pv-expandable-1"] {
-        volume(&client, name, "expandable").await;
+        persistent_volume(&client, name, Some("expandable")).await;
     }
-    volume(&client, "pv-fixed-0", "fixed").await;
+    persistent_volume(&client, "pv-fixed-0", Some("fixed")).await;
 
-    let ns = control_plane
-        .new_namespace("storage")
-        .await
-        .expect("namespace");
     let collectors = Api::<MeteringCollector>::namespaced(client.clone(), &ns);
     let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns);
     let stateful_sets = Api::<StatefulSet>::namespaced(client.clone(), &ns);

@@ -305,7 +305,10 @@ async fn demo() -> anyhow::Result<()> {
         println!("    a delivered event, stamped by the sidecar:\n      {sample}");
     }
     let status = collector_status(&client).await.unwrap_or(Value::Null);
-    println!("    MeteringCollector tally-system/meter status:");
+    println!(
+        "    MeteringCollector tally-system/meter status (Ready stays False: without a kubelet its pods never run;"
+    );
+    println!("    the tests make them Ready on kwok's fake nodes):");
     println!("{}", indent(&serde_yaml::to_string(&status)?));
     for (name, exposition) in [
         (

@@ -1,17 +1,23 @@
-//! Helpers shared by the operator's control-plane tests (`storage`, `robustness`): installing the CRD, creating
-//! collectors while the new type is not served yet, running the controller in the background, polling with a
-//! deadline, and reading the Events a collector has.
+//! Helpers shared by the operator's control-plane tests (`control_plane`, `inject`, `leader`, `ready`, `robustness`,
+//! `storage`): starting a control plane with the CRD installed, creating collectors while the new type is not served
+//! yet, running the controller in the background, polling with a deadline, reading the Events a collector has,
+//! creating PersistentVolumes for the binder, and finding a free local port.
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::{HostPathVolumeSource, PersistentVolume, PersistentVolumeSpec};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, CustomResourceExt};
+use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::metrics::Metrics;
 use tally_operator::reconcile::{self, Context};
@@ -53,6 +59,19 @@ pub async fn install_crd(client: &Client) {
     apply_crd(client, &MeteringCollector::crd()).await;
 }
 
+/// Starts a control plane (without fake nodes), installs the operator's CRD and creates a namespace whose name
+/// starts with `namespace`; returns the control plane, a client of it and the namespace's name.
+pub async fn control_plane_with_crd(namespace: &str) -> (ControlPlane, Client, String) {
+    let control_plane = ControlPlane::start().await.expect("control plane starts");
+    let client = control_plane.client();
+    install_crd(&client).await;
+    let namespace = control_plane
+        .new_namespace(namespace)
+        .await
+        .expect("namespace");
+    (control_plane, client, namespace)
+}
+
 /// Creates a collector, retrying while the new resource type is not yet served.
 pub async fn create(
     api: &Api<MeteringCollector>,
@@ -71,13 +90,18 @@ pub struct RunningController {
     task: JoinHandle<()>,
 }
 
+/// A controller context for `client` with fresh metrics and no leader election.
+pub fn context(client: &Client) -> Arc<Context> {
+    Arc::new(Context::new(
+        client.clone(),
+        Arc::new(Metrics::default()),
+        None,
+    ))
+}
+
 impl RunningController {
     pub fn start(client: &Client) -> Self {
-        let ctx = Arc::new(Context::new(
-            client.clone(),
-            Arc::new(Metrics::default()),
-            None,
-        ));
+        let ctx = context(client);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(reconcile::run(ctx.clone(), async move {
             let _ = stopped.await;
@@ -162,4 +186,42 @@ pub async fn expect_event(
         },
     )
     .await
+}
+
+/// Creates a 10Gi ReadWriteOnce hostPath volume `name` the binder can give to a claim of `class` (`None`: a claim
+/// without a StorageClass). It is retained when its claim is deleted.
+pub async fn persistent_volume(client: &Client, name: &str, class: Option<&str>) {
+    let volume = PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            capacity: Some(BTreeMap::from([(
+                "storage".into(),
+                Quantity("10Gi".into()),
+            )])),
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: class.map(Into::into),
+            persistent_volume_reclaim_policy: Some("Retain".into()),
+            host_path: Some(HostPathVolumeSource {
+                path: format!("/tmp/{name}"),
+                ..HostPathVolumeSource::default()
+            }),
+            ..PersistentVolumeSpec::default()
+        }),
+        ..PersistentVolume::default()
+    };
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &volume)
+        .await
+        .expect("PersistentVolume created");
+}
+
+/// A port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
