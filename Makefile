@@ -27,7 +27,7 @@ run: deps build ## build and start tally-sidecar on 127.0.0.1:4196 (buffer in ./
 demo: deps build k8s helm ## a local control plane, the chart, the operator, an injected workload and a minute of events
 	$(CARGO_TARGET_DIR)/release/tally-demo
 
-test: deps lint build k8s helm unit integration e2e ## everything CI checks: fmt, clippy, unit, integration and control-plane tests
+test: deps lint build k8s helm unit integration e2e ## everything CI checks: fmt, clippy, unit, integration, control-plane and chart tests
 	@echo "make test: all checks passed"
 
 bench: deps build k8s ## measure the sidecar (ingest, drain, RSS, start-up) and the operator (reconcile latency, 500 collectors) against ceilings
@@ -41,13 +41,13 @@ lint:
 	cargo fmt --all -- --check
 	$(CARGO_RELEASE) clippy --release --workspace --all-targets -- -D warnings
 
-unit: k8s ## sidecar and operator tests (the operator's include a real control plane)
+unit: deps build k8s ## sidecar and operator tests (the operator's include real control planes, the sidecar binary and the Python SDK)
 	$(CARGO_RELEASE) test --release -p tally-sidecar -p tally-operator
 
 integration: build
 	$(CARGO_RELEASE) test --release -p tally-tests
 
-e2e: k8s helm ## tests against a real kube-apiserver, kube-controller-manager and etcd on 127.0.0.1
+e2e: deps build k8s helm ## control-plane, fake-node and chart tests (the RBAC test runs the operator binary)
 	$(CARGO_RELEASE) test --release -p tally-e2e
 
 .PHONY: crds
