@@ -19,7 +19,7 @@ CARGO_RELEASE := cargo --locked
 .PHONY: help run demo test bench build lint unit integration e2e k8s deps apt rust python clean-data
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 run: deps build ## build and start tally-sidecar on 127.0.0.1:4196 (buffer in ./data, events on stdout)
 	$(TALLY_SIDECAR_BIN) --config config/local.yaml
