@@ -1,15 +1,16 @@
 //! `make demo`: Tally end to end on this machine, with real parts and no cluster.
 //!
-//! It starts the local control plane (etcd, kube-apiserver, kube-controller-manager), installs the Helm chart
-//! (`helm template` + server-side apply), runs tally-operator against it as its Deployment's pod would (out of
-//! cluster, with the webhook registered at 127.0.0.1), applies the README's `MeteringCollector`, labels a namespace
-//! and creates a workload there. The real ReplicaSet controller creates its pod and the operator's webhook injects
-//! tally-sidecar. There is no kubelet, so the demo then runs the processes those pods would run: the collector with
-//! the configuration in the operator's ConfigMap, the injected sidecar with the configuration in the pod spec, and an
-//! app that sends usage events to `OPENMETER_URL` for a minute. Only addresses and paths a kubelet would provide are
-//! replaced (ports on 127.0.0.1, the data directories, the mounted Secret, the collector Service's address), and
-//! the OpenMeter URL points at a local OpenMeter-compatible upstream that records what it receives. Everything it
-//! started stops when it exits.
+//! It starts the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, and kwok
+//! playing two nodes, so pods are scheduled and reported Running and Ready), installs the Helm chart with
+//! `helm install`, runs tally-operator against it out of cluster (the webhook registered at 127.0.0.1, with the
+//! admin credentials), applies the README's `MeteringCollector`, labels a namespace and creates a workload there.
+//! The real ReplicaSet controller creates its pod and the operator's webhook injects tally-sidecar. kwok only
+//! pretends to run pods, so the demo then runs the processes those pods would run: the collector with the
+//! configuration in the operator's ConfigMap, the injected sidecar with the configuration in the pod spec, and an
+//! app that sends usage events to `OPENMETER_URL` for a minute. Only addresses and paths a kubelet would provide
+//! are replaced (ports on 127.0.0.1, the data directories, the mounted Secret, the collector Service's address),
+//! and the OpenMeter URL points at a local OpenMeter-compatible upstream that records what it receives.
+//! Everything it started stops when it exits.
 //!
 //! `TALLY_DEMO_SECONDS` sets how long the app sends (default 60).
 
@@ -20,11 +21,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolume, Pod, Secret};
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-use tally_e2e::{Apply, ControlPlane, Helm, apply, chart_dir};
+use tally_e2e::{Apply, ControlPlane, Helm, Manifests, apply, chart_dir};
 use tally_tests::{SidecarBuilder, TestUpstream};
 
 const RELEASE_NAMESPACE: &str = "tally-system";
@@ -32,6 +33,8 @@ const APP_NAMESPACE: &str = "shop";
 const EXCLUDED_NAMESPACE: &str = "monitoring";
 const WITHIN: Duration = Duration::from_secs(120);
 const EVENTS_PER_SECOND: u64 = 20;
+/// kwok's fake nodes; also the number of buffer volumes made for the example's 2 collector replicas.
+const FAKE_NODES: usize = 2;
 /// The README's example, applied as is.
 const EXAMPLE: &str = include_str!("../../../config/meteringcollector.yaml");
 
@@ -59,10 +62,18 @@ async fn demo() -> anyhow::Result<()> {
     };
 
     step(
-        "Starting a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)",
+        "Starting a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, \
+         kwok playing 2 nodes)",
     );
-    let control_plane = ControlPlane::start().await?;
+    let control_plane = ControlPlane::builder()
+        .with_fake_nodes(FAKE_NODES)
+        .start()
+        .await?;
     let client = control_plane.client();
+    // What a cloud's volume provisioner would do: one volume per collector replica for its buffer claim.
+    for replica in 0..FAKE_NODES {
+        create_volume(&client, &format!("tally-demo-buffer-{replica}")).await?;
+    }
     println!("    API server {}", control_plane.server_url());
     println!(
         "    kubeconfig {}",
@@ -70,13 +81,32 @@ async fn demo() -> anyhow::Result<()> {
     );
 
     step(
-        "Installing the Helm chart charts/tally into tally-system (helm template + server-side apply)",
+        "Installing the Helm chart charts/tally into tally-system (helm install, Helm built from its Go module)",
     );
     create_namespace(&client, RELEASE_NAMESPACE, &[]).await?;
     let helm = Helm::locate()?;
-    let manifests = helm.template(&chart_dir(), "tally", RELEASE_NAMESPACE, &[])?;
-    for object in manifests.objects() {
-        apply(&client, object, Apply::Persist).await?;
+    let chart = chart_dir();
+    let kubeconfig = control_plane.kubeconfig_path().as_os_str();
+    helm.run([
+        "install".as_ref(),
+        "tally".as_ref(),
+        chart.as_os_str(),
+        "--namespace".as_ref(),
+        RELEASE_NAMESPACE.as_ref(),
+        "--kubeconfig".as_ref(),
+        kubeconfig,
+    ])?;
+    let manifest = helm.run([
+        "get".as_ref(),
+        "manifest".as_ref(),
+        "tally".as_ref(),
+        "--namespace".as_ref(),
+        RELEASE_NAMESPACE.as_ref(),
+        "--kubeconfig".as_ref(),
+        kubeconfig,
+    ])?;
+    let installed = Manifests::parse(&manifest).context("the release's manifest")?;
+    for object in installed.objects() {
         let kind = object
             .types
             .as_ref()
@@ -86,7 +116,7 @@ async fn demo() -> anyhow::Result<()> {
     }
 
     step(
-        "Running tally-operator as its Deployment's pod would (out of cluster, webhook on 127.0.0.1)",
+        "Running tally-operator out of cluster, as the chart's Deployment runs it in one (no kubelet here)",
     );
     let operator = Operator::start(&control_plane).await?;
     println!(
@@ -114,6 +144,7 @@ async fn demo() -> anyhow::Result<()> {
         serde_yaml::from_str(EXAMPLE).context("config/meteringcollector.yaml is not an object")?;
     apply(&client, &collector, Apply::Persist).await?;
     let status = wait_for("the collector's status", || collector_status(&client)).await?;
+    println!("    status right after the first reconcile:");
     println!("{}", indent(&serde_yaml::to_string(&status)?));
     let stateful_sets = Api::<StatefulSet>::namespaced(client.clone(), RELEASE_NAMESPACE);
     let stateful_set = stateful_sets
@@ -304,11 +335,18 @@ async fn demo() -> anyhow::Result<()> {
     if let Some(sample) = delivered.first() {
         println!("    a delivered event, stamped by the sidecar:\n      {sample}");
     }
-    let status = collector_status(&client).await.unwrap_or(Value::Null);
+    let status = wait_for("the collector to be Ready on the fake nodes", || async {
+        let status = collector_status(&client).await?;
+        let ready = status["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        ready.then_some(status)
+    })
+    .await?;
     println!(
-        "    MeteringCollector tally-system/meter status (Ready stays False: without a kubelet its pods never run;"
+        "    MeteringCollector tally-system/meter status (its pods run on kwok's fake nodes, their processes here):"
     );
-    println!("    the tests make them Ready on kwok's fake nodes):");
     println!("{}", indent(&serde_yaml::to_string(&status)?));
     for (name, exposition) in [
         (
@@ -454,6 +492,27 @@ async fn collector_status(client: &Client) -> Option<Value> {
     let status = object.data.get("status")?.clone();
     status.get("observedGeneration")?;
     Some(status)
+}
+
+async fn create_volume(client: &Client, name: &str) -> anyhow::Result<()> {
+    Api::<PersistentVolume>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("tally-demo").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": { "name": name },
+                "spec": {
+                    "capacity": { "storage": "10Gi" },
+                    "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "hostPath": { "path": format!("/tmp/{name}") }
+                }
+            })),
+        )
+        .await
+        .with_context(|| format!("creating the PersistentVolume {name}"))?;
+    Ok(())
 }
 
 async fn create_namespace(
