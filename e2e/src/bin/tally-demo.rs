@@ -116,7 +116,7 @@ async fn demo() -> anyhow::Result<()> {
     }
 
     step(
-        "Running tally-operator out of cluster, as the chart's Deployment runs it in one (no kubelet here)",
+        "Running tally-operator out of cluster, as the chart's Deployment would (kwok only pretends to run its pods)",
     );
     let operator = Operator::start(&control_plane).await?;
     println!(
