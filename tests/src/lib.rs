@@ -16,6 +16,7 @@ pub mod events;
 pub mod metrics;
 pub mod pod;
 pub mod poll;
+pub mod ports;
 pub mod postgres;
 pub mod problem;
 pub mod python;

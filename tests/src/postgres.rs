@@ -7,7 +7,6 @@
 //! creates. The server is stopped (`pg_ctl stop -m fast`, then SIGKILL) when the value is dropped;
 //! when a test panics, its log is printed and the directory kept.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -16,6 +15,7 @@ use tempfile::TempDir;
 use tokio_postgres::{Client, NoTls};
 
 use crate::poll::poll_for;
+use crate::ports::unused_port;
 
 /// The superuser `initdb` creates; trust authentication, no password.
 pub const USER: &str = "tally";
@@ -62,7 +62,7 @@ impl TestPostgres {
         let server = TestPostgres {
             dir: Some(dir),
             bindir,
-            port: free_port(),
+            port: unused_port(),
             as_postgres_user,
         };
         server.init();
@@ -329,13 +329,4 @@ fn postgres_user_ids() -> (u32, u32) {
             .unwrap_or_else(|e| panic!("`id {flag} postgres` printed no number: {e}"))
     };
     (id("-u"), id("-g"))
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"));
-    listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("local_addr: {e}"))
-        .port()
 }

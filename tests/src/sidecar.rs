@@ -4,7 +4,6 @@
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +16,7 @@ use crate::binary::sidecar_binary;
 use crate::events::event;
 use crate::metrics::Exposition;
 use crate::poll::poll_for;
+use crate::ports::unused_port;
 use crate::upstream::TestUpstream;
 
 /// How long a start may take before `/readyz` answers 200.
@@ -163,7 +163,7 @@ impl SidecarBuilder {
             .prefix("tally-test-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
-        let port = free_port();
+        let port = unused_port();
         let listen = format!("127.0.0.1:{port}");
         let data_dir = dir.path().join("data");
         let config_path = dir.path().join("tally.yaml");
@@ -617,16 +617,6 @@ pub async fn run_tally(args: &[OsString], env: &[(String, String)]) -> CliOutput
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
-}
-
-/// A loopback port free right now. The port stays the sidecar's across restarts.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"));
-    listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("local_addr: {e}"))
-        .port()
 }
 
 fn http_client() -> reqwest::Client {

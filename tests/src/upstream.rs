@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::poll::missing_after;
+use crate::ports::unused_port;
 
 /// How the upstream answers `POST /api/v1/events`; switchable while a test runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,11 +101,13 @@ pub struct TestUpstream {
 }
 
 impl TestUpstream {
-    /// Starts accepting (204) on a free port of 127.0.0.1.
+    /// Starts accepting (204) on a free port of 127.0.0.1 ([`unused_port`]: no other test of this run gets it, even
+    /// while this upstream is down).
     pub async fn start() -> TestUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let port = unused_port();
+        let listener = TcpListener::bind(("127.0.0.1", port))
             .await
-            .unwrap_or_else(|e| panic!("test upstream: cannot bind 127.0.0.1:0: {e}"));
+            .unwrap_or_else(|e| panic!("test upstream: cannot bind 127.0.0.1:{port}: {e}"));
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("test upstream: local_addr: {e}"));
