@@ -31,6 +31,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
+use tally_tests::report::{aligned_table, number};
 use tokio::sync::mpsc;
 
 /// The whole run, control plane start-up included.
@@ -700,51 +701,5 @@ fn table(figures: &[Figure]) -> String {
             ]
         })
         .collect();
-    let header = ["figure", "value", "target / ceiling", "ratio", ""].map(String::from);
-    let mut widths = [0usize; 4];
-    for row in std::iter::once(&header).chain(&rows) {
-        for (w, cell) in widths.iter_mut().zip(row.iter()) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
-        out.push_str(&format!(
-            "{:<w0$}  {:>w1$}  {:<w2$}  {:>w3$}  {}\n",
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2],
-            w3 = widths[3],
-        ));
-    }
-    out
-}
-
-/// Readable numbers: thousands separated, one decimal for small values.
-fn number(v: f64) -> String {
-    if v.abs() >= 1000.0 {
-        let digits = format!("{:.0}", v.abs());
-        let mut grouped = String::new();
-        for (i, c) in digits.chars().enumerate() {
-            if i > 0 && (digits.len() - i) % 3 == 0 {
-                grouped.push(',');
-            }
-            grouped.push(c);
-        }
-        if v < 0.0 {
-            grouped.insert(0, '-');
-        }
-        grouped
-    } else if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else if v.abs() >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
+    aligned_table(&rows)
 }

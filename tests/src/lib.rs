@@ -20,6 +20,7 @@ pub mod ports;
 pub mod postgres;
 pub mod problem;
 pub mod python;
+pub mod report;
 pub mod sidecar;
 pub mod upstream;
 pub mod webhook;
