@@ -31,3 +31,4 @@ pub use helm::{
     Apply, FIELD_MANAGER, Helm, HelmError, Manifests, apply, chart_dir, get, gvk_of, helm_version,
     is_served,
 };
+pub use process::set_parent_death_signal;

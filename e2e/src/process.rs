@@ -151,8 +151,11 @@ fn spawn_tied_to_this_process(mut command: Command) -> io::Result<Child> {
         .map_err(|_| io::Error::other("the spawner thread has stopped"))?
 }
 
+/// Makes the kernel SIGKILL the process `command` starts when the thread that spawns it exits, even when this
+/// process dies by a signal that skips every `Drop`, so no test leaves a server running. (The signal follows the
+/// spawning *thread*: spawn from a thread that lives as long as the child should.)
 #[cfg(target_os = "linux")]
-fn set_parent_death_signal(command: &mut Command) {
+pub fn set_parent_death_signal(command: &mut Command) {
     use std::os::unix::process::CommandExt;
 
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system calls.
@@ -166,8 +169,9 @@ fn set_parent_death_signal(command: &mut Command) {
     }
 }
 
+/// Not available outside Linux: children are killed by `Drop` only.
 #[cfg(not(target_os = "linux"))]
-fn set_parent_death_signal(_command: &mut Command) {}
+pub fn set_parent_death_signal(_command: &mut Command) {}
 
 /// klog's error and fatal lines (`E1121 05:26:33.945498 ...`) and etcd's JSON ones.
 fn is_error(line: &str) -> bool {

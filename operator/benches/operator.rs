@@ -31,6 +31,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
+use tally_tests::metrics::Exposition;
 use tally_tests::report::{aligned_table, number};
 use tokio::sync::mpsc;
 
@@ -480,7 +481,7 @@ impl OperatorProcess {
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = Command::new(binary);
-        die_with_this_process(&mut command);
+        tally_e2e::set_parent_death_signal(&mut command);
         let child = command
             .arg("run")
             .arg(format!("--http={http}"))
@@ -521,25 +522,16 @@ impl OperatorProcess {
     }
 
     async fn metric(&self, name: &str) -> Option<f64> {
-        let text = self.metrics().await?;
-        text.lines().find_map(|line| {
-            line.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        let exposition = Exposition::parse(&self.metrics().await?);
+        exposition.exposes(name).then(|| exposition.value(name))
     }
 
     /// The sum of every series of the reconcile failure counter.
     async fn failures(&self) -> f64 {
-        let Some(text) = self.metrics().await else {
-            return 0.0;
-        };
-        text.lines()
-            .filter(|l| l.starts_with("tally_operator_reconcile_failures_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        match self.metrics().await {
+            Some(text) => Exposition::parse(&text).value("tally_operator_reconcile_failures_total"),
+            None => 0.0,
+        }
     }
 
     fn proc_status_kib(&self, field: &str) -> anyhow::Result<f64> {
@@ -564,21 +556,6 @@ impl Drop for OperatorProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// The kernel kills the operator when the benchmark dies, even by a signal that skips `Drop`.
-fn die_with_this_process(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-
-    // SAFETY: the closure runs between fork and exec and only makes an async-signal-safe system call.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 

@@ -18,6 +18,7 @@ use kube::{Api, Client};
 use support::{WITHIN, collector, control_plane_with_crd, create, eventually, free_port};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
+use tally_tests::metrics::Exposition;
 
 const LEASE_NAME: &str = "tally-operator";
 
@@ -221,7 +222,7 @@ impl Cluster {
         let log = self.control_plane.dir().join(format!("{identity}.log"));
         let file = std::fs::File::create(&log).expect("operator log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_tally-operator"));
-        die_with_this_thread(&mut command);
+        tally_e2e::set_parent_death_signal(&mut command);
         let child = command
             .arg("run")
             .arg(format!("--http={http}"))
@@ -358,26 +359,8 @@ impl Drop for Operator {
     }
 }
 
-/// The kernel kills the operator when the test's thread dies, even when the test process is killed and `Drop` does
-/// not run. (The parent-death signal follows the thread that forked; a test's thread outlives its operators.)
-fn die_with_this_thread(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-
-    // SAFETY: the closure runs between fork and exec and only makes an async-signal-safe system call.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// The value of an unlabelled metric in Prometheus text.
+/// The value of a metric in Prometheus text, `None` when it is not exposed.
 fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
-        value.trim().parse().ok()
-    })
+    let exposition = Exposition::parse(text);
+    exposition.exposes(name).then(|| exposition.value(name))
 }

@@ -26,6 +26,7 @@ use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use tally_e2e::{Apply, ControlPlane, Helm, Manifests, apply, chart_dir};
+use tally_tests::metrics::Exposition;
 use tally_tests::{SidecarBuilder, TestUpstream};
 
 const RELEASE_NAMESPACE: &str = "tally-system";
@@ -317,7 +318,7 @@ async fn demo() -> anyhow::Result<()> {
         "the collector to drop the excluded namespace's events",
         || async {
             let exposition = collector.get("/metrics").await.text().await.ok()?;
-            let dropped = metric_value(&exposition, dropped_series);
+            let dropped = Exposition::parse(&exposition).value(dropped_series);
             (dropped >= excluded_sent as f64).then_some(dropped)
         },
     )
@@ -393,14 +394,6 @@ fn interesting(line: &str) -> bool {
         "tally_operator_webhook_certificate_expiry",
     ];
     keep.iter().any(|k| line.starts_with(k)) && !line.ends_with(" 0")
-}
-
-/// The value of one sample in a Prometheus text exposition (0 when absent).
-fn metric_value(exposition: &str, series: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn indent(text: &str) -> String {
