@@ -7,7 +7,9 @@
 //! this machine has no internet access, and a fake is what lets a test make the upstream fail on
 //! command. The other outputs' endpoints are real too: a private PostgreSQL server from Debian's
 //! packages ([`TestPostgres`]) and a webhook receiver written independently in Python that
-//! verifies every HMAC signature itself ([`WebhookReceiver`]).
+//! verifies every HMAC signature itself ([`WebhookReceiver`]). The other simulation is the power
+//! cut, since a machine cannot lose power on command: the real sidecar keeps its buffer on a FUSE
+//! filesystem that drops everything not fsynced when told to ([`PowerCutFs`]).
 //!
 //! Every wait polls with a deadline ([`poll_until`]); no test synchronises with a fixed sleep.
 
@@ -18,6 +20,7 @@ pub mod pod;
 pub mod poll;
 pub mod ports;
 pub mod postgres;
+pub mod powercut;
 pub mod problem;
 pub mod python;
 pub mod report;
@@ -28,6 +31,7 @@ pub mod webhook;
 pub use events::{EventIds, event, event_from};
 pub use poll::{poll_for, poll_until};
 pub use postgres::TestPostgres;
+pub use powercut::PowerCutFs;
 pub use problem::assert_problem;
 pub use sidecar::{CliOutput, Sidecar, SidecarBuilder};
 pub use upstream::{Behaviour, ReceivedRequest, RetryAfter, TestUpstream};
