@@ -58,7 +58,21 @@ enum BufferCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Scan every record read-only (works while the collector runs) and report damaged ones.
+    /// Exits 0 when none is found, 3 when some are (the collector quarantines them by itself;
+    /// `buffer repair` does it offline), 1 when the buffer cannot be read.
+    Check {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Repair a stopped collector's buffer: RocksDB's repairer for damaged files, then every
+    /// damaged record to the quarantine. Every readable event is kept.
+    Repair,
 }
+
+/// Exit code of `buffer check` when damaged records were found.
+const EXIT_DAMAGED: u8 = 3;
 
 #[derive(Subcommand)]
 enum DeadLetterCommand {
@@ -109,6 +123,16 @@ pub fn main() -> ExitCode {
         Some(Command::Buffer {
             command: BufferCommand::Stats { json },
         }) => buffer_stats(&config, json),
+        Some(Command::Buffer {
+            command: BufferCommand::Check { json },
+        }) => match buffer_check(&config, json) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(EXIT_DAMAGED),
+            Err(e) => Err(e),
+        },
+        Some(Command::Buffer {
+            command: BufferCommand::Repair,
+        }) => buffer_repair(&config),
         Some(Command::DeadLetter {
             command:
                 DeadLetterCommand::List {
@@ -189,7 +213,7 @@ fn open_read_only(config: &Config) -> anyhow::Result<DurableBuffer> {
 }
 
 fn buffer_stats(config: &Config, json: bool) -> anyhow::Result<()> {
-    let stats = open_read_only(config)?.stats()?;
+    let stats = open_read_only(config)?.stats();
     if json {
         println!("{}", serde_json::to_string(&stats)?);
         return Ok(());
@@ -197,6 +221,7 @@ fn buffer_stats(config: &Config, json: bool) -> anyhow::Result<()> {
     println!("data directory:  {}", config.data_dir.display());
     println!("events:          {}", stats.events);
     println!("bytes:           {} of {}", stats.bytes, stats.max_bytes);
+    println!("quarantined:     {}", stats.quarantined);
     match stats.oldest_age_seconds {
         Some(age) => println!("oldest event:    {age:.1}s old"),
         None => println!("oldest event:    (buffer empty)"),
@@ -211,6 +236,54 @@ fn buffer_stats(config: &Config, json: bool) -> anyhow::Result<()> {
             output.name, output.cursor, output.lag, output.dead_letters
         );
     }
+    Ok(())
+}
+
+/// Returns whether the buffer is free of damaged records.
+fn buffer_check(config: &Config, json: bool) -> anyhow::Result<bool> {
+    let report = crate::buffer::check(buffer_options(config))
+        .with_context(|| format!("cannot read the buffer in {}", config.data_dir.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("data directory:  {}", config.data_dir.display());
+        println!("events:          {}", report.events);
+        println!("dead letters:    {}", report.dead_letters);
+        println!(
+            "quarantined:     {} (set aside earlier)",
+            report.quarantined
+        );
+        let mut cursors: Vec<_> = report.cursors.iter().collect();
+        cursors.sort();
+        for (consumer, cursor) in cursors {
+            println!("cursor {consumer}: {cursor}");
+        }
+        for damaged in &report.damaged {
+            println!("damaged record {}: {}", damaged.key, damaged.reason);
+        }
+        if report.is_clean() {
+            println!("ok: no damaged records");
+        } else {
+            println!(
+                "{} damaged records; the collector quarantines them at its next start or read, or run `tally-sidecar buffer repair` while it is stopped",
+                report.damaged.len()
+            );
+        }
+    }
+    Ok(report.is_clean())
+}
+
+fn buffer_repair(config: &Config) -> anyhow::Result<()> {
+    let moved = crate::buffer::repair(buffer_options(config)).with_context(|| {
+        format!(
+            "cannot repair the buffer in {} (stop the collector that uses it first)",
+            config.data_dir.display()
+        )
+    })?;
+    println!(
+        "repaired {}: {moved} damaged records quarantined",
+        config.data_dir.display()
+    );
     Ok(())
 }
 

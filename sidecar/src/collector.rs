@@ -13,16 +13,15 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::buffer::{BufferOptions, DurableBuffer, SHARED_CONSUMER};
-use crate::config::{BrokerPattern, Config, OutputConfig};
+use crate::config::{BrokerPattern, Config};
 use crate::forward::{BatchReader, Choice, Dispatcher, Forwarder, Sender};
 use crate::metrics::Metrics;
 use crate::output::Output;
 use crate::server::{AppState, router};
 
-/// How often the buffer gauges are refreshed (and delivered events deleted, at the latest).
-const TRIM_INTERVAL: Duration = Duration::from_millis(250);
-/// The shortest pause between two rounds of deleting delivered events.
-const MAINTENANCE_GAP: Duration = Duration::from_millis(10);
+/// How often the buffer's upkeep runs and the buffer gauges are refreshed. Delivered events are
+/// deleted as their batches settle; this only bounds recovery and retention delays.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The buffer options a configuration implies.
 pub fn buffer_options(config: &Config) -> BufferOptions {
@@ -39,123 +38,36 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
             .map(|t| t.name.clone())
             .collect(),
         shared: !config.outputs.pattern.fans_out(),
-    }
-}
-
-/// Frees buffer space: moves the oldest events of outputs over their `maxLag` to their
-/// dead-letter stores, then deletes what every output has. Shared by the background pass and
-/// the ingest path (which reclaims before refusing for space); one at a time, so no event is
-/// moved or counted twice.
-pub struct Reclaimer {
-    buffer: DurableBuffer,
-    /// The outputs with a `maxLag`.
-    targets: Vec<OutputConfig>,
-    metrics: Arc<Metrics>,
-    running: std::sync::Mutex<()>,
-}
-
-impl Reclaimer {
-    pub fn new(
-        buffer: DurableBuffer,
-        targets: &[OutputConfig],
-        metrics: Arc<Metrics>,
-    ) -> Reclaimer {
-        Reclaimer {
-            buffer,
-            targets: targets
-                .iter()
-                .filter(|t| t.max_lag.is_some())
-                .cloned()
-                .collect(),
-            metrics,
-            running: std::sync::Mutex::new(()),
-        }
-    }
-
-    /// Whether some output has a `maxLag`, so a full buffer may be relieved at its expense.
-    pub fn has_max_lag(&self) -> bool {
-        !self.targets.is_empty()
-    }
-
-    pub fn run(&self) {
-        let _one_at_a_time = self
-            .running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        enforce_max_lag(&self.buffer, &self.targets, &self.metrics);
-        if let Err(e) = self.buffer.trim() {
-            tracing::error!(error = %e, "cannot delete delivered events");
-        }
-    }
-}
-
-/// Events moved to an output's dead-letter store per pass at most, so one pass stays short.
-const MAX_LAG_STEP: usize = 10_000;
-
-/// Moves the oldest events of outputs more than `maxLag` behind to their dead-letter stores,
-/// so a dead output cannot fill the buffer that the healthy ones share.
-fn enforce_max_lag(buffer: &DurableBuffer, targets: &[OutputConfig], metrics: &Metrics) {
-    for target in targets {
-        let Some(max_lag) = target.max_lag else {
-            continue;
-        };
-        let lag = buffer.lag(&target.name);
-        if lag <= max_lag {
-            continue;
-        }
-        let excess = (lag - max_lag).min(MAX_LAG_STEP as u64) as usize;
-        let cursor = buffer.cursor(&target.name);
-        let result = buffer
-            .read(&target.name, cursor, u64::MAX, excess, usize::MAX)
-            .and_then(|batch| {
-                let reason = format!(
-                    "output was {lag} events behind, more than its maxLag of {max_lag}; the oldest were moved here so the buffer keeps room for the other outputs"
-                );
-                buffer.dead_letter(
-                    &target.name,
-                    &batch.records,
-                    Some((&target.name, batch.last_scanned)),
-                    &reason,
-                    None,
-                )?;
-                Ok(batch.records.len())
-            });
-        match result {
-            Ok(moved) => {
-                metrics
-                    .output_dead_lettered
-                    .get_or_create(&metrics.output(&target.name))
-                    .inc_by(moved as u64);
-                tracing::warn!(output = %target.name, lag, max_lag, moved, "output is over its maxLag; its oldest events moved to the dead-letter store");
-            }
-            Err(e) => tracing::error!(output = %target.name, error = %e, "cannot enforce maxLag"),
-        }
+        max_lag: config
+            .outputs
+            .targets
+            .iter()
+            .filter_map(|t| Some((t.name.clone(), t.max_lag?)))
+            .collect(),
+        dead_letter_max_bytes: config.dead_letter.max_bytes.get(),
+        dead_letter_max_age_ms: config.dead_letter.max_age.get().as_millis() as u64,
     }
 }
 
 /// Updates the gauges that are read from the buffer rather than counted.
 pub fn refresh_gauges(buffer: &DurableBuffer, metrics: &Metrics) {
-    match buffer.stats() {
-        Ok(stats) => {
-            metrics.buffer_events.set(stats.events as i64);
-            metrics.buffer_bytes.set(stats.bytes as i64);
-            metrics.buffer_max_bytes.set(stats.max_bytes as i64);
-            metrics
-                .buffer_oldest_age
-                .set(stats.oldest_age_seconds.unwrap_or_default());
-            for output in stats.outputs {
-                let labels = metrics.output(&output.name);
-                metrics
-                    .output_lag
-                    .get_or_create(&labels)
-                    .set(output.lag as i64);
-                metrics
-                    .dead_letter_events
-                    .get_or_create(&labels)
-                    .set(output.dead_letters as i64);
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "cannot read buffer statistics"),
+    let stats = buffer.stats();
+    metrics.buffer_events.set(stats.events as i64);
+    metrics.buffer_bytes.set(stats.bytes as i64);
+    metrics.buffer_max_bytes.set(stats.max_bytes as i64);
+    metrics
+        .buffer_oldest_age
+        .set(stats.oldest_age_seconds.unwrap_or_default());
+    for output in stats.outputs {
+        let labels = metrics.output(&output.name);
+        metrics
+            .output_lag
+            .get_or_create(&labels)
+            .set(output.lag as i64);
+        metrics
+            .dead_letter_events
+            .get_or_create(&labels)
+            .set(output.dead_letters as i64);
     }
 }
 
@@ -191,7 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 output,
                 retry: target.retry.clone(),
                 fail_fast: pattern.fail_fast(),
-                buffer: buffer.reader(),
+                buffer: buffer.clone(),
                 metrics: metrics.clone(),
             }
         })
@@ -201,13 +113,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         for (i, (target, sender)) in targets.iter().zip(senders).enumerate() {
             let gate = (pattern.sequential() && i > 0).then(|| targets[i - 1].name.clone());
             let reader =
-                BatchReader::new(buffer.reader(), &target.name, target.batching.clone(), gate);
+                BatchReader::new(buffer.clone(), &target.name, target.batching.clone(), gate);
             forwarders.spawn(Forwarder { reader, sender }.run(draining_rx.clone()));
         }
     } else {
         // One batching policy for all: batches are formed before an output is chosen.
         let reader = BatchReader::new(
-            buffer.reader(),
+            buffer.clone(),
             SHARED_CONSUMER,
             targets[0].batching.clone(),
             None,
@@ -226,34 +138,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .run(draining_rx.clone()),
         );
     }
-    let reclaimer = Arc::new(Reclaimer::new(
-        buffer.reader(),
-        &config.outputs.targets,
-        metrics.clone(),
-    ));
-    let trimmer = {
-        let buffer = buffer.reader();
+    let maintenance = {
+        let buffer = buffer.clone();
         let metrics = metrics.clone();
-        let reclaimer = reclaimer.clone();
-        let mut new_events = buffer.subscribe();
-        let mut cursor_moves = buffer.subscribe_cursors();
         tokio::spawn(async move {
-            // Space is reclaimed (and maxLag enforced) as soon as events arrive or cursors
-            // move, at most every MAINTENANCE_GAP; the gauges, which scan the dead-letter
-            // store, are refreshed on the slower tick.
-            let mut tick = tokio::time::interval(TRIM_INTERVAL);
+            // Upkeep on the writer thread (recovery after a failed write, maxLag, trimming,
+            // dead-letter retention) and the gauges, on a steady tick.
+            let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let refresh = tokio::select! {
-                    _ = tick.tick() => true,
-                    _ = new_events.changed() => false,
-                    _ = cursor_moves.changed() => false,
-                };
-                reclaimer.run();
-                if refresh {
-                    refresh_gauges(&buffer, &metrics);
-                }
-                tokio::time::sleep(MAINTENANCE_GAP).await;
+                tick.tick().await;
+                buffer.maintain().await;
+                refresh_gauges(&buffer, &metrics);
             }
         })
     };
@@ -264,7 +160,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         auth_token,
         max_body_bytes: config.ingest.max_body_bytes.get() as usize,
         read_timeout: config.ingest.read_timeout.get(),
-        reclaimer,
         exclude_namespaces: config
             .exclude_namespaces
             .iter()
@@ -273,7 +168,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pod,
         stopping: AtomicBool::new(false),
     });
-    let stats = buffer.stats()?;
+    let stats = buffer.stats();
     tracing::info!(
         %local,
         data_dir = %config.data_dir.display(),
@@ -328,13 +223,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
         Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
     }
-    trimmer.abort();
-    let _ = trimmer.await;
-    let closer = state.buffer.reader();
-    if let Err(e) = closer.trim() {
-        tracing::warn!(error = %e, "cannot delete delivered events");
+    maintenance.abort();
+    let _ = maintenance.await;
+    let buffer = state.buffer.clone();
+    // Deletes what was delivered during the drain; a no-op when the storage is failing.
+    buffer.maintain().await;
+    if let Some(e) = buffer.failure() {
+        // Not an error of this stop: what was acknowledged is on disk.
+        tracing::warn!(error = %e, "stopping while the buffer storage refuses writes; acknowledged events are safe on disk and are delivered after a restart");
+    } else if let Err(e) = buffer.flush() {
+        tracing::warn!(error = %e, "cannot sync the buffer's log at stop; what was acknowledged was synced already");
     }
-    // The writer thread ends when the last appending handle is gone.
+    // The writer thread ends when the last handle is gone.
+    drop(buffer);
     match Arc::into_inner(state) {
         Some(state) => {
             drop(state);
@@ -342,12 +243,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => tracing::warn!("an ingest request outlived the server; not waiting for the writer"),
     }
-    if let Some(e) = closer.failure() {
-        anyhow::bail!(
-            "stopped after a buffer write failure ({e}); acknowledged events are safe on disk and are delivered after a restart"
-        );
-    }
-    closer.flush()?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

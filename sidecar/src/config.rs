@@ -46,6 +46,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub dedup: DedupConfig,
     pub buffer: BufferConfig,
+    pub dead_letter: DeadLetterConfig,
     /// Events whose `k8snamespace` attribute is one of these are dropped and counted.
     pub exclude_namespaces: Vec<String>,
     /// The pod this sidecar runs in; events that lack `k8snamespace` / `k8spod` get them.
@@ -85,6 +86,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             dedup: DedupConfig::default(),
             buffer: BufferConfig::default(),
+            dead_letter: DeadLetterConfig::default(),
             exclude_namespaces: Vec::new(),
             pod: PodConfig::default(),
             outputs: OutputsConfig::default(),
@@ -176,6 +178,26 @@ impl Default for BufferConfig {
         BufferConfig {
             max_bytes: ByteSize(1024 * 1024 * 1024),
             when_full: WhenFull::Reject,
+        }
+    }
+}
+
+/// Retention of the dead-letter store: the oldest dead letters beyond either bound are deleted
+/// and counted in `tally_dead_letter_expired_total`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// Most bytes the dead-letter store keeps over all outputs. `0` keeps everything.
+    pub max_bytes: ByteSize,
+    /// Dead letters older than this are deleted. `0s` keeps them until replayed.
+    pub max_age: HumanDuration,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            max_bytes: ByteSize(64 * 1024 * 1024),
+            max_age: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }

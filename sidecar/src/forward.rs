@@ -8,9 +8,10 @@
 //!   hands each batch to one output, taking turns or to whichever is free first.
 //!
 //! Batches are formed by count, bytes and period ([`BatchReader`]); a [`Sender`] retries with
-//! backoff and moves permanently failed batches to the output's dead-letter store.
+//! backoff and moves permanently failed batches to the output's dead-letter store. Every batch
+//! carries the buffer's [`Ticket`] for its range; the buffer moves the cursor once the batch
+//! and every batch before it are settled, so nothing here moves a cursor.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::buffer::{DurableBuffer, ReadBatch, Record, SHARED_CONSUMER};
+use crate::buffer::{DurableBuffer, ReadBatch, Record, Settlement, Ticket};
 use crate::config::{BatchPolicy, RetryPolicy};
 use crate::metrics::{ErrorKind, Metrics, OutputLabels};
 use crate::output::{Output, SendError};
@@ -47,7 +48,7 @@ pub fn backoff_delay(policy: &RetryPolicy, attempt: u32) -> Duration {
 /// Forms batches from one consumer's position in the log.
 pub struct BatchReader {
     buffer: DurableBuffer,
-    /// Whose cursor this reads from: an output's name, or [`SHARED_CONSUMER`].
+    /// Whose cursor this reads from: an output's name, or [`crate::buffer::SHARED_CONSUMER`].
     consumer: String,
     policy: BatchPolicy,
     /// Sequential patterns: read no further than this output's cursor.
@@ -56,15 +57,17 @@ pub struct BatchReader {
     cursor_moves: watch::Receiver<u64>,
     /// Everything up to here has been read into `pending` or handed out.
     read_pos: u64,
+    /// Everything up to here has been handed out with a ticket.
+    issued: u64,
     pending: Vec<Record>,
     pending_bytes: usize,
     deadline: Option<Instant>,
 }
 
-/// A batch handed out by a [`BatchReader`]. `upto` is the consumer's cursor once it is done.
+/// A batch handed out by a [`BatchReader`], with the ticket that settles it.
 pub struct Batch {
     pub records: Vec<Record>,
-    pub upto: u64,
+    pub ticket: Ticket,
 }
 
 impl BatchReader {
@@ -83,6 +86,7 @@ impl BatchReader {
             policy,
             gate,
             read_pos,
+            issued: read_pos,
             pending: Vec::new(),
             pending_bytes: 0,
             deadline: None,
@@ -101,6 +105,7 @@ impl BatchReader {
             let cursor = self.buffer.cursor(&self.consumer);
             if cursor > self.read_pos {
                 self.read_pos = cursor;
+                self.issued = self.issued.max(cursor);
                 self.pending.retain(|r| r.seq > cursor);
                 self.pending_bytes = self.pending.iter().map(|r| r.json.len()).sum();
             }
@@ -131,9 +136,11 @@ impl BatchReader {
             }
             let stopping = *draining.borrow();
             if self.pending.is_empty() {
-                if self.read_pos > cursor {
-                    // Only events for other outputs were there; step over them.
-                    if let Err(e) = self.buffer.acknowledge(&self.consumer, self.read_pos) {
+                if self.read_pos > self.issued {
+                    // Only events for other outputs were there: nothing to send, settled at once.
+                    self.issued = self.read_pos;
+                    let ticket = self.buffer.issue(&self.consumer, self.read_pos);
+                    if let Err(e) = self.buffer.settle(ticket, Settlement::Delivered).await {
                         tracing::error!(consumer = %self.consumer, error = %e, "cannot record the position");
                     }
                 }
@@ -164,9 +171,10 @@ impl BatchReader {
             }
             self.deadline = None;
             self.pending_bytes = 0;
+            self.issued = self.read_pos;
             return Some(Batch {
                 records: std::mem::take(&mut self.pending),
-                upto: self.read_pos,
+                ticket: self.buffer.issue(&self.consumer, self.read_pos),
             });
         }
     }
@@ -217,44 +225,50 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Delivers the batch, or moves it to the dead-letter store, advancing `advance` (a consumer
-    /// and its new cursor) in the same write. Only returns once the batch is settled one way or
-    /// the other; retries forever unless `maxElapsed` is set or the pattern fails fast.
-    pub async fn settle(&self, records: &[Record], advance: Option<(&str, u64)>) -> Outcome {
+    /// Delivers the batch, or moves it to the dead-letter store, then settles its ticket. Only
+    /// returns once the batch is settled one way or the other; retries forever unless
+    /// `maxElapsed` is set or the pattern fails fast.
+    pub async fn settle(&self, records: Vec<Record>, ticket: Ticket) -> Outcome {
         let labels = self.metrics.output(&self.name);
-        let (reason, status) = match self.deliver(records, &labels).await {
-            None => {
-                if let Some((consumer, upto)) = advance
-                    && let Err(e) = self.buffer.acknowledge(consumer, upto)
-                {
-                    // Delivered; a lost cursor write only means it may be sent again.
-                    tracing::error!(output = %self.name, error = %e, "cannot record the output's position");
-                }
-                return Outcome::Delivered;
+        let (settlement, outcome) = match self.deliver(&records, &labels).await {
+            None => (Settlement::Delivered, Outcome::Delivered),
+            Some((reason, status)) => {
+                let events = records.len();
+                let settlement = Settlement::DeadLettered {
+                    output: self.name.clone(),
+                    records,
+                    reason: reason.clone(),
+                    status,
+                };
+                self.record(ticket.clone(), settlement).await;
+                self.metrics
+                    .output_dead_lettered
+                    .get_or_create(&labels)
+                    .inc_by(events as u64);
+                tracing::warn!(output = %self.name, events, status, %reason,
+                    "batch moved to the dead-letter store; inspect with `tally-sidecar dead-letter list`, re-send with `dead-letter replay`");
+                return Outcome::DeadLettered;
             }
-            Some(failure) => failure,
         };
+        self.record(ticket, settlement).await;
+        outcome
+    }
+
+    /// Settles the ticket with the buffer, retrying while the storage refuses: a dead letter
+    /// must not be lost, and a delivered batch's cursor should move.
+    async fn record(&self, ticket: Ticket, settlement: Settlement) {
         loop {
-            match self
-                .buffer
-                .dead_letter(&self.name, records, advance, &reason, status)
-            {
-                Ok(()) => break,
+            match self.buffer.settle(ticket.clone(), settlement.clone()).await {
+                Ok(()) => return,
+                Err(crate::buffer::BufferError::Closed) => return,
                 Err(e) => {
-                    // Keep the batch rather than lose it; the store is on the same disk, so
-                    // this clears when the disk does.
-                    tracing::error!(output = %self.name, error = %e, "cannot write to the dead-letter store; retrying in 1s");
+                    // The store is on the same disk as the events, so this clears when the
+                    // disk does; until then the batch stays buffered and unsettled.
+                    tracing::error!(output = %self.name, error = %e, "cannot settle a batch with the buffer; retrying in 1s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
-        self.metrics
-            .output_dead_lettered
-            .get_or_create(&labels)
-            .inc_by(records.len() as u64);
-        tracing::warn!(output = %self.name, events = records.len(), status, %reason,
-            "batch moved to the dead-letter store; inspect with `tally-sidecar dead-letter list`, re-send with `dead-letter replay`");
-        Outcome::DeadLettered
     }
 
     /// Sends until delivered (`None`) or given up (`Some(reason, status)`).
@@ -339,10 +353,7 @@ impl Forwarder {
     /// Dropping the future at any point loses nothing: the cursor only moves after delivery.
     pub async fn run(mut self, mut draining: watch::Receiver<bool>) {
         while let Some(batch) = self.reader.next(&mut draining).await {
-            let name = self.sender.name.clone();
-            self.sender
-                .settle(&batch.records, Some((&name, batch.upto)))
-                .await;
+            self.sender.settle(batch.records, batch.ticket).await;
         }
     }
 }
@@ -356,14 +367,9 @@ pub enum Choice {
     Greedy,
 }
 
-/// A batch given to one output of a shared pattern; `first` identifies it on completion.
-struct Job {
-    first: u64,
-    records: Vec<Record>,
-}
-
-/// Reads the shared cursor and hands each batch to exactly one output. The shared cursor moves
-/// only over batches that are settled, in order, so a crash resends only unsettled batches.
+/// Reads the shared cursor and hands each batch to exactly one output. Each batch's ticket
+/// goes with it, so the shared cursor passes only batches that are settled, in order, and a
+/// crash resends only unsettled batches.
 pub struct Dispatcher {
     pub reader: BatchReader,
     pub senders: Vec<Sender>,
@@ -377,49 +383,27 @@ impl Dispatcher {
             senders,
             choice,
         } = self;
-        let buffer = reader.buffer.clone();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
         // Greedy: every output takes from one queue when it is free. Round robin: each output
         // has its own queue, fed in turn.
         let mut queues = Vec::new();
         let mut workers = JoinSet::new();
-        let shared = Arc::new(Mutex::new(None::<mpsc::Receiver<Job>>));
-        let (greedy_tx, greedy_rx) = mpsc::channel::<Job>(1);
-        *shared.lock().await = Some(greedy_rx);
+        let (greedy_tx, greedy_rx) = mpsc::channel::<Batch>(1);
+        let shared = Arc::new(Mutex::new(greedy_rx));
         for sender in senders {
-            let done = done_tx.clone();
             match choice {
                 Choice::RoundRobin => {
-                    let (tx, rx) = mpsc::channel::<Job>(1);
+                    let (tx, rx) = mpsc::channel::<Batch>(1);
                     queues.push(tx);
-                    workers.spawn(work(sender, Arc::new(Mutex::new(Some(rx))), done));
+                    workers.spawn(work(sender, Arc::new(Mutex::new(rx))));
                 }
                 Choice::Greedy => {
-                    workers.spawn(work(sender, shared.clone(), done));
+                    workers.spawn(work(sender, shared.clone()));
                 }
             }
         }
-        drop(done_tx);
-        // Batches handed out and not yet settled: first seq -> (upto, settled).
-        let mut in_flight: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+        drop(shared);
         let mut turn = 0usize;
-        loop {
-            let batch = tokio::select! {
-                batch = reader.next(&mut draining) => batch,
-                Some(first) = done_rx.recv() => {
-                    settle_in_order(&buffer, &mut in_flight, first);
-                    continue;
-                }
-            };
-            let Some(batch) = batch else { break };
-            let Some(first) = batch.records.first().map(|r| r.seq) else {
-                continue;
-            };
-            in_flight.insert(first, (batch.upto, false));
-            let job = Job {
-                first,
-                records: batch.records,
-            };
+        while let Some(batch) = reader.next(&mut draining).await {
             let queue = match choice {
                 Choice::RoundRobin => {
                     let queue = &queues[turn % queues.len()];
@@ -428,74 +412,24 @@ impl Dispatcher {
                 }
                 Choice::Greedy => &greedy_tx,
             };
-            // Waits while the chosen output (or, greedy, every output) is busy, settling
-            // completions meanwhile so the cursor keeps moving.
-            let mut sending = std::pin::pin!(queue.send(job));
-            loop {
-                tokio::select! {
-                    sent = &mut sending => {
-                        if sent.is_err() {
-                            tracing::error!("an output worker stopped; the batch stays buffered");
-                        }
-                        break;
-                    }
-                    Some(first) = done_rx.recv() => settle_in_order(&buffer, &mut in_flight, first),
-                }
+            // Waits while the chosen output (or, greedy, every output) is busy.
+            if queue.send(batch).await.is_err() {
+                tracing::error!("an output worker stopped; the batch stays buffered");
             }
         }
         // Draining: no new batches; let the outputs settle what they hold.
         drop(queues);
         drop(greedy_tx);
-        while !in_flight.is_empty() {
-            match done_rx.recv().await {
-                Some(first) => settle_in_order(&buffer, &mut in_flight, first),
-                None => break,
-            }
-        }
         while workers.join_next().await.is_some() {}
     }
 }
 
-/// Marks the batch starting at `first` settled and moves the shared cursor over every settled
-/// batch at the front.
-fn settle_in_order(buffer: &DurableBuffer, in_flight: &mut BTreeMap<u64, (u64, bool)>, first: u64) {
-    if let Some(entry) = in_flight.get_mut(&first) {
-        entry.1 = true;
-    }
-    let mut upto = None;
-    while let Some(entry) = in_flight.first_entry() {
-        if !entry.get().1 {
-            break;
-        }
-        upto = Some(entry.remove().0);
-    }
-    if let Some(upto) = upto
-        && let Err(e) = buffer.acknowledge(SHARED_CONSUMER, upto)
-    {
-        tracing::error!(error = %e, "cannot record the shared position");
-    }
-}
-
-/// One output of a shared pattern: settles each job it takes and reports it done.
-async fn work(
-    sender: Sender,
-    queue: Arc<Mutex<Option<mpsc::Receiver<Job>>>>,
-    done: mpsc::UnboundedSender<u64>,
-) {
+/// One output of a shared pattern: settles each batch it takes.
+async fn work(sender: Sender, queue: Arc<Mutex<mpsc::Receiver<Batch>>>) {
     loop {
-        let job = {
-            let mut guard = queue.lock().await;
-            match guard.as_mut() {
-                Some(rx) => rx.recv().await,
-                None => None,
-            }
-        };
-        let Some(job) = job else { return };
-        // The dispatcher moves the shared cursor; a dead letter only records the events.
-        sender.settle(&job.records, None).await;
-        if done.send(job.first).is_err() {
-            return;
-        }
+        let batch = queue.lock().await.recv().await;
+        let Some(batch) = batch else { return };
+        sender.settle(batch.records, batch.ticket).await;
     }
 }
 

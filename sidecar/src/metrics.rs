@@ -54,6 +54,11 @@ pub struct DropLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuarantineLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutputLabels {
     pub output: String,
 }
@@ -86,6 +91,8 @@ pub struct Metrics {
     pub output_send_duration: Family<OutputLabels, Histogram>,
     pub output_lag: Family<OutputLabels, Gauge>,
     pub dead_letter_events: Family<OutputLabels, Gauge>,
+    pub dead_letter_expired: Family<OutputLabels, Counter>,
+    pub buffer_quarantined: Family<QuarantineLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -120,7 +127,19 @@ impl Metrics {
             }),
             output_lag: Family::default(),
             dead_letter_events: Family::default(),
+            dead_letter_expired: Family::default(),
+            buffer_quarantined: Family::default(),
         };
+        registry.register(
+            "dead_letter_expired",
+            "Dead letters deleted by the store's retention (deadLetter.maxBytes, deadLetter.maxAge), by output",
+            m.dead_letter_expired.clone(),
+        );
+        registry.register(
+            "buffer_quarantined",
+            "Damaged buffer records moved to the quarantine instead of being forwarded, by reason",
+            m.buffer_quarantined.clone(),
+        );
         registry.register(
             "events_received",
             "Events received on the ingest API, valid or not",
@@ -231,6 +250,11 @@ impl Metrics {
         for reason in [DropReason::buffer_full, DropReason::excluded_namespace] {
             let _ = m.events_dropped.get_or_create(&DropLabels { reason });
         }
+        for reason in ["bad_header", "bad_checksum", "bad_key"] {
+            let _ = m.buffer_quarantined.get_or_create(&QuarantineLabels {
+                reason: reason.to_string(),
+            });
+        }
         Metrics { registry, ..m }
     }
 
@@ -244,6 +268,7 @@ impl Metrics {
         let _ = self.output_send_duration.get_or_create(&labels);
         let _ = self.output_lag.get_or_create(&labels);
         let _ = self.dead_letter_events.get_or_create(&labels);
+        let _ = self.dead_letter_expired.get_or_create(&labels);
         for kind in [
             ErrorKind::network,
             ErrorKind::timeout,
@@ -267,6 +292,15 @@ impl Metrics {
         self.events_dropped
             .get_or_create(&DropLabels { reason })
             .inc_by(events);
+    }
+
+    /// Counts a damaged record set aside.
+    pub fn quarantine(&self, reason: &str) {
+        self.buffer_quarantined
+            .get_or_create(&QuarantineLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn output(&self, name: &str) -> OutputLabels {

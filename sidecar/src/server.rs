@@ -30,7 +30,6 @@ pub struct AppState {
     /// This pod's namespace and name, stamped on events that lack them.
     pub pod: PodIdentity,
     /// Makes room when the buffer is full and some output has a `maxLag`.
-    pub reclaimer: Arc<crate::collector::Reclaimer>,
     /// Set on SIGTERM: ingest answers 503 from then on.
     pub stopping: AtomicBool,
 }
@@ -308,18 +307,9 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Rejectio
         metrics.drop_events(DropReason::excluded_namespace, excluded);
         return Ok(());
     }
-    // With a maxLag output, a full buffer first moves that output's oldest events aside
-    // (synchronously, so even a burst faster than the background pass is never refused).
-    let retry_copy = state.reclaimer.has_max_lag().then(|| events.clone());
-    let mut result = state.buffer.append(events).await;
-    if let (Err(AppendError::Full { .. }), Some(events)) = (&result, retry_copy) {
-        let reclaimer = state.reclaimer.clone();
-        let reclaimed = tokio::task::spawn_blocking(move || reclaimer.run()).await;
-        if reclaimed.is_ok() {
-            result = state.buffer.append(events).await;
-        }
-    }
-    match result {
+    // With a maxLag output, the writer moves that output's oldest events aside before it
+    // decides whether these fit, so even a burst faster than the maintenance pass is stored.
+    match state.buffer.append(events).await {
         Ok(appended) => {
             metrics.events_received.inc_by(total);
             if excluded > 0 {
@@ -422,29 +412,34 @@ async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, Problem
     }
 }
 
-/// Alive unless the buffer can no longer write, which only a restart cures.
+/// Alive while the process can make progress: only a dead buffer writer thread fails it. A full
+/// disk or a failing write does not (the buffer recovers by itself once the disk allows), so a
+/// liveness probe never restarts a pod into the same full disk.
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
-    match state.buffer.failure() {
-        None => (StatusCode::OK, "ok\n").into_response(),
-        Some(e) => storage_down(&e),
+    if state.buffer.writer_stopped() && !state.stopping.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the buffer writer thread stopped; nothing can be stored. Restart the collector (acknowledged events are safe on disk)\n",
+        )
+            .into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
     }
 }
 
-fn storage_down(error: &str) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("buffer storage failed: {error}\nacknowledged events are safe on disk; free space or fix the disk, then restart the collector\n"),
-    )
-        .into_response()
-}
-
+/// Ready means accepting events; the body says why not.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if let Some(e) = state.buffer.failure() {
-        storage_down(&e)
-    } else if state.stopping.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
+    let not_ready = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    if state.stopping.load(Ordering::SeqCst) {
+        not_ready("stopping\n".into())
+    } else if state.buffer.writer_stopped() {
+        not_ready("the buffer writer thread stopped\n".into())
+    } else if let Some(e) = state.buffer.failure() {
+        not_ready(format!(
+            "buffer storage refuses writes ({e}); retrying every second. Free disk space if it is full; acknowledged events are safe\n"
+        ))
     } else if state.buffer.is_full() {
-        (StatusCode::SERVICE_UNAVAILABLE, "buffer full\n").into_response()
+        not_ready("buffer full (buffer.maxBytes); waiting for outputs to deliver\n".into())
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }
@@ -466,10 +461,7 @@ async fn admin_stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
     if !authorized(&state, &headers) {
         return unauthorized(&headers).into_response();
     }
-    match state.buffer.stats() {
-        Ok(stats) => axum::Json(stats).into_response(),
-        Err(e) => storage_problem(e).into_response(),
-    }
+    axum::Json(state.buffer.stats()).into_response()
 }
 
 #[derive(Deserialize)]

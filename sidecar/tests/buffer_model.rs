@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use tally_sidecar::buffer::{BufferOptions, DurableBuffer, WriterThread};
+use tally_sidecar::buffer::{BufferOptions, DurableBuffer, Settlement, Ticket, WriterThread};
 use tally_sidecar::config::{Durability, WhenFull};
 use tally_sidecar::event::Event;
 use tally_sidecar::metrics::Metrics;
@@ -74,10 +74,22 @@ fn open(dir: &std::path::Path) -> (DurableBuffer, WriterThread) {
             dedup_window_ms: 3_600_000,
             outputs: OUTPUTS.iter().map(|s| s.to_string()).collect(),
             shared: false,
+            max_lag: Vec::new(),
+            dead_letter_max_bytes: 0,
+            dead_letter_max_age_ms: 0,
         },
         Arc::new(Metrics::new()),
     )
     .expect("open buffer")
+}
+
+fn dead(output: &str, records: Vec<tally_sidecar::buffer::Record>) -> Settlement {
+    Settlement::DeadLettered {
+        output: output.to_string(),
+        records,
+        reason: "model".into(),
+        status: Some(400),
+    }
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -121,19 +133,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(&got, &expected, "read of {}", output);
                 pending.drain(..got.len());
                 if batch.last_scanned > cursor {
+                    let ticket = buffer.issue(output, batch.last_scanned);
                     if matches!(op, Op::ReadAck(..)) {
-                        buffer
-                            .acknowledge(output, batch.last_scanned)
-                            .expect("acknowledge");
+                        rt.block_on(buffer.settle(ticket, Settlement::Delivered))
+                            .expect("settle");
                     } else {
-                        buffer
-                            .dead_letter(
-                                output,
-                                &batch.records,
-                                Some((output, batch.last_scanned)),
-                                "model",
-                                Some(400),
-                            )
+                        rt.block_on(buffer.settle(ticket, dead(output, batch.records)))
                             .expect("dead letter");
                         model.dead.entry(output).or_default().extend(got);
                     }
@@ -148,7 +153,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(replayed, dead.len());
                 model.pending.entry(output).or_default().extend(dead);
             }
-            Op::Trim => buffer.trim().expect("trim"),
+            Op::Trim => rt.block_on(buffer.maintain()),
             Op::Restart => {
                 drop(buffer);
                 writer.join();
@@ -156,7 +161,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
         }
         // Invariants after every step.
-        let stats = buffer.stats().expect("stats");
+        let stats = buffer.stats();
         for output in OUTPUTS {
             let letters = buffer.dead_letters(Some(output), usize::MAX).expect("list");
             let ids: Vec<String> = letters
@@ -222,14 +227,15 @@ fn trimmed_buffer_restarts_empty_and_keeps_sequence() {
             .read(output, 0, u64::MAX, 100, usize::MAX)
             .expect("read");
         assert_eq!(batch.records.len(), 10);
-        buffer.acknowledge(output, batch.last_scanned).expect("ack");
+        let ticket = buffer.issue(output, batch.last_scanned);
+        rt.block_on(buffer.settle(ticket, Settlement::Delivered))
+            .expect("settle");
     }
-    buffer.trim().expect("trim");
-    assert_eq!(buffer.stats().expect("stats").events, 0);
+    assert_eq!(buffer.stats().events, 0, "settling trims");
     drop(buffer);
     writer.join();
     let (buffer, writer) = open(dir.path());
-    assert_eq!(buffer.stats().expect("stats").events, 0);
+    assert_eq!(buffer.stats().events, 0);
     let appended = rt
         .block_on(buffer.append(vec![event("x3"), event("y")]))
         .expect("append");
@@ -239,6 +245,63 @@ fn trimmed_buffer_restarts_empty_and_keeps_sequence() {
         .expect("read");
     assert_eq!(batch.records.len(), 1);
     assert_eq!(batch.records[0].seq, 11);
+    drop(buffer);
+    writer.join();
+}
+
+/// Batches settled out of order: the cursor waits for the oldest, then passes all of them; a
+/// restart before that re-reads every batch not passed, so nothing in flight is lost. This is
+/// what `roundRobin` and `greedy` do with several outputs holding batches at once.
+#[test]
+fn cursor_waits_for_the_oldest_batch_in_flight() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let (buffer, writer) = open(dir.path());
+    rt.block_on(buffer.append((0..30).map(|i| event(&format!("o{i}"))).collect()))
+        .expect("append");
+    let mut tickets: Vec<(Ticket, Vec<tally_sidecar::buffer::Record>)> = Vec::new();
+    let mut after = 0;
+    for _ in 0..3 {
+        let batch = buffer
+            .read("a", after, u64::MAX, 10, usize::MAX)
+            .expect("read");
+        after = batch.last_scanned;
+        tickets.push((buffer.issue("a", after), batch.records));
+    }
+    let (first, first_records) = tickets.remove(0);
+    let (third, _) = tickets.remove(1);
+    let (second, second_records) = tickets.remove(0);
+    rt.block_on(buffer.settle(third, Settlement::Delivered))
+        .expect("settle third");
+    rt.block_on(buffer.settle(second, dead("a", second_records)))
+        .expect("dead-letter second");
+    assert_eq!(buffer.cursor("a"), 0, "the first batch is still in flight");
+    // Crash before the first batch settles: it must come back, with the later ones.
+    drop(first);
+    drop(buffer);
+    writer.join();
+    let (buffer, writer) = open(dir.path());
+    let again = buffer
+        .read("a", buffer.cursor("a"), u64::MAX, 100, usize::MAX)
+        .expect("read");
+    let ids: Vec<String> = again.records.iter().map(|r| id_of(&r.json)).collect();
+    let first_ids: Vec<String> = first_records.iter().map(|r| id_of(&r.json)).collect();
+    assert_eq!(
+        &ids[..10],
+        &first_ids[..],
+        "the unsettled batch is read again"
+    );
+    assert_eq!(
+        buffer.dead_letters(Some("a"), 100).expect("list").len(),
+        10,
+        "the dead-lettered batch is kept"
+    );
+    let ticket = buffer.issue("a", again.last_scanned);
+    rt.block_on(buffer.settle(ticket, Settlement::Delivered))
+        .expect("settle");
+    assert_eq!(buffer.cursor("a"), 30);
     drop(buffer);
     writer.join();
 }

@@ -1,0 +1,477 @@
+//! Opening the buffer, rebuilding its in-memory state, reading the log, and the checks behind
+//! `tally-sidecar buffer check` and `buffer repair`.
+//!
+//! A damaged record never stops the buffer: at open and on read it is moved to the `quarantine`
+//! column family (kept, logged with its key, counted by reason) and everything else flows. A
+//! database RocksDB itself refuses to open as corrupt is repaired with RocksDB's repairer once,
+//! automatically, and the start goes on.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
+    Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
+};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::accounting::Accounting;
+use super::acks::AckTracker;
+use super::codec::{Damage, cursor_key, decode_record, key_seq, seq_key, u64_value};
+use super::{BufferError, BufferOptions, Inner, ReadBatch, Record, SHARED_CONSUMER, dead_letter};
+use crate::config::Durability;
+use crate::metrics::Metrics;
+
+pub(super) const CF_EVENTS: &str = "events";
+pub(super) const CF_META: &str = "meta";
+pub(super) const CF_DEDUP: &str = "dedup";
+pub(super) const CF_DEAD_LETTER: &str = "dead_letter";
+pub(super) const CF_QUARANTINE: &str = "quarantine";
+/// The column families a buffer must have; `quarantine` is created when missing.
+const REQUIRED: [&str; 4] = [CF_EVENTS, CF_META, CF_DEDUP, CF_DEAD_LETTER];
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT_VALUE: &[u8] = b"tally-buffer-v1";
+pub(super) const NEXT_SEQ_KEY: &[u8] = b"next_seq";
+
+pub(super) fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, BufferError> {
+    db.cf_handle(name).ok_or_else(|| BufferError::Corrupt {
+        key: name.to_string(),
+        reason: "column family missing".into(),
+    })
+}
+
+pub(super) fn db_options(
+    dedup_window_ms: u64,
+) -> Result<(Options, Vec<ColumnFamilyDescriptor>), BufferError> {
+    let mut db_opts = Options::default();
+    // On a small node, compactions must not take CPU or disk time from acknowledging writes:
+    // run them at lower priority, and write SST files back incrementally so a flush does not
+    // leave a burst of dirty pages for the next WAL sync to wait behind.
+    let mut env = rocksdb::Env::new()?;
+    env.lower_thread_pool_cpu_priority();
+    env.lower_thread_pool_io_priority();
+    db_opts.set_env(&env);
+    db_opts.set_bytes_per_sync(1 << 20);
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.set_max_background_jobs(2);
+    db_opts.set_keep_log_file_num(3);
+    db_opts.set_max_total_wal_size(64 << 20);
+    db_opts.set_recycle_log_file_num(2);
+    // RocksDB preallocates each WAL file by the default column family's write buffer size;
+    // that family is unused, and a small size lets the buffer open on a nearly full disk.
+    db_opts.set_write_buffer_size(1 << 20);
+    let cache = Cache::new_lru_cache(8 << 20);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&cache);
+    table.set_bloom_filter(10.0, false);
+
+    let mut events = Options::default();
+    events.set_write_buffer_size(32 << 20);
+    events.set_compression_type(DBCompressionType::Lz4);
+    events.set_block_based_table_factory(&table);
+
+    let dedup = super::dedup::options(dedup_window_ms, &table, 8 << 20);
+
+    let mut small = Options::default();
+    small.set_write_buffer_size(1 << 20);
+    small.set_block_based_table_factory(&table);
+
+    let cfs = vec![
+        ColumnFamilyDescriptor::new(CF_EVENTS, events),
+        ColumnFamilyDescriptor::new(CF_META, small.clone()),
+        ColumnFamilyDescriptor::new(CF_DEDUP, dedup),
+        ColumnFamilyDescriptor::new(CF_DEAD_LETTER, small.clone()),
+        ColumnFamilyDescriptor::new(CF_QUARANTINE, small),
+    ];
+    Ok((db_opts, cfs))
+}
+
+/// Refuses a directory that holds something other than a Tally buffer, so a wrong `dataDir`
+/// never turns into a silent, empty buffer. Returns whether a buffer exists there.
+fn check_directory(dir: &Path) -> Result<bool, BufferError> {
+    let not_a_buffer = |found: String| BufferError::NotABuffer {
+        dir: dir.to_path_buf(),
+        found,
+    };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(not_a_buffer(format!("cannot inspect it: {e}"))),
+        Ok(meta) if !meta.is_dir() => return Err(not_a_buffer("it is not a directory".into())),
+        Ok(_) => {}
+    }
+    let entries: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| not_a_buffer(format!("cannot list it: {e}")))?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        // A filesystem's own directory is not a sign of foreign data.
+        .filter(|name| name != "lost+found")
+        .collect();
+    if entries.is_empty() {
+        return Ok(false);
+    }
+    if !entries.iter().any(|name| name == "CURRENT") {
+        let mut shown: Vec<&str> = entries.iter().map(String::as_str).take(5).collect();
+        shown.sort_unstable();
+        return Err(not_a_buffer(format!(
+            "found {} but no RocksDB CURRENT file",
+            shown.join(", ")
+        )));
+    }
+    // A damaged MANIFEST makes listing fail; opening (with repair) will tell.
+    if let Ok(cfs) = DB::list_cf(&Options::default(), dir) {
+        for cf in REQUIRED {
+            if !cfs.iter().any(|c| c == cf) {
+                return Err(not_a_buffer(format!(
+                    "a RocksDB database without the column family {cf:?}"
+                )));
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn is_corruption(e: &rocksdb::Error) -> bool {
+    e.kind() == rocksdb::ErrorKind::Corruption
+}
+
+/// Opens the database read-write, repairing it once if RocksDB reports it corrupt.
+pub(super) fn open_db(options: &BufferOptions) -> Result<DB, BufferError> {
+    let dir = &options.dir;
+    let (db_opts, cfs) = db_options(options.dedup_window_ms)?;
+    match DB::open_cf_descriptors(&db_opts, dir, cfs) {
+        Ok(db) => Ok(db),
+        Err(e) if is_corruption(&e) => {
+            tracing::error!(dir = %dir.display(), error = %e,
+                "the buffer's files are damaged; repairing them (RocksDB's repairer keeps every readable record) and starting");
+            DB::repair(&db_opts, dir).map_err(|source| BufferError::Open {
+                dir: dir.clone(),
+                source,
+            })?;
+            let (db_opts, cfs) = db_options(options.dedup_window_ms)?;
+            DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| BufferError::Open {
+                dir: dir.clone(),
+                source,
+            })
+        }
+        Err(source) => Err(BufferError::Open {
+            dir: dir.clone(),
+            source,
+        }),
+    }
+}
+
+pub(super) fn open_writable(
+    options: BufferOptions,
+    metrics: Arc<Metrics>,
+) -> Result<Inner, BufferError> {
+    let dir = options.dir.clone();
+    let existed = check_directory(&dir)?;
+    std::fs::create_dir_all(&dir).map_err(|source| BufferError::CreateDir {
+        dir: dir.clone(),
+        source,
+    })?;
+    let db = open_db(&options)?;
+    let meta = cf(&db, CF_META)?;
+    match db.get_cf(meta, FORMAT_KEY)? {
+        Some(format) if format == FORMAT_VALUE => {}
+        Some(other) => {
+            return Err(BufferError::NotABuffer {
+                dir,
+                found: format!(
+                    "buffer format {:?}, this build reads {:?}",
+                    String::from_utf8_lossy(&other),
+                    String::from_utf8_lossy(FORMAT_VALUE)
+                ),
+            });
+        }
+        None if existed => {
+            return Err(BufferError::NotABuffer {
+                dir,
+                found: "a RocksDB database without the Tally format marker".into(),
+            });
+        }
+        None => {
+            let mut write = WriteOptions::default();
+            write.set_sync(true);
+            db.put_cf_opt(meta, FORMAT_KEY, FORMAT_VALUE, &write)?;
+        }
+    }
+    load(db, options, metrics, true)
+}
+
+pub(super) fn open_read_only(options: BufferOptions) -> Result<Inner, BufferError> {
+    let dir = options.dir.clone();
+    if !check_directory(&dir)? {
+        return Err(BufferError::NotABuffer {
+            dir,
+            found: "nothing: the directory is missing or empty".into(),
+        });
+    }
+    let (db_opts, mut cfs) = db_options(options.dedup_window_ms)?;
+    let existing = DB::list_cf(&Options::default(), &dir).unwrap_or_default();
+    cfs.retain(|c| existing.iter().any(|name| name == c.name()));
+    let db = DB::open_cf_descriptors_read_only(&db_opts, &dir, cfs, false)
+        .map_err(|source| BufferError::Open { dir, source })?;
+    load(db, options, Arc::new(Metrics::new()), false)
+}
+
+/// Damaged records found by one scan: (key, damage).
+type Damaged = Vec<(Vec<u8>, Damage)>;
+
+/// Scans the log: (accounting, last sequence, damaged records).
+fn scan_log(db: &DB) -> Result<(Accounting, u64, Damaged), BufferError> {
+    let events = cf(db, CF_EVENTS)?;
+    let mut damaged = Vec::new();
+    let mut last_seq = 0;
+    let mut sizes = Vec::new();
+    for item in db.iterator_cf(events, IteratorMode::Start) {
+        let (key, value) = item?;
+        let Some(seq) = key_seq(&key) else {
+            damaged.push((key.to_vec(), Damage::Key));
+            continue;
+        };
+        match decode_record(&value) {
+            Ok(record) => {
+                sizes.push((seq, (key.len() + value.len()) as u64, record.appended_ms));
+                last_seq = seq;
+            }
+            Err(damage) => damaged.push((key.to_vec(), damage)),
+        }
+    }
+    Ok((Accounting::rebuild(sizes.into_iter()), last_seq, damaged))
+}
+
+/// Moves damaged records into the quarantine, durably, and counts them.
+pub(super) fn quarantine(
+    db: &DB,
+    damaged: &[(Vec<u8>, Damage)],
+    metrics: &Metrics,
+) -> Result<u64, BufferError> {
+    let events = cf(db, CF_EVENTS)?;
+    let quarantine = cf(db, CF_QUARANTINE)?;
+    let mut batch = WriteBatch::default();
+    let mut moved = 0;
+    for (key, damage) in damaged {
+        let Some(value) = db.get_cf(events, key)? else {
+            continue;
+        };
+        let mut kept = damage.as_str().as_bytes().to_vec();
+        kept.push(0);
+        kept.extend_from_slice(&value);
+        batch.put_cf(quarantine, key, kept);
+        batch.delete_cf(events, key);
+        tracing::error!(key = %display_key(key), reason = damage.as_str(),
+            "damaged buffer record quarantined; the other events flow on. Inspect with `tally-sidecar buffer check`");
+        metrics.quarantine(damage.as_str());
+        moved += 1;
+    }
+    if moved > 0 {
+        let mut write = WriteOptions::default();
+        write.set_sync(true);
+        db.write_opt(batch, &write)?;
+    }
+    Ok(moved)
+}
+
+fn display_key(key: &[u8]) -> String {
+    match key_seq(key) {
+        Some(seq) => format!("events/{seq}"),
+        None => format!("events/0x{}", hex::encode(key)),
+    }
+}
+
+fn count_quarantined(db: &DB) -> u64 {
+    cf(db, CF_QUARANTINE)
+        .map(|q| db.iterator_cf(q, IteratorMode::Start).count() as u64)
+        .unwrap_or_default()
+}
+
+/// Rebuilds the in-memory state from disk.
+fn load(
+    db: DB,
+    options: BufferOptions,
+    metrics: Arc<Metrics>,
+    writable: bool,
+) -> Result<Inner, BufferError> {
+    let (accounting, last_seq, damaged) = scan_log(&db)?;
+    if writable && !damaged.is_empty() {
+        quarantine(&db, &damaged, &metrics)?;
+    }
+    let meta = cf(&db, CF_META)?;
+    let mut cursors = Vec::new();
+    for name in options.consumers() {
+        if let Some(value) = db.get_cf(meta, cursor_key(name))? {
+            cursors.push((name.to_string(), u64_value(&value)));
+        }
+    }
+    let high_water = db
+        .get_cf(meta, NEXT_SEQ_KEY)?
+        .map(|v| u64_value(&v).saturating_sub(1))
+        .unwrap_or_default();
+    let max_cursor = cursors.iter().map(|(_, c)| *c).max().unwrap_or_default();
+    let last_seq = last_seq.max(high_water).max(max_cursor);
+    let dead_letters = dead_letter::count(&db)?;
+    let quarantined = count_quarantined(&db) + if writable { 0 } else { damaged.len() as u64 };
+    let inner = Inner {
+        db: RwLock::new(Some(Arc::new(db))),
+        options,
+        accounting: Mutex::new(accounting),
+        acks: AckTracker::new(cursors),
+        dead_letters: Mutex::new(dead_letters),
+        quarantined: AtomicU64::new(quarantined),
+        full: AtomicBool::new(false),
+        cursor_moves: watch::channel(0).0,
+        last_seq: watch::channel(last_seq).0,
+        metrics,
+        failure: Mutex::new(None),
+        writer_alive: AtomicBool::new(false),
+        found_damaged: Mutex::new(Vec::new()),
+    };
+    inner.publish_gauges();
+    Ok(inner)
+}
+
+/// Reads for `consumer` (see [`super::DurableBuffer::read`]).
+pub(super) fn read(
+    inner: &Inner,
+    consumer: &str,
+    after: u64,
+    ceiling: u64,
+    max_events: usize,
+    max_bytes: usize,
+) -> Result<ReadBatch, BufferError> {
+    let any_target = consumer == SHARED_CONSUMER;
+    let db = inner.db()?;
+    let events = cf(&db, CF_EVENTS)?;
+    let mut read_opts = ReadOptions::default();
+    read_opts.fill_cache(true);
+    let start = seq_key(after.saturating_add(1));
+    let iter = db.iterator_cf_opt(
+        events,
+        read_opts,
+        IteratorMode::From(&start, Direction::Forward),
+    );
+    let mut batch = ReadBatch::default();
+    for item in iter {
+        let (key, value) = item?;
+        let Some(seq) = key_seq(&key) else {
+            // Sorts after every sequence key; nothing readable follows it.
+            super::lock(&inner.found_damaged).push((key.to_vec(), Damage::Key));
+            break;
+        };
+        if seq > ceiling {
+            break;
+        }
+        let record = match decode_record(&value) {
+            Ok(record) => record,
+            Err(damage) => {
+                // Step over it; the writer moves it to the quarantine before the cursor can
+                // pass it (see writer::run).
+                super::lock(&inner.found_damaged).push((key.to_vec(), damage));
+                batch.last_scanned = seq;
+                continue;
+            }
+        };
+        if let Some(target) = record.target
+            && !any_target
+            && target != consumer.as_bytes()
+        {
+            batch.last_scanned = seq;
+            continue;
+        }
+        if !batch.records.is_empty()
+            && (batch.records.len() >= max_events || batch.bytes + record.json.len() > max_bytes)
+        {
+            break;
+        }
+        batch.bytes += record.json.len();
+        batch.records.push(Record {
+            seq,
+            json: Bytes::copy_from_slice(record.json),
+        });
+        batch.last_scanned = seq;
+        if batch.records.len() >= max_events {
+            break;
+        }
+    }
+    Ok(batch)
+}
+
+/// What `tally-sidecar buffer check` reports.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckReport {
+    pub events: u64,
+    pub damaged: Vec<DamagedRecord>,
+    pub quarantined: u64,
+    pub dead_letters: u64,
+    pub cursors: HashMap<String, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DamagedRecord {
+    pub key: String,
+    pub reason: &'static str,
+}
+
+impl CheckReport {
+    /// Whether the log holds damaged records not yet quarantined.
+    pub fn is_clean(&self) -> bool {
+        self.damaged.is_empty()
+    }
+}
+
+/// Scans the buffer read-only (it may be in use by a running collector) and reports.
+pub fn check(options: BufferOptions) -> Result<CheckReport, BufferError> {
+    let inner = open_read_only(options)?;
+    let db = inner.db()?;
+    let (accounting, _, damaged) = scan_log(&db)?;
+    let consumers = inner.options.consumers();
+    Ok(CheckReport {
+        events: accounting.events,
+        damaged: damaged
+            .iter()
+            .map(|(key, damage)| DamagedRecord {
+                key: display_key(key),
+                reason: damage.as_str(),
+            })
+            .collect(),
+        quarantined: count_quarantined(&db),
+        dead_letters: super::lock(&inner.dead_letters)
+            .values()
+            .map(|(events, _)| events)
+            .sum(),
+        cursors: consumers
+            .into_iter()
+            .map(|c| (c.to_string(), inner.acks.cursor(c)))
+            .collect(),
+    })
+}
+
+/// Repairs a stopped buffer: RocksDB's repairer for damaged files, then every damaged record
+/// to the quarantine. Returns how many records were quarantined.
+pub fn repair(options: BufferOptions) -> Result<u64, BufferError> {
+    if !check_directory(&options.dir)? {
+        return Err(BufferError::NotABuffer {
+            dir: options.dir.clone(),
+            found: "nothing: the directory is missing or empty".into(),
+        });
+    }
+    let (db_opts, _) = db_options(options.dedup_window_ms)?;
+    DB::repair(&db_opts, &options.dir).map_err(|source| BufferError::Open {
+        dir: options.dir.clone(),
+        source,
+    })?;
+    let db = open_db(&options)?;
+    let (_, _, damaged) = scan_log(&db)?;
+    let moved = quarantine(&db, &damaged, &Metrics::new())?;
+    if options.durability == Durability::Sync {
+        db.flush_wal(true)?;
+    }
+    Ok(moved)
+}

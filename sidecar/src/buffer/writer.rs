@@ -1,0 +1,681 @@
+//! The writer thread: every RocksDB write of a writable buffer happens here, so no async worker
+//! ever waits on a write or an fsync, and no lock a request handler takes is held across one.
+//!
+//! Commands are taken in groups (up to [`MAX_GROUP`]); one group becomes two writes:
+//! 1. the durable one: damaged records to the quarantine, dead letters, new events with their
+//!    dedup entries (and `dropOldest` deletions), synced once for the whole group;
+//! 2. after it succeeded, the tickets of the group are settled, and the moved cursors and the
+//!    deletion of every event all consumers have go in a second, unsynced write. Losing that
+//!    one in a crash only means some events are delivered again.
+//!
+//! A failed write (a full disk, an I/O error) leaves RocksDB refusing every further write. The
+//! writer then reopens the database, at most once a second, until a write works again: ingest
+//! answers 503 meanwhile and accepts again as soon as space is back, without a restart.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rocksdb::{DB, WriteBatch, WriteOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use super::accounting::Chunk;
+use super::codec::{Target, cursor_key, encode_record, seq_key};
+use super::open::{CF_DEDUP, CF_EVENTS, CF_META, NEXT_SEQ_KEY, cf, open_db, quarantine};
+use super::{
+    AppendError, Appended, BufferError, Inner, Settlement, Ticket, dead_letter, dedup, lock, now_ms,
+};
+use crate::config::{Durability, WhenFull};
+use crate::event::Event;
+
+/// Most commands coalesced into one group.
+const MAX_GROUP: usize = 512;
+/// Events moved to an output's dead-letter store per `maxLag` step, so one step stays short.
+const MAX_LAG_STEP: usize = 10_000;
+/// The shortest pause between two attempts to reopen the database after a failed write.
+const REOPEN_GAP: Duration = Duration::from_secs(1);
+/// How often the dead-letter retention is applied at most.
+const RETENTION_GAP: Duration = Duration::from_secs(10);
+
+type AppendReply = oneshot::Sender<Result<Appended, AppendError>>;
+type SettleReply = oneshot::Sender<Result<(), BufferError>>;
+
+/// A request to the writer thread.
+pub(super) enum WriterCommand {
+    Append {
+        events: Vec<Event>,
+        reply: AppendReply,
+    },
+    Settle {
+        ticket: Ticket,
+        settlement: Settlement,
+        reply: SettleReply,
+    },
+    Replay {
+        output: Option<String>,
+        reply: oneshot::Sender<Result<usize, BufferError>>,
+    },
+    Maintain {
+        reply: oneshot::Sender<Result<(), BufferError>>,
+    },
+}
+
+#[derive(Default)]
+struct Group {
+    appends: Vec<(Vec<Event>, AppendReply)>,
+    settles: Vec<(Ticket, Settlement, SettleReply)>,
+}
+
+impl Group {
+    fn len(&self) -> usize {
+        self.appends.len() + self.settles.len()
+    }
+}
+
+/// The writer's own state.
+struct Writer {
+    inner: Arc<Inner>,
+    last_reopen: Option<Instant>,
+    last_retention: Option<Instant>,
+}
+
+/// Marks the writer stopped however the thread ends, a panic included, so `/healthz` fails.
+struct AliveFlag(Arc<Inner>);
+
+impl Drop for AliveFlag {
+    fn drop(&mut self) {
+        self.0.writer_alive.store(false, Ordering::SeqCst);
+    }
+}
+
+pub(super) fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriterCommand>) {
+    let _alive = AliveFlag(inner.clone());
+    let mut writer = Writer {
+        inner,
+        last_reopen: None,
+        last_retention: None,
+    };
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = Group::default();
+        let mut pending = Some(first);
+        while let Some(command) = pending.take() {
+            match command {
+                WriterCommand::Append { events, reply } => group.appends.push((events, reply)),
+                WriterCommand::Settle {
+                    ticket,
+                    settlement,
+                    reply,
+                } => group.settles.push((ticket, settlement, reply)),
+                WriterCommand::Replay { output, reply } => {
+                    // Keep order: commit what came before, then replay alone.
+                    writer.commit(std::mem::take(&mut group));
+                    let _ = reply.send(writer.replay(output.as_deref()));
+                }
+                WriterCommand::Maintain { reply } => {
+                    writer.commit(std::mem::take(&mut group));
+                    let _ = reply.send(writer.maintain());
+                }
+            }
+            if group.len() < MAX_GROUP {
+                pending = rx.try_recv().ok();
+            }
+        }
+        writer.commit(group);
+    }
+}
+
+/// What the durable write of a group changes in memory once it succeeded.
+#[derive(Default)]
+struct Effects {
+    new_chunks: Vec<Chunk>,
+    dropped_chunks: Vec<Chunk>,
+    dropped_events: u64,
+    /// (output, events, bytes) added to dead-letter stores.
+    dead_lettered: Vec<(String, u64, u64)>,
+    next_seq: Option<u64>,
+    needs_sync: bool,
+}
+
+impl Writer {
+    fn durability_sync(&self) -> bool {
+        self.inner.options.durability == Durability::Sync
+    }
+
+    /// The database, reopening it first if a write failed before.
+    fn db(&mut self) -> Result<Arc<DB>, BufferError> {
+        if lock(&self.inner.failure).is_some() {
+            self.reopen()?;
+        }
+        self.inner.db()
+    }
+
+    /// Reopens the database after a failed write, at most once per [`REOPEN_GAP`].
+    fn reopen(&mut self) -> Result<(), BufferError> {
+        let failure = lock(&self.inner.failure).clone().unwrap_or_default();
+        if self.last_reopen.is_some_and(|at| at.elapsed() < REOPEN_GAP) {
+            return Err(BufferError::Unavailable(failure));
+        }
+        self.last_reopen = Some(Instant::now());
+        let mut slot = self
+            .inner
+            .db
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Readers hold the database only for one read; RocksDB allows one open instance, so
+        // wait for them to let go.
+        if let Some(old) = slot.take() {
+            let mut old = Some(old);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while let Some(db) = old.take() {
+                match Arc::try_unwrap(db) {
+                    Ok(db) => drop(db),
+                    Err(db) if Instant::now() < deadline => {
+                        old = Some(db);
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(db) => {
+                        *slot = Some(db);
+                        return Err(BufferError::Unavailable(failure));
+                    }
+                }
+            }
+        }
+        match open_db(&self.inner.options) {
+            Ok(db) => {
+                *slot = Some(Arc::new(db));
+                drop(slot);
+                // Prove it takes writes before saying so.
+                if let Err(e) = self.probe() {
+                    tracing::warn!(error = %e, "the buffer storage still refuses writes; retrying in 1s");
+                    return Err(BufferError::Unavailable(e.to_string()));
+                }
+                *lock(&self.inner.failure) = None;
+                self.inner.full.store(false, Ordering::Relaxed);
+                tracing::info!("the buffer storage takes writes again; accepting events");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reopen the buffer storage yet; retrying in 1s");
+                Err(BufferError::Unavailable(failure))
+            }
+        }
+    }
+
+    /// One synced write of the sequence high-water mark.
+    fn probe(&self) -> Result<(), BufferError> {
+        let db = self.inner.db()?;
+        let mut write = WriteOptions::default();
+        write.set_sync(true);
+        let next = *self.inner.last_seq.borrow() + 1;
+        db.put_cf_opt(cf(&db, CF_META)?, NEXT_SEQ_KEY, next.to_be_bytes(), &write)?;
+        Ok(())
+    }
+
+    fn record_failure(&self, e: &BufferError) {
+        let mut failure = lock(&self.inner.failure);
+        if failure.is_none() {
+            tracing::error!(error = %e, "buffer write failed; acknowledged events are safe. Ingest answers 503 until the storage takes writes again (free disk space if it is full)");
+            *failure = Some(e.to_string());
+        }
+    }
+
+    fn commit(&mut self, group: Group) {
+        if group.len() == 0 {
+            return;
+        }
+        let db = match self.db() {
+            Ok(db) => db,
+            Err(e) => return fail_group(group, &e),
+        };
+        self.quarantine_found(&db);
+        if !group.appends.is_empty()
+            && let Err(e) = self.enforce_max_lag(&db)
+        {
+            tracing::error!(error = %e, "cannot enforce maxLag");
+        }
+        let Group { appends, settles } = group;
+        let mut batch = WriteBatch::default();
+        let mut effects = Effects::default();
+        let mut accounting_guard = lock(&self.inner.accounting);
+        // Dead letters first: a batch refused for good is recorded before its cursor moves.
+        let mut settle_results = Vec::with_capacity(settles.len());
+        for (_, settlement, _) in &settles {
+            settle_results.push(match settlement {
+                Settlement::Delivered => Ok(()),
+                Settlement::DeadLettered {
+                    output,
+                    records,
+                    reason,
+                    status,
+                } => dead_letter::put(&db, &mut batch, output, records, reason, *status).map(
+                    |bytes| {
+                        effects
+                            .dead_lettered
+                            .push((output.clone(), records.len() as u64, bytes));
+                        effects.needs_sync = true;
+                    },
+                ),
+            });
+        }
+        let outcomes = match self.stage_appends(
+            &db,
+            &appends,
+            &mut batch,
+            &mut effects,
+            &mut accounting_guard,
+        ) {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                restore(&mut accounting_guard, &effects);
+                drop(accounting_guard);
+                let group = Group { appends, settles };
+                return fail_group(group, &e);
+            }
+        };
+        let mut write = WriteOptions::default();
+        write.set_sync(effects.needs_sync && self.durability_sync());
+        if let Err(e) = db.write_opt(batch, &write) {
+            restore(&mut accounting_guard, &effects);
+            drop(accounting_guard);
+            let e = BufferError::from(e);
+            self.record_failure(&e);
+            return fail_group(Group { appends, settles }, &e);
+        }
+        // Durable: apply the effects in memory.
+        for chunk in &effects.new_chunks {
+            accounting_guard.push(*chunk);
+        }
+        drop(accounting_guard);
+        {
+            let mut counts = lock(&self.inner.dead_letters);
+            for (output, events, bytes) in &effects.dead_lettered {
+                let entry = counts.entry(output.clone()).or_default();
+                entry.0 += events;
+                entry.1 += bytes;
+            }
+        }
+        let metrics = &self.inner.metrics;
+        if !effects.new_chunks.is_empty() {
+            metrics.buffer_commits.inc();
+            let stored: u64 = effects.new_chunks.iter().map(|c| c.events).sum();
+            metrics.buffer_commit_events.observe(stored as f64);
+        }
+        if effects.dropped_events > 0 {
+            tracing::warn!(
+                dropped = effects.dropped_events,
+                "buffer full: dropped the oldest events (whenFull: dropOldest)"
+            );
+        }
+        if let Some(next) = effects.next_seq {
+            self.inner.last_seq.send_replace(next - 1);
+        }
+        for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+        // Settle the tickets, then move cursors and trim in the second write.
+        let mut moved = false;
+        for ((ticket, _, reply), result) in settles.into_iter().zip(settle_results) {
+            if result.is_ok() {
+                moved |= self.inner.acks.settle(&ticket).is_some();
+            }
+            let _ = reply.send(result);
+        }
+        if moved {
+            self.write_cursors_and_trim(&db);
+        }
+        self.inner.publish_gauges();
+    }
+
+    /// Stages the group's appends into `batch`: dedup, capacity, `dropOldest`.
+    fn stage_appends(
+        &self,
+        db: &DB,
+        requests: &[(Vec<Event>, AppendReply)],
+        batch: &mut WriteBatch,
+        effects: &mut Effects,
+        accounting: &mut super::accounting::Accounting,
+    ) -> Result<Vec<Result<Appended, AppendError>>, BufferError> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let events_cf = cf(db, CF_EVENTS)?;
+        let dedup_cf = cf(db, CF_DEDUP)?;
+        let meta_cf = cf(db, CF_META)?;
+        let options = &self.inner.options;
+        let now = now_ms();
+        let window = options.dedup_window_ms;
+        let seen = dedup::lookup(
+            db,
+            requests.iter().flat_map(|(events, _)| events.iter()),
+            window,
+            now,
+        )?;
+        let read_floor = self.inner.acks.read_floor(options.consumers());
+        let mut next = *self.inner.last_seq.borrow() + 1;
+        let mut in_group: HashSet<&[u8]> = HashSet::new();
+        let mut outcomes = Vec::with_capacity(requests.len());
+        let mut group_bytes = 0u64;
+        let mut key_index = 0;
+        for (events, _) in requests {
+            // Decide per request, so one request over the limit does not fail the others.
+            let mut fresh = Vec::with_capacity(events.len());
+            let mut duplicates = 0;
+            for event in events {
+                if window > 0 {
+                    let key = seen.keys[key_index].as_slice();
+                    let is_dup = seen.stored[key_index] || in_group.contains(key);
+                    key_index += 1;
+                    if is_dup {
+                        duplicates += 1;
+                        continue;
+                    }
+                    in_group.insert(key);
+                    fresh.push((event, Some(key)));
+                } else {
+                    fresh.push((event, None));
+                }
+            }
+            let records: Vec<Vec<u8>> = fresh
+                .iter()
+                .map(|(e, _)| encode_record(&Target::All, now, &e.json))
+                .collect();
+            let needed: u64 = records.iter().map(|r| r.len() as u64 + 8).sum();
+            let max = options.max_bytes;
+            if needed > max {
+                release_claims(&mut in_group, &fresh);
+                outcomes.push(Err(AppendError::TooLarge { needed, max }));
+                continue;
+            }
+            let mut dropped = 0;
+            if accounting.bytes + group_bytes + needed > max {
+                match options.when_full {
+                    WhenFull::Reject => {
+                        release_claims(&mut in_group, &fresh);
+                        self.inner.full.store(true, Ordering::Relaxed);
+                        outcomes.push(Err(AppendError::Full {
+                            used: accounting.bytes + group_bytes,
+                            max,
+                        }));
+                        continue;
+                    }
+                    WhenFull::DropOldest => {
+                        while accounting.bytes + group_bytes + needed > max {
+                            let Some(chunk) = accounting.pop_front() else {
+                                break;
+                            };
+                            batch.delete_range_cf(
+                                events_cf,
+                                seq_key(chunk.first),
+                                seq_key(chunk.last + 1),
+                            );
+                            dropped += chunk.unread(read_floor);
+                            effects.dropped_chunks.push(chunk);
+                        }
+                    }
+                }
+            }
+            let first = next;
+            for ((_, key), record) in fresh.iter().zip(records) {
+                batch.put_cf(events_cf, seq_key(next), record);
+                if let Some(key) = key {
+                    batch.put_cf(dedup_cf, key, now.to_be_bytes());
+                }
+                next += 1;
+            }
+            if !fresh.is_empty() {
+                effects.new_chunks.push(Chunk {
+                    first,
+                    last: next - 1,
+                    events: fresh.len() as u64,
+                    bytes: needed,
+                    appended_ms: now,
+                });
+                group_bytes += needed;
+                effects.needs_sync = true;
+            }
+            effects.dropped_events += dropped;
+            outcomes.push(Ok(Appended {
+                stored: fresh.len(),
+                duplicates,
+                dropped,
+            }));
+        }
+        batch.put_cf(meta_cf, NEXT_SEQ_KEY, next.to_be_bytes());
+        effects.next_seq = Some(next);
+        Ok(outcomes)
+    }
+
+    /// Writes every consumer's cursor and deletes what all of them have (unsynced).
+    fn write_cursors_and_trim(&self, db: &DB) {
+        self.inner.notify_cursor_moved();
+        let options = &self.inner.options;
+        let result = (|| -> Result<(), BufferError> {
+            let meta = cf(db, CF_META)?;
+            let events = cf(db, CF_EVENTS)?;
+            let mut batch = WriteBatch::default();
+            for consumer in options.consumers() {
+                let cursor = self.inner.acks.cursor(consumer);
+                batch.put_cf(meta, cursor_key(consumer), cursor.to_be_bytes());
+            }
+            let floor = self.inner.acks.floor(options.consumers());
+            let trimmed = lock(&self.inner.accounting).take_through(floor);
+            if let (Some(first), Some(last)) = (trimmed.first(), trimmed.last()) {
+                batch.delete_range_cf(events, seq_key(first.first), seq_key(last.last + 1));
+            }
+            if let Err(e) = db.write(batch) {
+                // Not deleted after all: account for those events again.
+                let mut accounting = lock(&self.inner.accounting);
+                for chunk in trimmed.into_iter().rev() {
+                    accounting.push_front(chunk);
+                }
+                return Err(e.into());
+            }
+            if !trimmed.is_empty() {
+                self.inner.full.store(false, Ordering::Relaxed);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.record_failure(&e);
+        }
+    }
+
+    /// Moves damaged records readers stepped over into the quarantine.
+    fn quarantine_found(&self, db: &DB) {
+        let found = std::mem::take(&mut *lock(&self.inner.found_damaged));
+        if found.is_empty() {
+            return;
+        }
+        match quarantine(db, &found, &self.inner.metrics) {
+            Ok(moved) => {
+                self.inner.quarantined.fetch_add(moved, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // Keep them for the next group; the cursor cannot pass them before.
+                tracing::error!(error = %e, "cannot quarantine damaged records");
+                lock(&self.inner.found_damaged).extend(found);
+            }
+        }
+    }
+
+    /// Moves the oldest events of outputs more than `maxLag` behind to their dead-letter
+    /// stores, so a dead output cannot fill the buffer that the healthy ones share.
+    fn enforce_max_lag(&self, db: &DB) -> Result<(), BufferError> {
+        for (output, max_lag) in &self.inner.options.max_lag {
+            let lag = lock(&self.inner.accounting).lag(self.inner.acks.cursor(output));
+            if lag <= *max_lag {
+                continue;
+            }
+            let excess = (lag - max_lag).min(MAX_LAG_STEP as u64) as usize;
+            let cursor = self.inner.acks.cursor(output);
+            let read =
+                super::open::read(&self.inner, output, cursor, u64::MAX, excess, usize::MAX)?;
+            if read.last_scanned <= cursor {
+                continue;
+            }
+            let reason = format!(
+                "output was {lag} events behind, more than its maxLag of {max_lag}; the oldest were moved here so the buffer keeps room for the other outputs"
+            );
+            let mut batch = WriteBatch::default();
+            let bytes = dead_letter::put(db, &mut batch, output, &read.records, &reason, None)?;
+            let mut write = WriteOptions::default();
+            write.set_sync(self.durability_sync());
+            db.write_opt(batch, &write)?;
+            let moved = read.records.len() as u64;
+            {
+                let mut counts = lock(&self.inner.dead_letters);
+                let entry = counts.entry(output.clone()).or_default();
+                entry.0 += moved;
+                entry.1 += bytes;
+            }
+            let metrics = &self.inner.metrics;
+            metrics
+                .output_dead_lettered
+                .get_or_create(&metrics.output(output))
+                .inc_by(moved);
+            tracing::warn!(%output, lag, max_lag, moved, "output is over its maxLag; its oldest events moved to the dead-letter store");
+            self.inner.acks.skip_to(output, read.last_scanned);
+            self.write_cursors_and_trim(db);
+        }
+        Ok(())
+    }
+
+    /// Upkeep: reopen after a failure, `maxLag`, trimming, dead-letter retention.
+    fn maintain(&mut self) -> Result<(), BufferError> {
+        let db = self.db()?;
+        self.quarantine_found(&db);
+        self.enforce_max_lag(&db)?;
+        self.write_cursors_and_trim(&db);
+        if self
+            .last_retention
+            .is_none_or(|at| at.elapsed() >= RETENTION_GAP)
+        {
+            self.last_retention = Some(Instant::now());
+            self.apply_retention(&db)?;
+        }
+        self.inner.publish_gauges();
+        Ok(())
+    }
+
+    /// Deletes the oldest dead letters beyond the store's size or age, and counts them.
+    fn apply_retention(&self, db: &DB) -> Result<(), BufferError> {
+        let options = &self.inner.options;
+        let max_bytes = options.dead_letter_max_bytes;
+        let max_age_ms = options.dead_letter_max_age_ms;
+        let counts: Vec<(String, (u64, u64))> = lock(&self.inner.dead_letters)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let mut total: u64 = counts.iter().map(|(_, (_, bytes))| bytes).sum();
+        let now = time::OffsetDateTime::now_utc();
+        for (output, (events, _)) in counts {
+            if events == 0 {
+                continue;
+            }
+            let mut batch = WriteBatch::default();
+            let start_total = total;
+            let (deleted, freed) =
+                dead_letter::expire(db, &mut batch, &output, |_, freed, failed_at| {
+                    let too_big = max_bytes > 0 && start_total - freed > max_bytes;
+                    let too_old = max_age_ms > 0
+                        && time::OffsetDateTime::parse(
+                            failed_at,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .is_ok_and(|at| (now - at).whole_milliseconds() > i128::from(max_age_ms));
+                    too_big || too_old
+                })?;
+            if deleted == 0 {
+                continue;
+            }
+            db.write(batch)?;
+            total -= freed;
+            let mut counts = lock(&self.inner.dead_letters);
+            let entry = counts.entry(output.clone()).or_default();
+            entry.0 = entry.0.saturating_sub(deleted);
+            entry.1 = entry.1.saturating_sub(freed);
+            drop(counts);
+            let metrics = &self.inner.metrics;
+            metrics
+                .dead_letter_expired
+                .get_or_create(&metrics.output(&output))
+                .inc_by(deleted);
+            tracing::warn!(%output, deleted, "dead letters deleted by the store's retention (deadLetter.maxBytes / maxAge)");
+        }
+        Ok(())
+    }
+
+    fn replay(&mut self, output: Option<&str>) -> Result<usize, BufferError> {
+        let db = self.db()?;
+        let now = now_ms();
+        let first = *self.inner.last_seq.borrow() + 1;
+        let mut batch = WriteBatch::default();
+        let replayed = dead_letter::replay(
+            &db,
+            &mut batch,
+            output,
+            &self.inner.options.outputs,
+            now,
+            first,
+        )?;
+        if replayed.events == 0 {
+            return Ok(0);
+        }
+        let next = first + replayed.events;
+        batch.put_cf(cf(&db, CF_META)?, NEXT_SEQ_KEY, next.to_be_bytes());
+        let mut write = WriteOptions::default();
+        write.set_sync(true);
+        if let Err(e) = db.write_opt(batch, &write) {
+            let e = BufferError::from(e);
+            self.record_failure(&e);
+            return Err(e);
+        }
+        lock(&self.inner.accounting).push(Chunk {
+            first,
+            last: next - 1,
+            events: replayed.events,
+            bytes: replayed.bytes,
+            appended_ms: now,
+        });
+        {
+            let mut counts = lock(&self.inner.dead_letters);
+            for (name, (events, bytes)) in replayed.taken {
+                let entry = counts.entry(name).or_default();
+                entry.0 = entry.0.saturating_sub(events);
+                entry.1 = entry.1.saturating_sub(bytes);
+            }
+        }
+        self.inner.last_seq.send_replace(next - 1);
+        self.inner.publish_gauges();
+        Ok(replayed.events as usize)
+    }
+}
+
+/// Undoes the dedup claims of a refused request: its events were not stored, so a later
+/// request of the same group may store them.
+fn release_claims<'k>(in_group: &mut HashSet<&'k [u8]>, fresh: &[(&Event, Option<&'k [u8]>)]) {
+    for (_, key) in fresh {
+        if let Some(key) = key {
+            in_group.remove(key);
+        }
+    }
+}
+
+/// Puts back what a failed write would have removed from the accounting.
+fn restore(accounting: &mut super::accounting::Accounting, effects: &Effects) {
+    for chunk in effects.dropped_chunks.iter().rev() {
+        accounting.push_front(*chunk);
+    }
+}
+
+/// Answers every request of a group that was not written.
+fn fail_group(group: Group, e: &BufferError) {
+    let message = e.to_string();
+    for (_, reply) in group.appends {
+        let _ = reply.send(Err(AppendError::Storage(message.clone())));
+    }
+    for (_, _, reply) in group.settles {
+        let _ = reply.send(Err(BufferError::Unavailable(message.clone())));
+    }
+}
