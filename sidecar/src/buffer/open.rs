@@ -135,6 +135,22 @@ fn check_directory(dir: &Path) -> Result<bool, BufferError> {
     Ok(true)
 }
 
+/// Syncs `dir` and its parent, so a directory just created survives a power cut; ancestors
+/// further up (which `create_dir_all` may have created too) are synced where they can be opened.
+fn sync_parents(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()?;
+    let mut ancestors = dir.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = ancestors.next() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    for ancestor in ancestors {
+        if let Ok(file) = std::fs::File::open(ancestor) {
+            let _ = file.sync_all();
+        }
+    }
+    Ok(())
+}
+
 fn is_corruption(e: &rocksdb::Error) -> bool {
     e.kind() == rocksdb::ErrorKind::Corruption
 }
@@ -175,6 +191,15 @@ pub(super) fn open_writable(
         dir: dir.clone(),
         source,
     })?;
+    if !existed {
+        // RocksDB syncs the entries of its own directory, not the directory's entry in its
+        // parent: without this, a power cut can take a buffer that was just created, and every
+        // event acknowledged into it, with that entry.
+        sync_parents(&dir).map_err(|source| BufferError::CreateDir {
+            dir: dir.clone(),
+            source,
+        })?;
+    }
     let db = open_db(&options)?;
     let meta = cf(&db, CF_META)?;
     match db.get_cf(meta, FORMAT_KEY)? {
