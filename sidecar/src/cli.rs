@@ -118,6 +118,20 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Naming an output the configuration does not have is a usage error, told apart from an
+    // empty dead-letter store (which would otherwise look the same: nothing listed).
+    if let Some(Command::DeadLetter {
+        command:
+            DeadLetterCommand::List {
+                output: Some(name), ..
+            }
+            | DeadLetterCommand::Replay { output: Some(name) },
+    }) = &cli.command
+        && let Err(message) = known_output(&config, name)
+    {
+        eprintln!("error: {message}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let result = match cli.command {
         None | Some(Command::Run) => run(config),
         Some(Command::Buffer {
@@ -315,14 +329,27 @@ fn dead_letter_list(
     Ok(())
 }
 
+/// `Err` with what to write instead when the configuration has no output `name`.
+fn known_output(config: &Config, name: &str) -> Result<(), String> {
+    let names: Vec<&str> = config
+        .outputs
+        .targets
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    if names.contains(&name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--output {name:?}: the configuration has no output of that name; its outputs are: {}",
+            names.join(", ")
+        ))
+    }
+}
+
 /// Replays offline when no collector runs on the data directory, else through the running
 /// collector's admin API (RocksDB allows one writer process).
 fn dead_letter_replay(config: &Config, output: Option<String>) -> anyhow::Result<()> {
-    if let Some(name) = &output
-        && !config.outputs.targets.iter().any(|t| &t.name == name)
-    {
-        anyhow::bail!("no output named {name:?} in the configuration");
-    }
     let replayed = match DurableBuffer::open(
         buffer_options(config),
         std::sync::Arc::new(crate::metrics::Metrics::new()),

@@ -167,6 +167,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .collect::<HashSet<_>>(),
         pod,
         stopping: AtomicBool::new(false),
+        outputs: targets.iter().map(|t| t.name.clone()).collect(),
     });
     let stats = buffer.stats();
     tracing::info!(

@@ -668,6 +668,18 @@ impl Config {
         let config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
+            // serde's derived structs reject a repeated field only with the location of the
+            // mapping, and maps (`headers`) keep the last value silently; a repeated key is
+            // almost always an editing mistake, so it is refused with its own line first.
+            if let Some((key, line, column)) = yaml::duplicate_key(text) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "is set twice in the same mapping; delete one of the two \
+                         (a key may appear once) at line {line} column {column}"
+                    ),
+                ));
+            }
             let de = serde_yaml::Deserializer::from_str(text);
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let key = e.path().to_string();
@@ -685,9 +697,15 @@ impl Config {
                 invalid(key, message)
             })?
         };
-        config
-            .validate()
-            .map_err(|(key, message)| invalid(key, message))?;
+        config.validate().map_err(|(key, message)| {
+            // Rules checked after parsing still point into the text: at the key's value, or
+            // at the nearest enclosing mapping when the key is absent (a default applies).
+            let message = match yaml::locate(text, &key) {
+                Some((line, column)) => format!("{message} at line {line} column {column}"),
+                None => message,
+            };
+            invalid(key, message)
+        })?;
         Ok(config)
     }
 
@@ -719,6 +737,17 @@ impl Config {
             return Err((
                 "ingest.readTimeout".into(),
                 "must be greater than 0s".into(),
+            ));
+        }
+        if self
+            .ingest
+            .auth_token
+            .as_deref()
+            .is_some_and(|token| token.trim().is_empty())
+        {
+            return Err((
+                "ingest.authToken".into(),
+                "is empty; an empty token does not turn authentication off. Set a token, or remove the key to accept requests without one".into(),
             ));
         }
         if self.ingest.auth_token.is_some() && self.ingest.auth_token_from.is_some() {
@@ -1004,6 +1033,306 @@ fn resolve_secret(
     }
 }
 
+/// Positions in the configuration's YAML text, for errors found after parsing. serde_yaml
+/// exposes no node positions, but it stamps an error raised while it deserialises a node with
+/// that node's line and column; these walkers raise one at the node they look for.
+mod yaml {
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    /// The message of the error a walker raises on purpose; only its position is used.
+    const HERE: &str = "tally: position marker";
+
+    enum Segment<'a> {
+        Key(&'a str),
+        Index(usize),
+    }
+
+    /// `outputs.targets[0].retry` → `outputs`, `targets`, `0`, `retry`.
+    fn segments(path: &str) -> Vec<Segment<'_>> {
+        let mut out = Vec::new();
+        for part in path.split('.') {
+            let (name, indexes) = part.split_once('[').unwrap_or((part, ""));
+            if !name.is_empty() {
+                out.push(Segment::Key(name));
+            }
+            for index in indexes.split('[') {
+                if let Ok(i) = index.trim_end_matches(']').parse() {
+                    out.push(Segment::Index(i));
+                }
+            }
+        }
+        out
+    }
+
+    /// Line and column (1-based) of the value at `path` (`outputs.targets[1].name`), or of the
+    /// nearest enclosing node when the key is absent.
+    pub(super) fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
+        let path = segments(path);
+        let error = Find { path: &path }
+            .deserialize(serde_yaml::Deserializer::from_str(text))
+            .err()?;
+        error.location().map(|l| (l.line(), l.column()))
+    }
+
+    struct Find<'a> {
+        path: &'a [Segment<'a>],
+    }
+
+    impl<'de> DeserializeSeed<'de> for Find<'_> {
+        type Value = ();
+
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Find<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any YAML node")
+        }
+
+        // A scalar is the node looked for, or the nearest one to it.
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let Some((Segment::Key(wanted), rest)) = self.path.split_first() else {
+                return Err(de::Error::custom(HERE));
+            };
+            while let Some(key) = map.next_key_seed(KeyText { seen: None })? {
+                if key.as_deref() == Some(*wanted) {
+                    return map.next_value_seed(Find { path: rest });
+                }
+                map.next_value::<IgnoredAny>()?;
+            }
+            // Absent: this mapping is the nearest node.
+            Err(de::Error::custom(HERE))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let Some((Segment::Index(wanted), rest)) = self.path.split_first() else {
+                return Err(de::Error::custom(HERE));
+            };
+            for _ in 0..*wanted {
+                if seq.next_element::<IgnoredAny>()?.is_none() {
+                    return Err(de::Error::custom(HERE));
+                }
+            }
+            match seq.next_element_seed(Find { path: rest })? {
+                Some(()) => Ok(()),
+                None => Err(de::Error::custom(HERE)),
+            }
+        }
+    }
+
+    /// A mapping key as text (`None` for a key that is itself a mapping or a list). With `seen`,
+    /// a key already in it is refused from inside the key's own node, so the error carries the
+    /// position of the repeated key.
+    struct KeyText<'s> {
+        /// The keys of this mapping so far, and where a repeated one is written.
+        seen: Option<(&'s mut HashSet<String>, &'s RefCell<Option<String>>)>,
+    }
+
+    impl KeyText<'_> {
+        fn key<E: de::Error>(self, key: String) -> Result<Option<String>, E> {
+            match self.seen {
+                Some((seen, repeated)) if seen.contains(&key) => {
+                    *repeated.borrow_mut() = Some(key);
+                    Err(E::custom(HERE))
+                }
+                Some((seen, _)) => {
+                    seen.insert(key.clone());
+                    Ok(Some(key))
+                }
+                None => Ok(Some(key)),
+            }
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for KeyText<'_> {
+        type Value = Option<String>;
+
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for KeyText<'_> {
+        type Value = Option<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a mapping key")
+        }
+
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            self.key(v.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            self.key(v.to_string())
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            self.key(v.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            self.key(v.to_string())
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            self.key(v.to_string())
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            self.key("null".to_string())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+
+    /// The first key that a mapping of the document repeats: its path, line and column.
+    /// `None` when there is none, or when the text is not valid YAML (the parser then reports
+    /// the syntax error itself).
+    pub(super) fn duplicate_key(text: &str) -> Option<(String, usize, usize)> {
+        let found = RefCell::new(None);
+        let error = Unique {
+            path: String::new(),
+            found: &found,
+        }
+        .deserialize(serde_yaml::Deserializer::from_str(text))
+        .err()?;
+        let path = found.into_inner()?;
+        let location = error.location()?;
+        Some((path, location.line(), location.column()))
+    }
+
+    struct Unique<'a> {
+        path: String,
+        found: &'a RefCell<Option<String>>,
+    }
+
+    impl Unique<'_> {
+        fn child(&self, key: &str) -> String {
+            if self.path.is_empty() {
+                key.to_string()
+            } else {
+                format!("{}.{key}", self.path)
+            }
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Unique<'_> {
+        type Value = ();
+
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Unique<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any YAML node")
+        }
+
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i128<E: de::Error>(self, _: i128) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u128<E: de::Error>(self, _: u128) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+            // A tagged node (`!tag value`): its content may hold mappings too.
+            let (IgnoredAny, variant) = data.variant::<IgnoredAny>()?;
+            de::VariantAccess::newtype_variant_seed(variant, self)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = HashSet::new();
+            let repeated = RefCell::new(None);
+            loop {
+                let key = match map.next_key_seed(KeyText {
+                    seen: Some((&mut seen, &repeated)),
+                }) {
+                    Ok(Some(key)) => key,
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        if let Some(key) = repeated.take() {
+                            *self.found.borrow_mut() = Some(self.child(&key));
+                        }
+                        return Err(e);
+                    }
+                };
+                let path = match &key {
+                    Some(key) => self.child(key),
+                    None => self.path.clone(),
+                };
+                map.next_value_seed(Unique {
+                    path,
+                    found: self.found,
+                })?;
+            }
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut index = 0;
+            while seq
+                .next_element_seed(Unique {
+                    path: format!("{}[{index}]", self.path),
+                    found: self.found,
+                })?
+                .is_some()
+            {
+                index += 1;
+            }
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1103,6 +1432,65 @@ outputs:
     }
 
     #[test]
+    fn errors_found_after_parsing_name_line_and_column() {
+        let webhook = "outputs:\n  targets:\n    - name: hook\n      type: webhook\n      url: http://127.0.0.1:1\n";
+        let cases = [
+            (
+                "ingest:\n  maxBodyBytes: 1Mi\n  maxBodyBytes: 2Mi\n",
+                "ingest.maxBodyBytes",
+                "line 3 column 3",
+            ),
+            (
+                "outputs:\n  targets:\n    - name: a\n      type: webhook\n      url: http://x\n      secret: s\n      headers:\n        X-A: 1\n        X-A: 2\n",
+                "outputs.targets[0].headers.X-A",
+                "line 9 column 9",
+            ),
+            (
+                "outputs:\n  targets:\n    - name: twin\n      type: stdout\n    - name: twin\n      type: stdout\n",
+                "outputs.targets[1].name",
+                "line 5 column 13",
+            ),
+            (
+                "outputs:\n  targets:\n    - name: up\n      type: openmeter\n",
+                "outputs.targets[0].url",
+                "line 3 column 7",
+            ),
+            (webhook, "outputs.targets[0].secretFrom", "line 3 column 7"),
+            (
+                "outputs:\n  targets:\n    - name: a\n      type: stdout\n      batching:\n        count: 0\n",
+                "outputs.targets[0].batching.count",
+                "line 6 column 16",
+            ),
+            (
+                "outputs:\n  targets:\n    - name: a\n      type: stdout\n      retry: { initialInterval: 2s, maxInterval: 1s }\n",
+                "outputs.targets[0].retry.maxInterval",
+                "line 5 column 50",
+            ),
+            (
+                "ingest:\n  authToken: \"\"\n",
+                "ingest.authToken",
+                "line 2 column 14",
+            ),
+        ];
+        for (text, key, at) in cases {
+            let err = Config::parse(text, "f.yaml").expect_err(text).to_string();
+            assert!(
+                err.starts_with(&format!("f.yaml: {key}: ")),
+                "{text}: {err} should name {key}"
+            );
+            assert!(err.ends_with(at), "{text}: {err} should end with {at}");
+        }
+    }
+
+    #[test]
+    fn an_empty_token_is_not_auth_off() {
+        let err = Config::parse("ingest: { authToken: \"  \" }", "f.yaml").expect_err("empty");
+        assert!(err.to_string().contains("remove the key"), "{err}");
+        let config = Config::parse("ingest: { authToken: null }", "f.yaml").expect("null is off");
+        assert_eq!(config.ingest.auth_token, None);
+    }
+
+    #[test]
     fn pod_identity_comes_from_its_sources() {
         let dir = tempfile::tempdir().expect("tempdir");
         let namespace = dir.path().join("namespace");
@@ -1134,7 +1522,7 @@ outputs:
         let error = Config::parse("pod: { nameFrom: {} }", "test").expect_err("empty source");
         assert_eq!(
             error.to_string(),
-            "test: pod.nameFrom: set exactly one of `env` or `file`"
+            "test: pod.nameFrom: set exactly one of `env` or `file` at line 1 column 18"
         );
     }
 

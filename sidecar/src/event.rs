@@ -114,12 +114,131 @@ pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, Inv
 
 /// Validates one event given as JSON text, keeping that text.
 fn validate_raw(text: &str, at: &str) -> Result<Event, InvalidEvent> {
-    let value: Value = serde_json::from_str(text).map_err(|e| InvalidEvent {
-        location: at.to_string(),
-        message: format!("not valid JSON: {e}"),
-        events: 1,
-    })?;
+    let value = parse_unique(text, at, "not valid JSON")?;
     validate(value, at, text.trim())
+}
+
+/// Parses JSON text into a value, refusing an object that has a key twice. serde_json would
+/// keep the last one, while the text, forwarded as is, still holds both; receivers differ on
+/// which one counts (two `id`s could be deduplicated under one and billed under the other), so
+/// such an event is not accepted at all. `at` names the node in errors (`events[3]`).
+fn parse_unique(text: &str, at: &str, not_json: &str) -> Result<Value, InvalidEvent> {
+    use serde::de::DeserializeSeed;
+    let repeated = std::cell::RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let result = UniqueValue {
+        path: Path::Root,
+        repeated: &repeated,
+    }
+    .deserialize(&mut de)
+    .and_then(|value| de.end().map(|()| value));
+    result.map_err(|e| match repeated.into_inner() {
+        Some((path, key)) => InvalidEvent {
+            location: format!("{at}{path}"),
+            message: format!(
+                "has the key {key:?} twice; each key may appear once in an object, so send one {key:?}"
+            ),
+            events: 1,
+        },
+        None => InvalidEvent {
+            location: at.to_string(),
+            message: format!("{not_json}: {e}"),
+            events: 1,
+        },
+    })
+}
+
+/// Where a JSON node is, built only when an error names it.
+#[derive(Clone, Copy)]
+enum Path<'a> {
+    Root,
+    Key(&'a Path<'a>, &'a str),
+    Index(&'a Path<'a>, usize),
+}
+
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Root => Ok(()),
+            Path::Key(parent, key) => write!(f, "{parent}.{key}"),
+            Path::Index(parent, index) => write!(f, "{parent}[{index}]"),
+        }
+    }
+}
+
+/// A [`Value`] deserialiser that records the first repeated key (the object's path and the
+/// key) and fails there.
+struct UniqueValue<'a> {
+    path: Path<'a>,
+    repeated: &'a std::cell::RefCell<Option<(String, String)>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueValue<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueValue<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(UniqueValue {
+            path: Path::Index(&self.path, items.len()),
+            repeated: self.repeated,
+        })? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                *self.repeated.borrow_mut() = Some((self.path.to_string(), key.clone()));
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let value = map.next_value_seed(UniqueValue {
+                path: Path::Key(&self.path, &key),
+                repeated: self.repeated,
+            })?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// Parses a CloudEvents binary-mode request: attributes in `ce-*` headers, the body is `data`
@@ -128,16 +247,23 @@ pub fn parse_binary(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, Inva
     let mut map = Map::new();
     // Required attributes first so the stored event reads like a structured one.
     for name in ["specversion", "id", "source", "type", "subject", "time"] {
-        if let Some(value) = headers.get(format!("ce-{name}")) {
-            map.insert(name.to_string(), Value::String(header_text(value, name)?));
+        let header = format!("ce-{name}");
+        if headers.contains_key(&header) {
+            map.insert(
+                name.to_string(),
+                Value::String(header_text(headers, &header, name)?),
+            );
         }
     }
-    for (name, value) in headers {
+    for name in headers.keys() {
         let Some(attr) = name.as_str().strip_prefix("ce-") else {
             continue;
         };
         if !map.contains_key(attr) {
-            map.insert(attr.to_string(), Value::String(header_text(value, attr)?));
+            map.insert(
+                attr.to_string(),
+                Value::String(header_text(headers, name.as_str(), attr)?),
+            );
         }
     }
     map.insert(
@@ -156,25 +282,68 @@ pub fn parse_binary(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, Inva
         text.push_str(",\"data\":");
         text.push_str(data.get().trim());
         text.push('}');
-        let parsed: Value = serde_json::from_str(data.get()).map_err(|e| InvalidEvent {
-            location: "event.data".into(),
-            message: format!("the body (the event's data) is not valid JSON: {e}"),
-            events: 1,
-        })?;
+        let parsed = parse_unique(
+            data.get(),
+            "event.data",
+            "the body (the event's data) is not valid JSON",
+        )?;
         map.insert("data".into(), parsed);
     }
     Ok(vec![validate(Value::Object(map), "event", &text)?])
 }
 
-fn header_text(value: &http::HeaderValue, attr: &str) -> Result<String, InvalidEvent> {
-    value
-        .to_str()
-        .map(str::to_string)
-        .map_err(|_| InvalidEvent {
-            location: format!("event.{attr}"),
-            message: format!("header ce-{attr} is not visible ASCII text"),
-            events: 1,
-        })
+/// The attribute value of a `ce-*` header. The CloudEvents HTTP binding (3.1.3.2) has senders
+/// percent-encode space, `"`, `%` and everything outside printable ASCII, as UTF-8, and
+/// receivers decode it; a `%` that starts no valid escape is refused rather than guessed at.
+fn header_text(headers: &HeaderMap, name: &str, attr: &str) -> Result<String, InvalidEvent> {
+    let fail = |message: String| InvalidEvent {
+        location: format!("event.{attr}"),
+        message,
+        events: 1,
+    };
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Err(fail(format!("header {name} is missing")));
+    };
+    if values.next().is_some() {
+        return Err(fail(format!(
+            "header {name} is sent more than once; send each attribute once"
+        )));
+    }
+    let bytes = value.as_bytes();
+    if bytes
+        .iter()
+        .any(|b| !(0x20..0x7f).contains(b) && *b != b'\t')
+    {
+        return Err(fail(format!(
+            "header {name} holds bytes outside printable ASCII; percent-encode them as UTF-8 (%C3%A9 for é), as the CloudEvents HTTP binding says"
+        )));
+    }
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte != b'%' {
+            decoded.push(byte);
+            rest = tail;
+            continue;
+        }
+        let escape = tail
+            .get(..2)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        let Some(escaped) = escape else {
+            return Err(fail(format!(
+                "header {name} has a % that does not start a percent-encoded byte (%XX with two hex digits); write a literal % as %25"
+            )));
+        };
+        decoded.push(escaped);
+        rest = &tail[2..];
+    }
+    String::from_utf8(decoded).map_err(|_| {
+        fail(format!(
+            "header {name} does not decode to UTF-8 text; percent-encode the attribute's UTF-8 bytes"
+        ))
+    })
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -457,6 +626,62 @@ mod tests {
             let err = parse_structured(&body, BodyShape::Single).expect_err(key);
             assert_eq!(err.location, format!("event.{field}"), "{attr}");
         }
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_naming_event_and_key() {
+        let twice =
+            r#"{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","id":"b"}"#;
+        let body = format!("[{GOOD},{twice}]");
+        let err = parse_structured(body.as_bytes(), BodyShape::Batch).expect_err("two ids");
+        assert_eq!(err.location, "events[1]");
+        assert!(err.message.contains(r#""id" twice"#), "{}", err.message);
+        assert_eq!(err.events, 2);
+
+        let nested = r#"{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","data":{"m":[{"x":1,"x":2}]}}"#;
+        let err = parse_structured(nested.as_bytes(), BodyShape::Single).expect_err("nested");
+        assert_eq!(err.location, "event.data.m[0]");
+        assert!(err.message.contains(r#""x" twice"#), "{}", err.message);
+
+        // The same key in different objects is fine.
+        let apart = r#"{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","data":{"id":1,"o":{"id":2}}}"#;
+        assert!(parse_structured(apart.as_bytes(), BodyShape::Single).is_ok());
+    }
+
+    #[test]
+    fn binary_mode_headers_are_percent_decoded() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "b%2F1"),
+            ("ce-source", "svc%20%22x%22"),
+            ("ce-type", "t"),
+            ("ce-subject", "caf%C3%A9 100%25"),
+        ] {
+            headers.insert(name, http::HeaderValue::from_static(value));
+        }
+        let events = parse_binary(&headers, b"").expect("valid");
+        let value: Value = serde_json::from_slice(&events[0].json).expect("json");
+        assert_eq!(value["id"], "b/1");
+        assert_eq!(value["source"], "svc \"x\"");
+        assert_eq!(value["subject"], "café 100%");
+        assert_eq!(events[0].id, "b/1");
+
+        for (bad, why) in [
+            ("100%", "% at the end"),
+            ("%zz", "not hex"),
+            ("%C3", "not UTF-8"),
+        ] {
+            let mut broken = headers.clone();
+            broken.insert("ce-subject", http::HeaderValue::from_static(bad));
+            let err = parse_binary(&broken, b"").expect_err(why);
+            assert_eq!(err.location, "event.subject", "{why}");
+            assert!(err.message.contains("ce-subject"), "{why}: {}", err.message);
+        }
+        let mut twice = headers.clone();
+        twice.append("ce-id", http::HeaderValue::from_static("other"));
+        let err = parse_binary(&twice, b"").expect_err("two ce-id headers");
+        assert_eq!(err.location, "event.id");
     }
 
     #[test]

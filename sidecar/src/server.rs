@@ -32,6 +32,8 @@ pub struct AppState {
     /// Makes room when the buffer is full and some output has a `maxLag`.
     /// Set on SIGTERM: ingest answers 503 from then on.
     pub stopping: AtomicBool,
+    /// The configured outputs' names, so the admin API can tell an unknown one.
+    pub outputs: Vec<String>,
 }
 
 /// The router of the sidecar's HTTP server.
@@ -107,12 +109,19 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(bearer_token)
         .unwrap_or_default();
-    constant_time_eq(presented.trim().as_bytes(), expected.as_bytes())
+    constant_time_eq(presented.as_bytes(), expected.as_bytes())
+}
+
+/// The token of an `Authorization: Bearer <token>` value. Auth schemes are case-insensitive
+/// (RFC 7235 2.1), so `bearer` and `BEARER` are the same scheme.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -477,6 +486,20 @@ async fn admin_replay(
     if !authorized(&state, &headers) {
         return unauthorized(&headers).into_response();
     }
+    if let Some(name) = &query.output
+        && !state.outputs.contains(name)
+    {
+        return Problem::new(
+            StatusCode::NOT_FOUND,
+            "unknown-output",
+            "Not Found",
+            format!(
+                "no output named {name:?}; the configured outputs are: {}",
+                state.outputs.join(", ")
+            ),
+        )
+        .into_response();
+    }
     match state.buffer.replay_dead_letters(query.output).await {
         Ok(replayed) => axum::Json(serde_json::json!({ "replayed": replayed })).into_response(),
         Err(e) => storage_problem(e).into_response(),
@@ -523,6 +546,22 @@ mod tests {
             ("ce-specversion", "1.0"),
         ]);
         assert!(matches!(body_mode(&binary), Ok(None)));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for value in [
+            "Bearer t0k",
+            "bearer t0k",
+            "BEARER t0k",
+            "bEaReR  t0k ",
+            "Bearer\tt0k",
+        ] {
+            assert_eq!(bearer_token(value), Some("t0k"), "{value:?}");
+        }
+        for value in ["Basic t0k", "Bearer", "Bearer ", "Bearert0k", "t0k"] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
     }
 
     #[test]

@@ -171,12 +171,47 @@ fn broken_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         (
             "duplicate output names",
             "outputs:\n  targets:\n    - name: twin\n      type: stdout\n    - name: twin\n      type: stdout\n".to_string(),
-            vec!["outputs.targets", "twin"],
+            vec!["outputs.targets[1].name", "twin", "line 5 column 13"],
         ),
         (
             "openmeter output without url",
             "outputs:\n  targets:\n    - name: up\n      type: openmeter\n".to_string(),
-            vec!["outputs.targets[0]", "url"],
+            vec!["outputs.targets[0].url", "needs a url", "line 3 column 7"],
+        ),
+        (
+            "webhook output without a secret",
+            "outputs:\n  targets:\n    - name: hook\n      type: webhook\n      url: http://127.0.0.1:1\n".to_string(),
+            vec!["outputs.targets[0].secretFrom", "signing secret", "line 3 column 7"],
+        ),
+        (
+            "duplicate top-level key",
+            "listen: 127.0.0.1:1\ndedup: { window: 1h }\nlisten: 127.0.0.1:2\n".to_string(),
+            vec!["listen", "set twice", "line 3 column 1"],
+        ),
+        (
+            "duplicate nested key",
+            target("      batching:\n        count: 10\n        period: 1s\n        count: 20\n"),
+            vec!["outputs.targets[0].batching.count", "set twice", "line 9 column 9"],
+        ),
+        (
+            "batching count 0",
+            target("      batching: { count: 0 }\n"),
+            vec!["outputs.targets[0].batching.count", "at least 1", "line 6 column 26"],
+        ),
+        (
+            "maxInterval shorter than initialInterval",
+            target("      retry:\n        initialInterval: 10s\n        maxInterval: 1s\n"),
+            vec!["outputs.targets[0].retry.maxInterval", "initialInterval", "line 8 column 22"],
+        ),
+        (
+            "maxInterval left at its default, shorter than initialInterval",
+            target("      retry:\n        initialInterval: 1m\n"),
+            vec!["outputs.targets[0].retry.maxInterval", "initialInterval", "line 7 column 9"],
+        ),
+        (
+            "empty ingest token",
+            "ingest:\n  authToken: \"\"\n".to_string(),
+            vec!["ingest.authToken", "remove the key", "line 2 column 14"],
         ),
         (
             "YAML syntax error",

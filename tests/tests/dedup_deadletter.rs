@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_tests::events::id_of;
-use tally_tests::{Behaviour, Sidecar, TestUpstream, event, event_from, poll_until};
+use tally_tests::{
+    Behaviour, Sidecar, TestUpstream, assert_problem, event, event_from, poll_until,
+};
 
 const DELIVERY: Duration = Duration::from_secs(30);
 
@@ -345,4 +347,69 @@ async fn buffer_stats_show_events_bytes_age_and_lag() {
         .json();
     assert_eq!(stats["events"], 0, "{stats}");
     assert_eq!(stats["outputs"][0]["lag"], 0, "{stats}");
+}
+
+/// Naming an output the configuration does not have is an error, which a script can tell from
+/// an empty dead-letter store: the admin API answers 404 problem+json, the CLI exits 2, both
+/// naming the outputs there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_output_is_a_404_and_exit_2_not_an_empty_store() {
+    let upstream = TestUpstream::start().await;
+    let sidecar = Sidecar::builder()
+        .openmeter_output("upstream", &upstream.url())
+        .set("ingest.authToken", json!("adm1n"))
+        .start()
+        .await;
+    let replay = async |output: &str| {
+        sidecar
+            .request(
+                reqwest::Method::POST,
+                &format!("/admin/dead-letter/replay?output={output}"),
+            )
+            .bearer_auth("adm1n")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("replay {output}: {e}"))
+    };
+    let response = replay("nope").await;
+    assert_problem(
+        "replay of an output that does not exist",
+        response,
+        404,
+        &["\"nope\"", "upstream"],
+    )
+    .await;
+    let response = replay("upstream").await;
+    assert_eq!(response.status(), 200, "a configured output");
+    let body: Value = response.json().await.unwrap_or_default();
+    assert_eq!(body["replayed"], 0, "{body}");
+
+    for args in [
+        ["dead-letter", "list", "--output", "nope"],
+        ["dead-letter", "replay", "--output", "nope"],
+    ] {
+        let output = sidecar.run_cli(&args).await;
+        assert_eq!(
+            output.code(),
+            Some(2),
+            "{args:?}: stdout {:?} stderr {:?}",
+            output.stdout,
+            output.stderr
+        );
+        assert!(
+            output.stderr.contains("\"nope\"") && output.stderr.contains("upstream"),
+            "{args:?}: the error names the output and the configured ones: {}",
+            output.stderr
+        );
+        assert!(output.stdout.is_empty(), "{args:?}: {}", output.stdout);
+    }
+    let known = sidecar
+        .run_cli(&["dead-letter", "list", "--output", "upstream"])
+        .await;
+    known.assert_success();
+    assert!(
+        known.stdout.contains("0 dead-lettered events"),
+        "{}",
+        known.stdout
+    );
 }

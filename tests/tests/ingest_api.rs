@@ -790,3 +790,159 @@ async fn a_body_that_does_not_arrive_in_time_gets_408() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let upstream = TestUpstream::start().await;
+    let sidecar = Sidecar::builder()
+        .openmeter_output("upstream", &upstream.url())
+        .set("ingest.authToken", json!("s3cret"))
+        .start()
+        .await;
+    let mut accepted = Vec::new();
+    // RFC 7235 2.1: the auth scheme is case-insensitive; the token is not.
+    for (n, authorization) in [
+        "Bearer s3cret",
+        "bearer s3cret",
+        "BEARER s3cret",
+        "bEaReR s3cret",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("scheme-{n}");
+        let response = sidecar
+            .request(reqwest::Method::POST, "/api/v1/events")
+            .header("content-type", "application/cloudevents+json")
+            .header("authorization", authorization)
+            .body(event(&id).to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{authorization}: {e}"));
+        assert_accepted(response, authorization).await;
+        accepted.push(id);
+    }
+    let response = sidecar
+        .request(reqwest::Method::POST, "/api/v1/events")
+        .header("content-type", "application/cloudevents+json")
+        .header("authorization", "bearer S3CRET")
+        .body(event("wrong-case-token").to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_problem("a token in the wrong case", response, 401, &[]).await;
+    upstream
+        .wait_delivered(accepted.iter().map(String::as_str), DELIVERY)
+        .await;
+    sidecar.flush_to(&upstream).await;
+    assert!(!upstream.delivered_id_set().contains("wrong-case-token"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_mode_header_values_are_percent_decoded() {
+    let (sidecar, upstream) = sidecar_and_upstream().await;
+    let post = async |headers: &[(&str, &str)]| {
+        let mut request = sidecar
+            .request(reqwest::Method::POST, "/api/v1/events")
+            .header("content-type", "application/json")
+            .header("ce-specversion", "1.0")
+            .header("ce-type", "api-calls")
+            .body(r#"{"calls":1}"#);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap_or_else(|e| panic!("{e}"))
+    };
+    // What the CloudEvents HTTP binding (3.1.3.2) has a sender encode: space, `"`, `%` and
+    // non-ASCII (as UTF-8).
+    let response = post(&[
+        ("ce-id", "pct%2F1"),
+        ("ce-source", "checkout%20%22eu%22"),
+        ("ce-subject", "caf%C3%A9%20100%25"),
+        ("ce-tenant", "%E2%82%AC"),
+    ])
+    .await;
+    assert_accepted(response, "percent-encoded attributes").await;
+    upstream.wait_delivered(["pct/1"], DELIVERY).await;
+    let delivered = upstream.delivered_events();
+    let got = delivered
+        .iter()
+        .find(|e| e["id"] == "pct/1")
+        .unwrap_or_else(|| panic!("pct/1 not among {delivered:?}"));
+    assert_eq!(got["source"], "checkout \"eu\"", "{got}");
+    assert_eq!(got["subject"], "café 100%", "{got}");
+    assert_eq!(got["tenant"], "€", "extension attributes too: {got}");
+
+    for (value, what) in [
+        ("100%", "a % that starts no escape"),
+        ("%zz", "an escape that is not hex"),
+        ("%C3%28", "bytes that are not UTF-8"),
+    ] {
+        let response = post(&[
+            ("ce-id", "pct-bad"),
+            ("ce-source", "s"),
+            ("ce-subject", value),
+        ])
+        .await;
+        assert_problem(what, response, 400, &["event.subject", "ce-subject"]).await;
+    }
+    sidecar.flush_to(&upstream).await;
+    assert!(!upstream.delivered_id_set().contains("pct-bad"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_with_a_repeated_key_is_rejected_not_forwarded() {
+    let (sidecar, upstream) = sidecar_and_upstream().await;
+    let good = event("repeat-good").to_string();
+    // Two `id`s: which one a receiver keeps is up to its JSON parser, so dedup and billing could
+    // disagree; the event must not pass as is.
+    let two_ids = event("repeat-first")
+        .to_string()
+        .replacen('{', r#"{"id":"repeat-second","#, 1);
+    let response = sidecar
+        .post(
+            Some("application/cloudevents-batch+json"),
+            format!("[{good},{two_ids}]"),
+        )
+        .await;
+    assert_problem(
+        "a batch whose second event has two ids",
+        response,
+        400,
+        &["events[1]", "\"id\" twice"],
+    )
+    .await;
+    let nested = event("repeat-nested").to_string().replacen(
+        r#""data":{"#,
+        r#""data":{"calls":1,"calls":2,"#,
+        1,
+    );
+    assert!(nested.contains(r#""calls":1,"calls":2"#), "{nested}");
+    let response = sidecar
+        .post(Some("application/cloudevents+json"), nested)
+        .await;
+    assert_problem(
+        "an event whose data has a key twice",
+        response,
+        400,
+        &["event.data", "\"calls\" twice"],
+    )
+    .await;
+    sidecar.flush_to(&upstream).await;
+    let delivered = upstream.delivered_id_set();
+    for id in [
+        "repeat-good",
+        "repeat-first",
+        "repeat-second",
+        "repeat-nested",
+    ] {
+        assert!(!delivered.contains(id), "{id} was forwarded");
+    }
+    assert_eq!(
+        sidecar
+            .metric("tally_events_rejected_total{reason=\"invalid\"}")
+            .await,
+        3.0,
+        "the batch of 2 and the single event"
+    );
+}
