@@ -139,7 +139,10 @@ fn check_directory(dir: &Path) -> Result<bool, BufferError> {
 /// further up (which `create_dir_all` may have created too) are synced where they can be opened.
 fn sync_parents(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()?;
-    let mut ancestors = dir.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty());
+    let mut ancestors = dir
+        .ancestors()
+        .skip(1)
+        .filter(|p| !p.as_os_str().is_empty());
     if let Some(parent) = ancestors.next() {
         std::fs::File::open(parent)?.sync_all()?;
     }
