@@ -25,7 +25,8 @@
 //! request still in flight from a killed process cannot change what survives), unmounts it and
 //! rebuilds the tree from the durable states only, walking the durable entries from the root:
 //! every surviving file's content is its durable content, every surviving directory's entries
-//! are its durable entries, and everything unreachable that way is gone.
+//! are its durable entries, and everything unreachable that way is gone. The root directory
+//! always survives: it stands for the mount point of a volume, which exists before and after.
 //! [`PowerCutFs::remount`] mounts the survivors at the same path, on a new FUSE connection, so no
 //! kernel cache (dentries, attributes, pages) from before the cut can show a state the disk
 //! would not have. Files are opened with `FOPEN_DIRECT_IO` as well, so reads and writes always
@@ -47,6 +48,8 @@
 //! - `fallocate` supports mode 0 (extend the size with zeros) and `FALLOC_FL_KEEP_SIZE`
 //!   (nothing to reserve in memory); other modes answer `EOPNOTSUPP`. The size a mode-0
 //!   `fallocate` sets becomes durable on the next fsync, like a write.
+//! - Direct I/O rules out shared memory mappings: `mmap(MAP_SHARED)` fails with `ENODEV`
+//!   (RocksDB does not map files unless told to).
 //! - Permissions are not checked (the tests run as root); ownership and mode are recorded.
 //! - Content lives in memory, in copy-on-write chunks shared between the current and the
 //!   durable state, so an fsync costs a pointer copy per chunk, not a copy of the file.
