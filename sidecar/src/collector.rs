@@ -3,7 +3,6 @@
 //! flush for `shutdownTimeout`, close the buffer).
 
 use std::collections::HashSet;
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -183,17 +182,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The server keeps answering (503 to ingest) while the outputs drain, so clients see a
     // clear refusal rather than a refused connection, and probes keep working.
     let (stop_server_tx, mut stop_server_rx) = watch::channel(false);
-    let mut server = tokio::spawn(
-        axum::serve(listener, router(state.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = stop_server_rx.wait_for(|stop| *stop).await;
-            })
-            .into_future(),
-    );
+    let mut server = tokio::spawn(crate::listener::serve(
+        listener,
+        router(state.clone()),
+        crate::listener::Limits::from_config(&config.ingest),
+        metrics.clone(),
+        async move {
+            let _ = stop_server_rx.wait_for(|stop| *stop).await;
+        },
+    ));
     tokio::select! {
         _ = wait_for_signal() => {}
         result = &mut server => {
-            result.context("HTTP server task failed")?.context("HTTP server failed")?;
+            result.context("HTTP server task failed")?;
             anyhow::bail!("the HTTP server stopped unexpectedly");
         }
     }
@@ -219,10 +220,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         forwarders.shutdown().await;
     }
     let _ = stop_server_tx.send(true);
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
-        Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
+    if let Err(e) = server.await {
+        tracing::warn!(error = %e, "HTTP server task failed");
     }
     maintenance.abort();
     let _ = maintenance.await;

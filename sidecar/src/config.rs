@@ -134,9 +134,23 @@ pub struct IngestConfig {
     pub auth_token: Option<String>,
     /// The same token, read from an environment variable or a file.
     pub auth_token_from: Option<SecretSource>,
-    /// Longest time to receive a request body; a slower client gets 408, so a trickling
-    /// connection cannot hold a request open forever.
+    /// Longest time to receive a request's headers (the connection is closed) and its body
+    /// (answered 408), so a trickling connection cannot hold a request open forever.
     pub read_timeout: HumanDuration,
+    /// How long a keep-alive connection may wait for its next request before it is closed;
+    /// absent means `readTimeout`, which bounds that wait too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<HumanDuration>,
+    /// Most connections open at once. At the limit, the connection idle the longest is closed
+    /// to make room; when none is idle, the new connection is refused (and counted).
+    pub max_connections: u32,
+}
+
+impl IngestConfig {
+    /// How long a keep-alive connection may wait for its next request.
+    pub fn effective_idle_timeout(&self) -> Duration {
+        self.idle_timeout.unwrap_or(self.read_timeout).get()
+    }
 }
 
 impl Default for IngestConfig {
@@ -146,6 +160,8 @@ impl Default for IngestConfig {
             auth_token: None,
             auth_token_from: None,
             read_timeout: HumanDuration(Duration::from_secs(30)),
+            idle_timeout: None,
+            max_connections: 1024,
         }
     }
 }
@@ -738,6 +754,29 @@ impl Config {
                 "ingest.readTimeout".into(),
                 "must be greater than 0s".into(),
             ));
+        }
+        if let Some(idle) = self.ingest.idle_timeout {
+            if idle.get().is_zero() {
+                return Err((
+                    "ingest.idleTimeout".into(),
+                    "must be greater than 0s; leave it out to use ingest.readTimeout".into(),
+                ));
+            }
+            // The wait for the next request's headers counts against readTimeout too, so a
+            // longer idleTimeout could never be honoured.
+            if idle > self.ingest.read_timeout {
+                return Err((
+                    "ingest.idleTimeout".into(),
+                    format!(
+                        "{} is longer than ingest.readTimeout ({}), which also bounds the wait for the next request; shorten idleTimeout or raise readTimeout",
+                        humantime::format_duration(idle.get()),
+                        humantime::format_duration(self.ingest.read_timeout.get())
+                    ),
+                ));
+            }
+        }
+        if self.ingest.max_connections == 0 {
+            return Err(("ingest.maxConnections".into(), "must be at least 1".into()));
         }
         if self
             .ingest
@@ -1470,6 +1509,16 @@ outputs:
                 "ingest:\n  authToken: \"\"\n",
                 "ingest.authToken",
                 "line 2 column 14",
+            ),
+            (
+                "ingest: { readTimeout: 1s, idleTimeout: 5s }\n",
+                "ingest.idleTimeout",
+                "line 1 column 41",
+            ),
+            (
+                "ingest:\n  maxConnections: 0\n",
+                "ingest.maxConnections",
+                "line 2 column 19",
             ),
         ];
         for (text, key, at) in cases {

@@ -8,6 +8,7 @@ pub mod collector;
 pub mod config;
 pub mod event;
 pub mod forward;
+pub mod listener;
 pub mod metrics;
 pub mod output;
 pub mod server;

@@ -43,6 +43,23 @@ pub enum ErrorKind {
     permanent_status,
 }
 
+/// Why the server closed an ingest connection itself.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CloseReason {
+    /// The request headers did not arrive within `ingest.readTimeout`.
+    header_timeout,
+    /// No request for `ingest.idleTimeout`.
+    idle_timeout,
+    /// Closed while idle to make room for a new connection at `ingest.maxConnections`.
+    evicted,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub reason: CloseReason,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
     pub reason: RejectReason,
@@ -93,6 +110,11 @@ pub struct Metrics {
     pub dead_letter_events: Family<OutputLabels, Gauge>,
     pub dead_letter_expired: Family<OutputLabels, Counter>,
     pub buffer_quarantined: Family<QuarantineLabels, Counter>,
+    /// Open connections to the HTTP server.
+    pub connections: Gauge,
+    /// Connections refused because `ingest.maxConnections` were open and none was idle.
+    pub connections_refused: Counter,
+    pub connections_closed: Family<CloseLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -129,6 +151,9 @@ impl Metrics {
             dead_letter_events: Family::default(),
             dead_letter_expired: Family::default(),
             buffer_quarantined: Family::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
+            connections_closed: Family::default(),
         };
         registry.register(
             "dead_letter_expired",
@@ -235,6 +260,28 @@ impl Metrics {
             "Events in an output's dead-letter store",
             m.dead_letter_events.clone(),
         );
+        registry.register(
+            "ingest_connections",
+            "Open connections to the HTTP server",
+            m.connections.clone(),
+        );
+        registry.register(
+            "ingest_connections_refused",
+            "Connections refused (503) because ingest.maxConnections were open, none of them idle",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "ingest_connections_closed",
+            "Connections the server closed itself, by reason",
+            m.connections_closed.clone(),
+        );
+        for reason in [
+            CloseReason::header_timeout,
+            CloseReason::idle_timeout,
+            CloseReason::evicted,
+        ] {
+            let _ = m.connections_closed.get_or_create(&CloseLabels { reason });
+        }
         for reason in [
             RejectReason::invalid,
             RejectReason::unauthorized,
@@ -286,6 +333,13 @@ impl Metrics {
         self.events_rejected
             .get_or_create(&RejectLabels { reason })
             .inc_by(events);
+    }
+
+    /// Counts a connection the server closed itself.
+    pub fn close_connection(&self, reason: CloseReason) {
+        self.connections_closed
+            .get_or_create(&CloseLabels { reason })
+            .inc();
     }
 
     pub fn drop_events(&self, reason: DropReason, events: u64) {

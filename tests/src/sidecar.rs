@@ -473,12 +473,19 @@ impl Sidecar {
         self.http.request(method, format!("{}{path}", self.url()))
     }
 
-    /// `GET path`, without credentials.
+    /// `GET path`, without credentials. Sent once more on a connection error, as HTTP clients
+    /// do for idempotent requests: the server may close a pooled keep-alive connection (its
+    /// idle and header timeouts) just as the request is written on it.
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.request(reqwest::Method::GET, path)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        match self.request(reqwest::Method::GET, path).send().await {
+            Ok(response) => response,
+            Err(first) if first.is_request() || first.is_connect() => self
+                .request(reqwest::Method::GET, path)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("GET {path}: {e} (after {first})")),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
     }
 
     /// The parsed `/metrics`.

@@ -214,6 +214,16 @@ fn broken_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["ingest.authToken", "remove the key", "line 2 column 14"],
         ),
         (
+            "idleTimeout longer than readTimeout",
+            "ingest:\n  readTimeout: 5s\n  idleTimeout: 1m\n".to_string(),
+            vec!["ingest.idleTimeout", "readTimeout", "line 3 column 16"],
+        ),
+        (
+            "no connections allowed",
+            "ingest:\n  maxConnections: 0\n".to_string(),
+            vec!["ingest.maxConnections", "at least 1", "line 2 column 19"],
+        ),
+        (
             "YAML syntax error",
             "listen: 127.0.0.1:1\ndedup:\n  window: 1h\n buffer: [unclosed\n".to_string(),
             vec!["line 4"],

@@ -946,3 +946,230 @@ async fn an_event_with_a_repeated_key_is_rejected_not_forwarded() {
         "the batch of 2 and the single event"
     );
 }
+
+/// Connects to the sidecar over raw TCP, so a test controls exactly which bytes are sent.
+async fn connect(sidecar: &Sidecar) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(("127.0.0.1", sidecar.port()))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"))
+}
+
+/// Reads until the server closes the connection (EOF or reset) or `within` has passed;
+/// returns what was read and whether it was closed.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(within, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&answer).into_owned(), closed)
+}
+
+/// Reads until `marker` has arrived (panics after `within`); returns everything read.
+async fn read_until(stream: &mut tokio::net::TcpStream, marker: &str, within: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let found = tokio::time::timeout(within, async {
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains(marker) {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    assert_eq!(found, Ok(true), "{marker:?} did not arrive; got {text:?}");
+    text
+}
+
+async fn write(stream: &mut tokio::net::TcpStream, bytes: &str) {
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(bytes.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("write: {e}"));
+}
+
+/// A slowloris client: request headers that never complete. The server closes the connection
+/// after `ingest.readTimeout` instead of holding it (and its slot) forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_finish_its_headers_is_closed() {
+    let sidecar = Sidecar::builder()
+        .set("ingest.readTimeout", json!("300ms"))
+        .start()
+        .await;
+    let mut stream = connect(&sidecar).await;
+    write(
+        &mut stream,
+        "POST /api/v1/events HTTP/1.1\r\nHost: tally\r\nContent-Type: application/json\r\n",
+    )
+    .await;
+    let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "a connection with unfinished headers is still open 10 s later (readTimeout 300ms)"
+    );
+    assert!(
+        !answer.contains("HTTP/1.1 2"),
+        "no request was complete, so nothing succeeded: {answer:?}"
+    );
+    tally_tests::poll_until(DELIVERY, "the header timeout to be counted", async || {
+        let closed = sidecar
+            .metric("tally_ingest_connections_closed_total{reason=\"header_timeout\"}")
+            .await;
+        (closed >= 1.0).then_some(())
+    })
+    .await;
+}
+
+/// A keep-alive connection that sends no further request is closed after `ingest.idleTimeout`
+/// (here much shorter than readTimeout, so it is the idle timeout that closes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let sidecar = Sidecar::builder()
+        .set("ingest.readTimeout", json!("30s"))
+        .set("ingest.idleTimeout", json!("300ms"))
+        .start()
+        .await;
+    let mut stream = connect(&sidecar).await;
+    write(&mut stream, "GET /healthz HTTP/1.1\r\nHost: tally\r\n\r\n").await;
+    let answer = read_until(&mut stream, "ok\n", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "an idle keep-alive connection is still open 10 s later (idleTimeout 300ms)"
+    );
+    // At least this one: the harness's own keep-alive connections (readiness polling, metric
+    // scrapes) idle out too.
+    let idle_closed = sidecar
+        .metric("tally_ingest_connections_closed_total{reason=\"idle_timeout\"}")
+        .await;
+    assert!(idle_closed >= 1.0, "idle closes counted: {idle_closed}");
+}
+
+/// Idle connections up to `ingest.maxConnections` do not lock ingest out: the longest-idle one
+/// is closed to make room, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_starve_ingest() {
+    let upstream = TestUpstream::start().await;
+    let sidecar = Sidecar::builder()
+        .openmeter_output("upstream", &upstream.url())
+        .set("ingest.maxConnections", json!(3))
+        .start()
+        .await;
+    // With the harness's keep-alive connection (from the readiness probe), these fill the limit.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(connect(&sidecar).await);
+    }
+    // Raw TCP here as well: a pooled client connection could be the one evicted just as a
+    // request is written on it, which is a client's race, not what is tested.
+    let body = Value::Array(vec![event("despite-idle")]).to_string();
+    let mut stream = connect(&sidecar).await;
+    write(
+        &mut stream,
+        &format!(
+            "POST /api/v1/events HTTP/1.1\r\nHost: tally\r\n\
+             Content-Type: application/cloudevents-batch+json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    let answer = read_until(&mut stream, "\r\n\r\n", Duration::from_secs(10)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 204"),
+        "an event while idle connections fill the limit: {answer:?}"
+    );
+    upstream.wait_delivered(["despite-idle"], DELIVERY).await;
+    // The raw connections, all idle, were evicted oldest first: the first is closed.
+    let (_, closed) = read_until_closed(&mut idle[0], Duration::from_secs(10)).await;
+    assert!(closed, "the longest-idle raw connection was not closed");
+    let metrics = sidecar.metrics().await;
+    assert!(
+        metrics.value("tally_ingest_connections_closed_total{reason=\"evicted\"}") >= 1.0,
+        "idle connections were closed to make room, and counted"
+    );
+    assert_eq!(metrics.value("tally_ingest_connections_refused_total"), 0.0);
+    // An evicted connection is out of the limit at once; the gauge drops when its task has
+    // closed the socket, a moment later.
+    tally_tests::poll_until(
+        DELIVERY,
+        "the open-connections gauge back within maxConnections",
+        async || (sidecar.metric("tally_ingest_connections").await <= 3.0).then_some(()),
+    )
+    .await;
+}
+
+/// When every allowed connection has a request in flight, a new one gets a 503 problem with
+/// Retry-After (not a hang, not a reset), and it is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_the_limit_gets_503_when_all_are_busy() {
+    let sidecar = Sidecar::builder()
+        .set("ingest.maxConnections", json!(2))
+        .set("ingest.readTimeout", json!("30s"))
+        .start()
+        .await;
+    // The probe's keep-alive connection is idle, so the first busy one evicts it.
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut stream = connect(&sidecar).await;
+        // `Expect: 100-continue`: the 100 arrives once the handler reads the body, which proves
+        // the request is in flight; the body then never comes.
+        write(
+            &mut stream,
+            "POST /api/v1/events HTTP/1.1\r\nHost: tally\r\n\
+             Content-Type: application/cloudevents+json\r\nContent-Length: 100\r\n\
+             Expect: 100-continue\r\n\r\n",
+        )
+        .await;
+        read_until(&mut stream, "100 Continue", Duration::from_secs(10)).await;
+        busy.push(stream);
+    }
+    let mut extra = connect(&sidecar).await;
+    write(&mut extra, "GET /healthz HTTP/1.1\r\nHost: tally\r\n\r\n").await;
+    let (answer, closed) = read_until_closed(&mut extra, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "the refused connection is closed after its answer: {answer:?}"
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "over the limit: {answer:?}"
+    );
+    let lower = answer.to_ascii_lowercase();
+    assert!(
+        lower.contains("content-type: application/problem+json")
+            && lower.contains("retry-after: 1")
+            && answer.contains("ingest.maxConnections"),
+        "{answer}"
+    );
+    // Once the busy requests end, the server takes connections again.
+    drop(busy);
+    let metrics = tally_tests::poll_until(DELIVERY, "/metrics to be served again", async || {
+        let response = sidecar
+            .request(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .ok()?;
+        if response.status() != 200 {
+            return None;
+        }
+        let text = response.text().await.ok()?;
+        Some(tally_tests::metrics::Exposition::parse(&text))
+    })
+    .await;
+    // Refused /metrics attempts while the busy requests were ending count too.
+    assert!(metrics.value("tally_ingest_connections_refused_total") >= 1.0);
+}
