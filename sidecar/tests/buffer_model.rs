@@ -305,3 +305,144 @@ fn cursor_waits_for_the_oldest_batch_in_flight() {
     drop(buffer);
     writer.join();
 }
+
+/// What the shared-consumer model may do: append, take a batch (a ticket), settle any batch in
+/// flight (delivered or dead-lettered, in any order, as `roundRobin`/`greedy` outputs do), and
+/// restart (every batch in flight is dropped unsettled).
+#[derive(Debug, Clone)]
+enum SharedOp {
+    Append(Vec<u8>),
+    Take(usize),
+    Settle(usize, bool),
+    Restart,
+}
+
+fn shared_op() -> impl Strategy<Value = SharedOp> {
+    prop_oneof![
+        4 => prop::collection::vec(0u8..60, 1..8).prop_map(SharedOp::Append),
+        3 => (1..6usize).prop_map(SharedOp::Take),
+        3 => (0..8usize, prop::bool::weighted(0.2)).prop_map(|(i, d)| SharedOp::Settle(i, d)),
+        1 => Just(SharedOp::Restart),
+    ]
+}
+
+fn open_shared(dir: &std::path::Path, max_bytes: u64) -> (DurableBuffer, WriterThread) {
+    DurableBuffer::open(
+        BufferOptions {
+            dir: dir.to_path_buf(),
+            durability: Durability::Sync,
+            max_bytes,
+            when_full: WhenFull::Reject,
+            dedup_window_ms: 3_600_000,
+            outputs: OUTPUTS.iter().map(|s| s.to_string()).collect(),
+            shared: true,
+            max_lag: Vec::new(),
+            dead_letter_max_bytes: 0,
+            dead_letter_max_age_ms: 0,
+        },
+        Arc::new(Metrics::new()),
+    )
+    .expect("open buffer")
+}
+
+/// The acknowledgement tracker under the shared patterns, `durability: sync` and a small
+/// `maxBytes` (appends are refused when full): whatever order batches settle in and whenever
+/// the process restarts, every stored event that was not settled is read again after a restart,
+/// and every dead-lettered one is in the dead-letter store.
+fn run_shared(ops: Vec<SharedOp>, max_bytes: u64) -> Result<(), TestCaseError> {
+    use tally_sidecar::buffer::{Record, SHARED_CONSUMER};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (mut buffer, mut writer) = open_shared(dir.path(), max_bytes);
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut unsettled: HashSet<String> = HashSet::new();
+    let mut dead: HashSet<String> = HashSet::new();
+    let mut in_flight: Vec<(Ticket, Vec<Record>)> = Vec::new();
+    let mut position = buffer.cursor(SHARED_CONSUMER);
+    for op in ops {
+        match op {
+            SharedOp::Append(ids) => {
+                let ids: Vec<String> = ids.iter().map(|i| format!("s{i}")).collect();
+                let events = ids.iter().map(|id| event(id)).collect();
+                if rt.block_on(buffer.append(events)).is_ok() {
+                    for id in ids {
+                        if seen.insert(id.clone()) {
+                            unsettled.insert(id);
+                        }
+                    }
+                }
+            }
+            SharedOp::Take(n) => {
+                let batch = buffer
+                    .read(SHARED_CONSUMER, position, u64::MAX, n, usize::MAX)
+                    .expect("read");
+                if batch.last_scanned > position {
+                    position = batch.last_scanned;
+                    in_flight.push((buffer.issue(SHARED_CONSUMER, position), batch.records));
+                }
+            }
+            SharedOp::Settle(i, dead_letter) if !in_flight.is_empty() => {
+                let (ticket, records) = in_flight.remove(i % in_flight.len());
+                let ids: Vec<String> = records.iter().map(|r| id_of(&r.json)).collect();
+                let settlement = if dead_letter {
+                    dead.extend(ids.iter().cloned());
+                    Settlement::DeadLettered {
+                        output: OUTPUTS[0].to_string(),
+                        records,
+                        reason: "model".into(),
+                        status: None,
+                    }
+                } else {
+                    Settlement::Delivered
+                };
+                rt.block_on(buffer.settle(ticket, settlement))
+                    .expect("settle");
+                for id in ids {
+                    unsettled.remove(&id);
+                }
+            }
+            SharedOp::Settle(..) => {}
+            SharedOp::Restart => {
+                in_flight.clear();
+                drop(buffer);
+                writer.join();
+                (buffer, writer) = open_shared(dir.path(), max_bytes);
+                position = buffer.cursor(SHARED_CONSUMER);
+                let again = buffer
+                    .read(SHARED_CONSUMER, position, u64::MAX, usize::MAX, usize::MAX)
+                    .expect("read");
+                let readable: HashSet<String> =
+                    again.records.iter().map(|r| id_of(&r.json)).collect();
+                let lost: Vec<&String> = unsettled.difference(&readable).collect();
+                prop_assert!(lost.is_empty(), "unsettled events lost: {:?}", lost);
+            }
+        }
+        let letters: HashSet<String> = buffer
+            .dead_letters(Some(OUTPUTS[0]), usize::MAX)
+            .expect("list")
+            .iter()
+            .map(|l| id_of(l.event.get().as_bytes()))
+            .collect();
+        prop_assert_eq!(&letters, &dead, "dead letters");
+    }
+    drop(buffer);
+    writer.join();
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn shared_cursor_never_passes_an_unsettled_batch(
+        ops in prop::collection::vec(shared_op(), 1..80),
+        small in prop::bool::ANY,
+    ) {
+        // Smaller than the configuration allows (64Ki), so that a few dozen events fill it.
+        let max_bytes = if small { 4 << 10 } else { 1 << 30 };
+        run_shared(ops, max_bytes)?;
+    }
+}

@@ -315,16 +315,21 @@ impl Writer {
         }
         // Settle the tickets, then move cursors and trim in the second write.
         let mut moved = false;
+        let mut replies = Vec::with_capacity(settles.len());
         for ((ticket, _, reply), result) in settles.into_iter().zip(settle_results) {
             if result.is_ok() {
                 moved |= self.inner.acks.settle(&ticket).is_some();
             }
-            let _ = reply.send(result);
+            replies.push((reply, result));
         }
         if moved {
             self.write_cursors_and_trim(&db);
         }
         self.inner.publish_gauges();
+        // Answered after the cursors moved, so a settled caller sees its effect.
+        for (reply, result) in replies {
+            let _ = reply.send(result);
+        }
     }
 
     /// Stages the group's appends into `batch`: dedup, capacity, `dropOldest`.
