@@ -67,6 +67,15 @@ impl Accounting {
         taken
     }
 
+    /// Events in the chunks wholly at or below `floor`: what `take_through(floor)` would take.
+    pub fn deletable(&self, floor: u64) -> u64 {
+        self.chunks
+            .iter()
+            .take_while(|c| c.last <= floor)
+            .map(|c| c.events)
+            .sum()
+    }
+
     /// Buffered events with a sequence above `cursor`.
     pub fn lag(&self, cursor: u64) -> u64 {
         let mut lag = 0;

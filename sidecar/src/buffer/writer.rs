@@ -35,6 +35,8 @@ const MAX_GROUP: usize = 512;
 const MAX_LAG_STEP: usize = 10_000;
 /// The shortest pause between two attempts to reopen the database after a failed write.
 const REOPEN_GAP: Duration = Duration::from_secs(1);
+/// Fewest delivered events deleted at once outside maintenance (see `write_cursors_and_trim`).
+const TRIM_MIN_EVENTS: u64 = 16_384;
 /// How often the dead-letter retention is applied at most.
 const RETENTION_GAP: Duration = Duration::from_secs(10);
 
@@ -275,7 +277,12 @@ impl Writer {
         };
         let mut write = WriteOptions::default();
         write.set_sync(effects.needs_sync && self.durability_sync());
-        if let Err(e) = db.write_opt(batch, &write) {
+        let written = if batch.is_empty() {
+            Ok(())
+        } else {
+            db.write_opt(batch, &write)
+        };
+        if let Err(e) = written {
             restore(&mut accounting_guard, &effects);
             drop(accounting_guard);
             let e = BufferError::from(e);
@@ -323,7 +330,7 @@ impl Writer {
             replies.push((reply, result));
         }
         if moved {
-            self.write_cursors_and_trim(&db);
+            self.write_cursors_and_trim(&db, false);
         }
         self.inner.publish_gauges();
         // Answered after the cursors moved, so a settled caller sees its effect.
@@ -451,8 +458,11 @@ impl Writer {
         Ok(outcomes)
     }
 
-    /// Writes every consumer's cursor and deletes what all of them have (unsynced).
-    fn write_cursors_and_trim(&self, db: &DB) {
+    /// Writes every consumer's cursor and deletes what all of them have (unsynced). Unless
+    /// `now` (maintenance, `maxLag`) or the buffer is full, deletion waits until at least
+    /// [`TRIM_MIN_EVENTS`] can go at once: every range deletion leaves a tombstone that reads
+    /// must step over until a compaction, so one per settled batch would slow delivery.
+    fn write_cursors_and_trim(&self, db: &DB, now: bool) {
         self.inner.notify_cursor_moved();
         let options = &self.inner.options;
         let result = (|| -> Result<(), BufferError> {
@@ -464,7 +474,17 @@ impl Writer {
                 batch.put_cf(meta, cursor_key(consumer), cursor.to_be_bytes());
             }
             let floor = self.inner.acks.floor(options.consumers());
-            let trimmed = lock(&self.inner.accounting).take_through(floor);
+            let trimmed = {
+                let mut accounting = lock(&self.inner.accounting);
+                let due = now
+                    || self.inner.full.load(Ordering::Relaxed)
+                    || accounting.deletable(floor) >= TRIM_MIN_EVENTS;
+                if due {
+                    accounting.take_through(floor)
+                } else {
+                    Vec::new()
+                }
+            };
             if let (Some(first), Some(last)) = (trimmed.first(), trimmed.last()) {
                 batch.delete_range_cf(events, seq_key(first.first), seq_key(last.last + 1));
             }
@@ -541,7 +561,7 @@ impl Writer {
                 .inc_by(moved);
             tracing::warn!(%output, lag, max_lag, moved, "output is over its maxLag; its oldest events moved to the dead-letter store");
             self.inner.acks.skip_to(output, read.last_scanned);
-            self.write_cursors_and_trim(db);
+            self.write_cursors_and_trim(db, true);
         }
         Ok(())
     }
@@ -551,7 +571,7 @@ impl Writer {
         let db = self.db()?;
         self.quarantine_found(&db);
         self.enforce_max_lag(&db)?;
-        self.write_cursors_and_trim(&db);
+        self.write_cursors_and_trim(&db, true);
         if self
             .last_retention
             .is_none_or(|at| at.elapsed() >= RETENTION_GAP)
