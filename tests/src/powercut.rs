@@ -216,9 +216,22 @@ impl PowerCutFs {
             return Ok(());
         };
         match unmounter.unmount() {
-            Ok(()) => thread
+            Ok(()) => match thread
                 .join()
-                .map_err(|_| io::Error::other("the FUSE session thread panicked"))?,
+                .map_err(|_| io::Error::other("the FUSE session thread panicked"))?
+            {
+                // The kernel ends the session's reads with one of these once it is unmounted:
+                // the normal end of a session, not a failure.
+                Err(error)
+                    if matches!(
+                        error.raw_os_error(),
+                        Some(libc::ECONNABORTED) | Some(libc::ENODEV)
+                    ) =>
+                {
+                    Ok(())
+                }
+                result => result,
+            },
             Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {
                 let path = CString::new(self.mountpoint.as_os_str().as_bytes())?;
                 // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
