@@ -330,6 +330,7 @@ impl Writer {
             replies.push((reply, result));
         }
         if moved {
+            self.inner.notify_cursor_moved();
             self.write_cursors_and_trim(&db, false);
         }
         self.inner.publish_gauges();
@@ -463,7 +464,6 @@ impl Writer {
     /// [`TRIM_MIN_EVENTS`] can go at once: every range deletion leaves a tombstone that reads
     /// must step over until a compaction, so one per settled batch would slow delivery.
     fn write_cursors_and_trim(&self, db: &DB, now: bool) {
-        self.inner.notify_cursor_moved();
         let options = &self.inner.options;
         let result = (|| -> Result<(), BufferError> {
             let meta = cf(db, CF_META)?;
@@ -528,12 +528,12 @@ impl Writer {
     /// stores, so a dead output cannot fill the buffer that the healthy ones share.
     fn enforce_max_lag(&self, db: &DB) -> Result<(), BufferError> {
         for (output, max_lag) in &self.inner.options.max_lag {
-            let lag = lock(&self.inner.accounting).lag(self.inner.acks.cursor(output));
+            let cursor = self.inner.acks.cursor(output);
+            let lag = lock(&self.inner.accounting).lag(cursor);
             if lag <= *max_lag {
                 continue;
             }
             let excess = (lag - max_lag).min(MAX_LAG_STEP as u64) as usize;
-            let cursor = self.inner.acks.cursor(output);
             let read =
                 super::open::read(&self.inner, output, cursor, u64::MAX, excess, usize::MAX)?;
             if read.last_scanned <= cursor {
@@ -561,6 +561,7 @@ impl Writer {
                 .inc_by(moved);
             tracing::warn!(%output, lag, max_lag, moved, "output is over its maxLag; its oldest events moved to the dead-letter store");
             self.inner.acks.skip_to(output, read.last_scanned);
+            self.inner.notify_cursor_moved();
             self.write_cursors_and_trim(db, true);
         }
         Ok(())
