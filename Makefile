@@ -34,6 +34,10 @@ bench: deps build k8s ## measure the sidecar (ingest, drain, RSS, start-up) and 
 	$(CARGO_RELEASE) bench -p tally-tests --bench sidecar
 	$(CARGO_RELEASE) bench -p tally-operator --bench operator
 
+.PHONY: bench-outage
+bench-outage: deps build ## the data directory during a 10-minute upstream outage at 5k events/s, beside buffer.maxBytes
+	$(CARGO_RELEASE) bench -p tally-tests --bench sidecar -- --outage
+
 build:
 	$(CARGO_RELEASE) build --release --workspace --bins
 

@@ -234,7 +234,14 @@ fn buffer_stats(config: &Config, json: bool) -> anyhow::Result<()> {
     }
     println!("data directory:  {}", config.data_dir.display());
     println!("events:          {}", stats.events);
-    println!("bytes:           {} of {}", stats.bytes, stats.max_bytes);
+    println!(
+        "bytes:           {} of {} (events, before compression)",
+        stats.bytes, stats.events_max_bytes
+    );
+    println!(
+        "data directory:  {} of {} (buffer.maxBytes)",
+        stats.disk_bytes, stats.max_bytes
+    );
     println!("quarantined:     {}", stats.quarantined);
     match stats.oldest_age_seconds {
         Some(age) => println!("oldest event:    {age:.1}s old"),

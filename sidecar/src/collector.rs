@@ -11,7 +11,7 @@ use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::buffer::{BufferOptions, DurableBuffer, SHARED_CONSUMER};
+use crate::buffer::{Budget, BufferOptions, DurableBuffer, SHARED_CONSUMER};
 use crate::config::{BrokerPattern, Config};
 use crate::forward::{BatchReader, Choice, Dispatcher, Forwarder, Sender};
 use crate::metrics::Metrics;
@@ -27,7 +27,13 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
     BufferOptions {
         dir: config.data_dir.clone(),
         durability: config.durability,
-        max_bytes: config.buffer.max_bytes.get(),
+        budget: config.budget().unwrap_or_else(|_| {
+            Budget::lenient(
+                config.buffer.max_bytes.get(),
+                config.dead_letter.max_bytes.map_or(0, |b| b.get()),
+                config.dedup.max_bytes.map_or(0, |b| b.get()),
+            )
+        }),
         when_full: config.buffer.when_full,
         dedup_window_ms: config.dedup.window.get().as_millis() as u64,
         outputs: config
@@ -43,7 +49,6 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
             .iter()
             .filter_map(|t| Some((t.name.clone(), t.max_lag?)))
             .collect(),
-        dead_letter_max_bytes: config.dead_letter.max_bytes.get(),
         dead_letter_max_age_ms: config.dead_letter.max_age.get().as_millis() as u64,
     }
 }
@@ -54,6 +59,7 @@ pub fn refresh_gauges(buffer: &DurableBuffer, metrics: &Metrics) {
     metrics.buffer_events.set(stats.events as i64);
     metrics.buffer_bytes.set(stats.bytes as i64);
     metrics.buffer_max_bytes.set(stats.max_bytes as i64);
+    metrics.buffer_disk_bytes.set(stats.disk_bytes as i64);
     metrics
         .buffer_oldest_age
         .set(stats.oldest_age_seconds.unwrap_or_default());

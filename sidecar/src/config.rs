@@ -171,12 +171,17 @@ impl Default for IngestConfig {
 pub struct DedupConfig {
     /// A repeated `(source, id)` within this window is acknowledged and stored once. `0s` disables dedup.
     pub window: HumanDuration,
+    /// The part of `buffer.maxBytes` the dedup index may use (default an eighth of it). Past it,
+    /// the oldest entries are forgotten before their window ends, and counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<ByteSize>,
 }
 
 impl Default for DedupConfig {
     fn default() -> Self {
         DedupConfig {
             window: HumanDuration(Duration::from_secs(24 * 3600)),
+            max_bytes: None,
         }
     }
 }
@@ -184,7 +189,8 @@ impl Default for DedupConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct BufferConfig {
-    /// Upper bound of the buffered events (keys and values, before compression).
+    /// Upper bound of the whole data directory: events, dedup index, dead letters, write-ahead
+    /// log and RocksDB's own files. At least 16Mi.
     pub max_bytes: ByteSize,
     pub when_full: WhenFull,
 }
@@ -203,8 +209,10 @@ impl Default for BufferConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct DeadLetterConfig {
-    /// Most bytes the dead-letter store keeps over all outputs. `0` keeps everything.
-    pub max_bytes: ByteSize,
+    /// The part of `buffer.maxBytes` the dead-letter store keeps over all outputs (default an
+    /// eighth of it); the oldest beyond it are deleted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<ByteSize>,
     /// Dead letters older than this are deleted. `0s` keeps them until replayed.
     pub max_age: HumanDuration,
 }
@@ -212,7 +220,7 @@ pub struct DeadLetterConfig {
 impl Default for DeadLetterConfig {
     fn default() -> Self {
         DeadLetterConfig {
-            max_bytes: ByteSize(64 * 1024 * 1024),
+            max_bytes: None,
             max_age: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
         }
     }
@@ -795,12 +803,8 @@ impl Config {
                 "set either authToken or authTokenFrom, not both".into(),
             ));
         }
-        if self.buffer.max_bytes.get() < 64 * 1024 {
-            return Err((
-                "buffer.maxBytes".into(),
-                format!("{} is too small; use at least 64Ki", self.buffer.max_bytes),
-            ));
-        }
+        self.budget()
+            .map_err(|(key, message)| (key.to_string(), message))?;
         if self.outputs.targets.is_empty() {
             return Err((
                 "outputs.targets".into(),
@@ -879,6 +883,15 @@ impl Config {
             namespace: resolve_secret(None, self.pod.namespace_from.as_ref(), "pod.namespaceFrom")?,
             name: resolve_secret(None, self.pod.name_from.as_ref(), "pod.nameFrom")?,
         })
+    }
+
+    /// How `buffer.maxBytes` is shared out over the data directory; an error names the key.
+    pub fn budget(&self) -> Result<crate::buffer::Budget, (&'static str, String)> {
+        crate::buffer::Budget::new(
+            self.buffer.max_bytes.get(),
+            self.dead_letter.max_bytes.map(ByteSize::get),
+            self.dedup.max_bytes.map(ByteSize::get),
+        )
     }
 
     /// The ingest bearer token, resolved from its source.

@@ -55,6 +55,36 @@ pub enum CloseReason {
     evicted,
 }
 
+/// Why an entry left the dedup index.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DedupRemoval {
+    /// Older than `dedup.window`.
+    expired,
+    /// Forgotten early because the index outgrew `dedup.maxBytes`.
+    evicted,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DedupRemovalLabels {
+    pub reason: DedupRemoval,
+}
+
+/// A part of `buffer.maxBytes`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum BudgetPart {
+    events,
+    dedup,
+    dead_letters,
+    overhead,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    pub part: BudgetPart,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabels {
     pub reason: CloseReason,
@@ -97,6 +127,11 @@ pub struct Metrics {
     pub buffer_events: Gauge,
     pub buffer_bytes: Gauge,
     pub buffer_max_bytes: Gauge,
+    pub buffer_budget_bytes: Family<BudgetLabels, Gauge>,
+    pub buffer_disk_bytes: Gauge,
+    pub dedup_bytes: Gauge,
+    pub dedup_window_seconds: Gauge<f64, AtomicU64>,
+    pub dedup_removed: Family<DedupRemovalLabels, Counter>,
     pub buffer_oldest_age: Gauge<f64, AtomicU64>,
     pub buffer_commits: Counter,
     pub buffer_commit_events: Histogram,
@@ -136,6 +171,11 @@ impl Metrics {
             buffer_events: Gauge::default(),
             buffer_bytes: Gauge::default(),
             buffer_max_bytes: Gauge::default(),
+            buffer_budget_bytes: Family::default(),
+            buffer_disk_bytes: Gauge::default(),
+            dedup_bytes: Gauge::default(),
+            dedup_window_seconds: Gauge::default(),
+            dedup_removed: Family::default(),
             buffer_oldest_age: Gauge::default(),
             buffer_commits: Counter::default(),
             buffer_commit_events: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
@@ -202,8 +242,33 @@ impl Metrics {
         );
         registry.register(
             "buffer_max_bytes",
-            "The buffer's size limit (buffer.maxBytes)",
+            "The data directory's size limit (buffer.maxBytes)",
             m.buffer_max_bytes.clone(),
+        );
+        registry.register(
+            "buffer_budget_bytes",
+            "The parts of buffer.maxBytes: events, dedup index, dead letters, overhead (WAL, RocksDB files)",
+            m.buffer_budget_bytes.clone(),
+        );
+        registry.register(
+            "buffer_disk_bytes",
+            "Bytes the data directory occupies on disk (allocated blocks), measured every 250ms",
+            m.buffer_disk_bytes.clone(),
+        );
+        registry.register(
+            "dedup_bytes",
+            "Bytes of the dedup index's files",
+            m.dedup_bytes.clone(),
+        );
+        registry.register(
+            "dedup_window_seconds",
+            "How far back the dedup index remembers: dedup.window, or less while the index is at dedup.maxBytes",
+            m.dedup_window_seconds.clone(),
+        );
+        registry.register(
+            "dedup_entries_removed",
+            "Entries removed from the dedup index: expired (older than the window) or evicted (the index was at dedup.maxBytes)",
+            m.dedup_removed.clone(),
         );
         registry.register(
             "buffer_oldest_event_age_seconds",
@@ -355,6 +420,19 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    pub fn removal(&self, reason: DedupRemoval) -> DedupRemovalLabels {
+        DedupRemovalLabels { reason }
+    }
+
+    /// Publishes the parts of `buffer.maxBytes`.
+    pub fn set_budget(&self, parts: [(BudgetPart, u64); 4]) {
+        for (part, bytes) in parts {
+            self.buffer_budget_bytes
+                .get_or_create(&BudgetLabels { part })
+                .set(bytes as i64);
+        }
     }
 
     pub fn output(&self, name: &str) -> OutputLabels {

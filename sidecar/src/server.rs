@@ -348,7 +348,7 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Rejectio
 
 fn append_problem(e: AppendError, events: u64) -> Rejection {
     match e {
-        AppendError::Full { .. } => Problem::new(
+        AppendError::Full { .. } | AppendError::DiskFull { .. } => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "buffer-full",
             "Service Unavailable",

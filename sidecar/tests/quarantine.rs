@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use tally_sidecar::buffer::{BufferOptions, DurableBuffer};
+use tally_sidecar::buffer::{Budget, BufferOptions, DurableBuffer};
 use tally_sidecar::config::{Durability, WhenFull};
 use tally_sidecar::event::Event;
 use tally_sidecar::metrics::Metrics;
@@ -18,13 +18,12 @@ fn options(dir: &Path) -> BufferOptions {
     BufferOptions {
         dir: dir.to_path_buf(),
         durability: Durability::Sync,
-        max_bytes: 1 << 30,
+        budget: Budget::new(1 << 30, None, None).expect("valid budget"),
         when_full: WhenFull::Reject,
         dedup_window_ms: 0,
         outputs: vec!["up".into()],
         shared: false,
         max_lag: Vec::new(),
-        dead_letter_max_bytes: 0,
         dead_letter_max_age_ms: 0,
     }
 }

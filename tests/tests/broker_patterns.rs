@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tally_tests::events::id_of;
+use tally_tests::events::{id_of, padded_event};
 use tally_tests::{Sidecar, TestUpstream, event, poll_until};
 
 const DELIVERY: Duration = Duration::from_secs(30);
@@ -496,19 +496,21 @@ async fn max_lag_moves_a_down_outputs_oldest_events_to_its_dead_letter_store() {
         .openmeter_output("healthy", &healthy.url())
         .openmeter_output("down", &down.url())
         .set("outputs.targets.1.maxLag", json!(MAX_LAG))
-        // Room for ~350 of these events, less than half of what is sent: without maxLag the
-        // down output's backlog would fill it and ingest would answer 503. (At most 1000
-        // dead letters, the default page of `dead-letter list`.)
+        // Room for ~350 of these events (8Mi, the events' part of 16Mi), less than half of
+        // what is sent: without maxLag the down output's backlog would fill it and ingest
+        // would answer 503. (At most 1000 dead letters, the default page of `dead-letter list`.)
         .set(
             "buffer",
-            json!({ "maxBytes": "64Ki", "whenFull": "reject" }),
+            json!({ "maxBytes": "16Mi", "whenFull": "reject" }),
         )
         .start()
         .await;
 
     let mut all: Vec<String> = Vec::new();
     for n in 0..40 {
-        let batch = events(&format!("lag-{n}"), 20);
+        let batch: Vec<Value> = (0..20)
+            .map(|i| padded_event(&format!("lag-{n}-{i}"), 24_000))
+            .collect();
         let response = sidecar.post_events(&batch).await;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();

@@ -75,7 +75,7 @@ async fn valid_files_pass_check_config() {
         ("full.yaml", FULL.to_string()),
         (
             "sizes.yaml",
-            "ingest: { maxBodyBytes: 65536 }\nbuffer: { maxBytes: 64Ki }\n".to_string(),
+            "ingest: { maxBodyBytes: 65536 }\nbuffer: { maxBytes: 16Mi }\n".to_string(),
         ),
         (
             "sizes-si.yaml",
@@ -131,6 +131,21 @@ fn broken_cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "bad size",
             "buffer: { maxBytes: 12XB }\n".to_string(),
             vec!["buffer.maxBytes"],
+        ),
+        (
+            "a data directory too small for RocksDB's own files",
+            "buffer: { maxBytes: 8Mi }\n".to_string(),
+            vec!["buffer.maxBytes", "16Mi"],
+        ),
+        (
+            "a dead-letter store larger than a quarter of the data directory",
+            "buffer: { maxBytes: 64Mi }\ndeadLetter: { maxBytes: 32Mi }\n".to_string(),
+            vec!["deadLetter.maxBytes", "quarter"],
+        ),
+        (
+            "a dedup index without room",
+            "dedup: { maxBytes: 0 }\n".to_string(),
+            vec!["dedup.maxBytes", "more than 0"],
         ),
         (
             "negative size",

@@ -29,8 +29,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 use tally_sidecar::config::{
-    BrokerPattern, BufferConfig, ByteSize, Config, DeadLetterConfig, Durability, LogConfig,
-    LogFormat, OutputConfig, OutputKind, OutputsConfig, PodConfig, SecretSource,
+    BrokerPattern, BufferConfig, ByteSize, Config, Durability, LogConfig, LogFormat, OutputConfig,
+    OutputKind, OutputsConfig, PodConfig, SecretSource,
 };
 
 use crate::crd::MeteringCollector;
@@ -52,11 +52,11 @@ pub const SIDECAR_NAME: &str = "tally-sidecar";
 /// The emptyDir holding the sidecar's buffer.
 pub const BUFFER_VOLUME: &str = "tally-buffer";
 /// Size limit of [`BUFFER_VOLUME`]. Exceeding it gets the whole pod (the workload too) evicted, so the
-/// sidecar's bounds stay well below it: `buffer.maxBytes` (events) plus the dead-letter store's `maxBytes`,
-/// plus RocksDB's write-ahead log (64 MiB at most) and the room compactions need.
+/// sidecar's `buffer.maxBytes`, which bounds its whole data directory (events, dedup index, dead
+/// letters, write-ahead log), stays well below it: the 96 MiB between them cover what can be
+/// written between two measurements of the directory and a compaction's output.
 pub const BUFFER_SIZE_LIMIT: &str = "256Mi";
-const BUFFER_MAX_BYTES: u64 = 96 * 1024 * 1024;
-const DEAD_LETTER_MAX_BYTES: u64 = 16 * 1024 * 1024;
+const BUFFER_MAX_BYTES: u64 = 160 * 1024 * 1024;
 /// The sidecar's ingest port inside the pod.
 pub const SIDECAR_PORT: u16 = 4196;
 /// Name of the sidecar's container port (at most 15 characters).
@@ -279,10 +279,6 @@ pub fn sidecar_config(collector: &MeteringCollector) -> Config {
         buffer: BufferConfig {
             max_bytes: ByteSize(BUFFER_MAX_BYTES),
             ..BufferConfig::default()
-        },
-        dead_letter: DeadLetterConfig {
-            max_bytes: ByteSize(DEAD_LETTER_MAX_BYTES),
-            ..DeadLetterConfig::default()
         },
         pod: PodConfig {
             namespace_from: Some(SecretSource::env("POD_NAMESPACE")),

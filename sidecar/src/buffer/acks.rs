@@ -36,8 +36,6 @@ struct ConsumerAcks {
     cursor: u64,
     /// The highest sequence handed out.
     issued: u64,
-    /// The highest sequence read (handed out or held in a reader's pending batch).
-    read: u64,
     /// Handed-out ranges not yet passed by the cursor, in sequence order: (upto, settled).
     outstanding: VecDeque<(u64, bool)>,
 }
@@ -72,7 +70,6 @@ impl AckTracker {
                 let acks = ConsumerAcks {
                     cursor,
                     issued: cursor,
-                    read: cursor,
                     outstanding: VecDeque::new(),
                 };
                 (name, acks)
@@ -89,12 +86,6 @@ impl AckTracker {
             .map_or(0, |acks| acks.cursor)
     }
 
-    pub fn note_read(&self, consumer: &str, seq: u64) {
-        let mut consumers = lock(&self.consumers);
-        let acks = consumers.entry(consumer.to_string()).or_default();
-        acks.read = acks.read.max(seq);
-    }
-
     /// Hands out `(last issued, upto]`. A range at or below what was already issued or passed
     /// (a reader racing a `maxLag` skip) gets a ticket that settles nothing.
     pub fn issue(&self, consumer: &str, upto: u64) -> Ticket {
@@ -102,7 +93,6 @@ impl AckTracker {
         let acks = consumers.entry(consumer.to_string()).or_default();
         if upto > acks.issued && upto > acks.cursor {
             acks.issued = upto;
-            acks.read = acks.read.max(upto);
             acks.outstanding.push_back((upto, false));
         }
         Ticket {
@@ -133,7 +123,6 @@ impl AckTracker {
             acks.outstanding.pop_front();
         }
         acks.issued = acks.issued.max(upto);
-        acks.read = acks.read.max(upto);
         let mut moved = None;
         if upto > acks.cursor {
             acks.cursor = upto;
@@ -148,16 +137,6 @@ impl AckTracker {
         consumers
             .into_iter()
             .map(|name| all.get(name).map_or(0, |acks| acks.cursor))
-            .min()
-            .unwrap_or_default()
-    }
-
-    /// The lowest read position of `consumers`: events above it are unread by someone.
-    pub fn read_floor<'a>(&self, consumers: impl IntoIterator<Item = &'a str>) -> u64 {
-        let all = lock(&self.consumers);
-        consumers
-            .into_iter()
-            .map(|name| all.get(name).map_or(0, |acks| acks.read))
             .min()
             .unwrap_or_default()
     }

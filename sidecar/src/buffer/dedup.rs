@@ -1,30 +1,45 @@
-//! The dedup index: `(source, id)` → first-seen time. An entry older than the window is ignored
-//! on lookup and removed by a compaction filter; periodic compaction makes that removal happen
-//! within about one window even when nothing else triggers a compaction.
+//! The dedup index: `(source, id)` → first-seen time. An entry older than the window, or than
+//! the eviction cutoff (see [`super::space`]), is ignored on lookup and removed by a compaction
+//! filter; the space keeper runs those compactions, so removal does not wait for RocksDB to
+//! compact by chance.
 
 use rocksdb::{BlockBasedOptions, DB, DBCompressionType, Options, compaction_filter::Decision};
 
 use super::codec::{dedup_key, u64_value};
 use super::open::{CF_DEDUP, cf};
+use super::space::{DedupFilter, Removal};
 use super::{BufferError, now_ms};
 use crate::event::Event;
 
-/// Column family options of the index.
-pub(super) fn options(window_ms: u64, table: &BlockBasedOptions, write_buffer: usize) -> Options {
+/// Column family options of the index; without a filter (read-only opens, checks) nothing is
+/// removed.
+pub(super) fn options(
+    filter: Option<&DedupFilter>,
+    table: &BlockBasedOptions,
+    write_buffer: usize,
+) -> Options {
     let mut dedup = Options::default();
     dedup.set_write_buffer_size(write_buffer);
     dedup.set_compression_type(DBCompressionType::Lz4);
     dedup.set_block_based_table_factory(table);
-    if window_ms > 0 {
+    if let Some(filter) = filter.filter(|f| f.window_ms > 0).cloned() {
+        let window_s = filter.window_ms / 1000;
         dedup.set_compaction_filter("dedup-expiry", move |_level, _key, value| {
-            if now_ms().saturating_sub(u64_value(value)) > window_ms {
-                Decision::Remove
-            } else {
-                Decision::Keep
+            match filter.keeps(u64_value(value), now_ms()) {
+                Ok(()) => Decision::Keep,
+                Err(Removal::Expired) => {
+                    filter.expired.inc();
+                    Decision::Remove
+                }
+                Err(Removal::Evicted) => {
+                    filter.evicted.inc();
+                    Decision::Remove
+                }
             }
         });
-        // Every file is rewritten (and its expired entries dropped) at least once a window.
-        dedup.set_periodic_compaction_seconds((window_ms / 1000).max(60));
+        // A backstop for the space keeper's compactions: every file is rewritten at least once
+        // a window.
+        dedup.set_periodic_compaction_seconds(window_s.max(60));
     }
     dedup
 }
@@ -37,14 +52,14 @@ pub(super) struct Seen {
     pub stored: Vec<bool>,
 }
 
-/// Looks every event up in one multi-get; `window_ms` 0 means dedup is off.
+/// Looks every event up in one multi-get; a window of 0 means dedup is off.
 pub(super) fn lookup<'a>(
     db: &DB,
     events: impl Iterator<Item = &'a Event>,
-    window_ms: u64,
+    filter: &DedupFilter,
     now: u64,
 ) -> Result<Seen, BufferError> {
-    if window_ms == 0 {
+    if filter.window_ms == 0 {
         return Ok(Seen {
             keys: Vec::new(),
             stored: Vec::new(),
@@ -55,7 +70,7 @@ pub(super) fn lookup<'a>(
     let stored: Vec<bool> = db
         .multi_get_cf(keys.iter().map(|k| (dedup_cf, k.as_slice())))
         .into_iter()
-        .map(|r| r.map(|v| v.is_some_and(|v| now.saturating_sub(u64_value(&v)) <= window_ms)))
+        .map(|r| r.map(|v| v.is_some_and(|v| filter.keeps(u64_value(&v), now).is_ok())))
         .collect::<Result<_, _>>()?;
     Ok(Seen { keys, stored })
 }

@@ -26,10 +26,12 @@
 
 mod accounting;
 mod acks;
+mod budget;
 mod codec;
 mod dead_letter;
 mod dedup;
 mod open;
+mod space;
 mod writer;
 
 use std::collections::HashMap;
@@ -49,6 +51,7 @@ use crate::event::Event;
 use crate::metrics::Metrics;
 
 pub use acks::Ticket;
+pub use budget::Budget;
 pub use codec::Damage;
 pub use open::{CheckReport, DamagedRecord, check, repair};
 
@@ -92,7 +95,8 @@ pub enum BufferError {
 pub struct BufferOptions {
     pub dir: PathBuf,
     pub durability: Durability,
-    pub max_bytes: u64,
+    /// How `buffer.maxBytes` is shared out; see [`budget`].
+    pub budget: Budget,
     pub when_full: WhenFull,
     /// Dedup window in milliseconds; 0 disables dedup.
     pub dedup_window_ms: u64,
@@ -103,9 +107,8 @@ pub struct BufferOptions {
     pub shared: bool,
     /// Outputs with a `maxLag`: past it, their oldest events move to their dead-letter store.
     pub max_lag: Vec<(String, u64)>,
-    /// The dead-letter store's retention: bytes over all outputs, and age in milliseconds
-    /// (0: none). The oldest beyond either are deleted and counted.
-    pub dead_letter_max_bytes: u64,
+    /// The dead-letter store's age limit in milliseconds (0: none); its size limit is in the
+    /// budget. The oldest beyond either are deleted and counted.
     pub dead_letter_max_age_ms: u64,
 }
 
@@ -145,7 +148,11 @@ pub enum AppendError {
     )]
     Full { used: u64, max: u64 },
     #[error(
-        "the request needs {needed} bytes of buffer but buffer.maxBytes is {max}; send smaller batches"
+        "the data directory holds {used} bytes, over buffer.maxBytes ({max}); space is being reclaimed. Retry later"
+    )]
+    DiskFull { used: u64, max: u64 },
+    #[error(
+        "the request needs {needed} bytes of buffer but the events' part of buffer.maxBytes is {max}; send smaller batches"
     )]
     TooLarge { needed: u64, max: u64 },
     #[error("{0}")]
@@ -202,7 +209,12 @@ pub struct DeadLetter {
 #[serde(rename_all = "camelCase")]
 pub struct BufferStats {
     pub events: u64,
+    /// Bytes of the buffered events, before compression.
     pub bytes: u64,
+    /// The events' part of `buffer.maxBytes`.
+    pub events_max_bytes: u64,
+    /// What the data directory occupies on disk, and its bound (`buffer.maxBytes`).
+    pub disk_bytes: u64,
     pub max_bytes: u64,
     pub oldest_age_seconds: Option<f64>,
     pub quarantined: u64,
@@ -256,6 +268,8 @@ struct Inner {
     writer_alive: std::sync::atomic::AtomicBool,
     /// Damaged records readers found and stepped over, for the writer to quarantine.
     found_damaged: Mutex<Vec<(Vec<u8>, Damage)>>,
+    /// Keeps the data directory inside `buffer.maxBytes`.
+    space: space::Space,
 }
 
 impl Inner {
@@ -435,11 +449,7 @@ impl DurableBuffer {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<ReadBatch, BufferError> {
-        let batch = open::read(&self.inner, consumer, after, ceiling, max_events, max_bytes)?;
-        if batch.last_scanned > 0 {
-            self.inner.acks.note_read(consumer, batch.last_scanned);
-        }
-        Ok(batch)
+        open::read(&self.inner, consumer, after, ceiling, max_events, max_bytes)
     }
 
     /// Buffered events `output` does not have yet.
@@ -466,7 +476,9 @@ impl DurableBuffer {
         BufferStats {
             events: accounting.events,
             bytes: accounting.bytes,
-            max_bytes: options.max_bytes,
+            events_max_bytes: options.budget.events,
+            disk_bytes: space::directory_bytes(&options.dir),
+            max_bytes: options.budget.total,
             oldest_age_seconds: accounting
                 .oldest_appended_ms()
                 .map(|ms| now.saturating_sub(ms) as f64 / 1000.0),
@@ -505,9 +517,10 @@ impl DurableBuffer {
                 .load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Whether ingest would be refused for lack of space right now.
+    /// Whether ingest would be refused for lack of space right now: the events' part of the
+    /// budget is full, or the data directory is over `maxBytes`.
     pub fn is_full(&self) -> bool {
-        self.inner.full.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.full.load(std::sync::atomic::Ordering::Relaxed) || self.inner.space.over()
     }
 
     /// Syncs the WAL so a clean stop leaves nothing in OS buffers.

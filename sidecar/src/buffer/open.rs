@@ -21,7 +21,9 @@ use tokio::sync::watch;
 
 use super::accounting::Accounting;
 use super::acks::AckTracker;
+use super::budget::Budget;
 use super::codec::{Damage, cursor_key, decode_record, key_seq, seq_key, u64_value};
+use super::space::{DedupFilter, Space};
 use super::{BufferError, BufferOptions, Inner, ReadBatch, Record, SHARED_CONSUMER, dead_letter};
 use crate::config::Durability;
 use crate::metrics::Metrics;
@@ -44,8 +46,10 @@ pub(super) fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, BufferE
     })
 }
 
+/// RocksDB's options, sized by the budget (see [`super::budget`]).
 pub(super) fn db_options(
-    dedup_window_ms: u64,
+    budget: &Budget,
+    dedup_filter: Option<&DedupFilter>,
 ) -> Result<(Options, Vec<ColumnFamilyDescriptor>), BufferError> {
     let mut db_opts = Options::default();
     // On a small node, compactions must not take CPU or disk time from acknowledging writes:
@@ -59,8 +63,10 @@ pub(super) fn db_options(
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
     db_opts.set_max_background_jobs(2);
-    db_opts.set_keep_log_file_num(3);
-    db_opts.set_max_total_wal_size(64 << 20);
+    // RocksDB's info log counts against maxBytes too: two files of at most 1 MiB.
+    db_opts.set_keep_log_file_num(2);
+    db_opts.set_max_log_file_size(1 << 20);
+    db_opts.set_max_total_wal_size(budget.max_wal());
     db_opts.set_recycle_log_file_num(2);
     // RocksDB preallocates each WAL file by the default column family's write buffer size;
     // that family is unused, and a small size lets the buffer open on a nearly full disk.
@@ -71,11 +77,11 @@ pub(super) fn db_options(
     table.set_bloom_filter(10.0, false);
 
     let mut events = Options::default();
-    events.set_write_buffer_size(32 << 20);
+    events.set_write_buffer_size(budget.events_write_buffer() as usize);
     events.set_compression_type(DBCompressionType::Lz4);
     events.set_block_based_table_factory(&table);
 
-    let dedup = super::dedup::options(dedup_window_ms, &table, 8 << 20);
+    let dedup = super::dedup::options(dedup_filter, &table, budget.dedup_write_buffer() as usize);
 
     let mut small = Options::default();
     small.set_write_buffer_size(1 << 20);
@@ -159,9 +165,12 @@ fn is_corruption(e: &rocksdb::Error) -> bool {
 }
 
 /// Opens the database read-write, repairing it once if RocksDB reports it corrupt.
-pub(super) fn open_db(options: &BufferOptions) -> Result<DB, BufferError> {
+pub(super) fn open_db(
+    options: &BufferOptions,
+    dedup_filter: Option<&DedupFilter>,
+) -> Result<DB, BufferError> {
     let dir = &options.dir;
-    let (db_opts, cfs) = db_options(options.dedup_window_ms)?;
+    let (db_opts, cfs) = db_options(&options.budget, dedup_filter)?;
     match DB::open_cf_descriptors(&db_opts, dir, cfs) {
         Ok(db) => Ok(db),
         Err(e) if is_corruption(&e) => {
@@ -171,7 +180,7 @@ pub(super) fn open_db(options: &BufferOptions) -> Result<DB, BufferError> {
                 dir: dir.clone(),
                 source,
             })?;
-            let (db_opts, cfs) = db_options(options.dedup_window_ms)?;
+            let (db_opts, cfs) = db_options(&options.budget, dedup_filter)?;
             DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| BufferError::Open {
                 dir: dir.clone(),
                 source,
@@ -203,7 +212,13 @@ pub(super) fn open_writable(
             source,
         })?;
     }
-    let db = open_db(&options)?;
+    let space = Space::new(
+        &dir,
+        options.budget,
+        options.dedup_window_ms,
+        metrics.clone(),
+    );
+    let db = open_db(&options, Some(&space.filter))?;
     let meta = cf(&db, CF_META)?;
     match db.get_cf(meta, FORMAT_KEY)? {
         Some(format) if format == FORMAT_VALUE => {}
@@ -229,7 +244,8 @@ pub(super) fn open_writable(
             db.put_cf_opt(meta, FORMAT_KEY, FORMAT_VALUE, &write)?;
         }
     }
-    load(db, options, metrics, true)
+    space.rebuild_inserted(&db)?;
+    load(db, options, metrics, Some(space))
 }
 
 pub(super) fn open_read_only(options: BufferOptions) -> Result<Inner, BufferError> {
@@ -240,12 +256,12 @@ pub(super) fn open_read_only(options: BufferOptions) -> Result<Inner, BufferErro
             found: "nothing: the directory is missing or empty".into(),
         });
     }
-    let (db_opts, mut cfs) = db_options(options.dedup_window_ms)?;
+    let (db_opts, mut cfs) = db_options(&options.budget, None)?;
     let existing = DB::list_cf(&Options::default(), &dir).unwrap_or_default();
     cfs.retain(|c| existing.iter().any(|name| name == c.name()));
     let db = DB::open_cf_descriptors_read_only(&db_opts, &dir, cfs, false)
         .map_err(|source| BufferError::Open { dir, source })?;
-    load(db, options, Arc::new(Metrics::new()), false)
+    load(db, options, Arc::new(Metrics::new()), None)
 }
 
 /// Damaged records found by one scan: (key, damage).
@@ -319,13 +335,22 @@ fn count_quarantined(db: &DB) -> u64 {
         .unwrap_or_default()
 }
 
-/// Rebuilds the in-memory state from disk.
+/// Rebuilds the in-memory state from disk; a writable buffer has a space keeper.
 fn load(
     db: DB,
     options: BufferOptions,
     metrics: Arc<Metrics>,
-    writable: bool,
+    space: Option<Space>,
 ) -> Result<Inner, BufferError> {
+    let writable = space.is_some();
+    let space = space.unwrap_or_else(|| {
+        Space::new(
+            &options.dir,
+            options.budget,
+            options.dedup_window_ms,
+            metrics.clone(),
+        )
+    });
     let (accounting, last_seq, damaged) = scan_log(&db)?;
     if writable && !damaged.is_empty() {
         quarantine(&db, &damaged, &metrics)?;
@@ -359,6 +384,7 @@ fn load(
         failure: Mutex::new(None),
         writer_alive: AtomicBool::new(false),
         found_damaged: Mutex::new(Vec::new()),
+        space,
     };
     inner.publish_gauges();
     Ok(inner)
@@ -490,12 +516,12 @@ pub fn repair(options: BufferOptions) -> Result<u64, BufferError> {
             found: "nothing: the directory is missing or empty".into(),
         });
     }
-    let (db_opts, _) = db_options(options.dedup_window_ms)?;
+    let (db_opts, _) = db_options(&options.budget, None)?;
     DB::repair(&db_opts, &options.dir).map_err(|source| BufferError::Open {
         dir: options.dir.clone(),
         source,
     })?;
-    let db = open_db(&options)?;
+    let db = open_db(&options, None)?;
     let (_, _, damaged) = scan_log(&db)?;
     let moved = quarantine(&db, &damaged, &Metrics::new())?;
     if options.durability == Durability::Sync {

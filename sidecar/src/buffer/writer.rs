@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::accounting::Chunk;
 use super::codec::{Target, cursor_key, encode_record, seq_key};
 use super::open::{CF_DEDUP, CF_EVENTS, CF_META, NEXT_SEQ_KEY, cf, open_db, quarantine};
+use super::space::{self, Compaction};
 use super::{
     AppendError, Appended, BufferError, Inner, Settlement, Ticket, dead_letter, dedup, lock, now_ms,
 };
@@ -80,6 +81,8 @@ struct Writer {
     inner: Arc<Inner>,
     last_reopen: Option<Instant>,
     last_retention: Option<Instant>,
+    /// Where compactions go (see [`space`]); `None` if the compactor thread could not start.
+    compactor: Option<std::sync::mpsc::Sender<Compaction>>,
 }
 
 /// Marks the writer stopped however the thread ends, a panic included, so `/healthz` fails.
@@ -93,10 +96,20 @@ impl Drop for AliveFlag {
 
 pub(super) fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriterCommand>) {
     let _alive = AliveFlag(inner.clone());
+    let (compactions, compactor_rx) = std::sync::mpsc::channel();
+    let compactor_inner = inner.clone();
+    let compactor = std::thread::Builder::new()
+        .name("tally-buffer-compactor".into())
+        .spawn(move || space::run_compactor(compactor_inner, compactor_rx))
+        .inspect_err(|e| {
+            tracing::error!(error = %e, "cannot start the compactor thread; deleted events are reclaimed by RocksDB's own compactions only");
+        })
+        .ok();
     let mut writer = Writer {
         inner,
         last_reopen: None,
         last_retention: None,
+        compactor: compactor.is_some().then_some(compactions),
     };
     while let Some(first) = rx.blocking_recv() {
         let mut group = Group::default();
@@ -125,6 +138,13 @@ pub(super) fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriterCommand>) {
         }
         writer.commit(group);
     }
+    // Let a running compaction finish before the database is closed.
+    writer.compactor = None;
+    if let Some(compactor) = compactor
+        && compactor.join().is_err()
+    {
+        tracing::error!("the buffer compactor thread panicked");
+    }
 }
 
 /// What the durable write of a group changes in memory once it succeeded.
@@ -135,6 +155,8 @@ struct Effects {
     dropped_events: u64,
     /// (output, events, bytes) added to dead-letter stores.
     dead_lettered: Vec<(String, u64, u64)>,
+    /// New dedup entries.
+    dedup_inserted: u64,
     next_seq: Option<u64>,
     needs_sync: bool,
 }
@@ -183,7 +205,7 @@ impl Writer {
                 }
             }
         }
-        match open_db(&self.inner.options) {
+        match open_db(&self.inner.options, Some(&self.inner.space.filter)) {
             Ok(db) => {
                 *slot = Some(Arc::new(db));
                 drop(slot);
@@ -294,6 +316,14 @@ impl Writer {
             accounting_guard.push(*chunk);
         }
         drop(accounting_guard);
+        let space = &self.inner.space;
+        space.note_inserted(now_ms(), effects.dedup_inserted);
+        if let Some(last) = effects.dropped_chunks.last() {
+            space.note_trimmed(
+                last.last,
+                effects.dropped_chunks.iter().map(|c| c.bytes).sum(),
+            );
+        }
         {
             let mut counts = lock(&self.inner.dead_letters);
             for (output, events, bytes) in &effects.dead_lettered {
@@ -361,10 +391,14 @@ impl Writer {
         let seen = dedup::lookup(
             db,
             requests.iter().flat_map(|(events, _)| events.iter()),
-            window,
+            &self.inner.space.filter,
             now,
         )?;
-        let read_floor = self.inner.acks.read_floor(options.consumers());
+        let budget = self.inner.space.budget();
+        let disk_over = self.inner.space.over();
+        // Drops count what no output has settled, batches in flight included: if the process
+        // stops before they are delivered, they are gone, and must not go uncounted.
+        let settled_floor = self.inner.acks.floor(options.consumers());
         let mut next = *self.inner.last_seq.borrow() + 1;
         let mut in_group: HashSet<&[u8]> = HashSet::new();
         let mut outcomes = Vec::with_capacity(requests.len());
@@ -394,10 +428,20 @@ impl Writer {
                 .map(|(e, _)| encode_record(&Target::All, now, &e.json))
                 .collect();
             let needed: u64 = records.iter().map(|r| r.len() as u64 + 8).sum();
-            let max = options.max_bytes;
+            let max = budget.events;
             if needed > max {
                 release_claims(&mut in_group, &fresh);
                 outcomes.push(Err(AppendError::TooLarge { needed, max }));
+                continue;
+            }
+            if disk_over && !fresh.is_empty() {
+                // The estimate of the parts was off: refuse in both modes until compaction
+                // brings the directory back under maxBytes (see `space`).
+                release_claims(&mut in_group, &fresh);
+                outcomes.push(Err(AppendError::DiskFull {
+                    used: self.inner.space.disk_bytes(),
+                    max: budget.total,
+                }));
                 continue;
             }
             let mut dropped = 0;
@@ -422,7 +466,7 @@ impl Writer {
                                 seq_key(chunk.first),
                                 seq_key(chunk.last + 1),
                             );
-                            dropped += chunk.unread(read_floor);
+                            dropped += chunk.unread(settled_floor);
                             effects.dropped_chunks.push(chunk);
                         }
                     }
@@ -433,6 +477,7 @@ impl Writer {
                 batch.put_cf(events_cf, seq_key(next), record);
                 if let Some(key) = key {
                     batch.put_cf(dedup_cf, key, now.to_be_bytes());
+                    effects.dedup_inserted += 1;
                 }
                 next += 1;
             }
@@ -478,6 +523,7 @@ impl Writer {
                 let mut accounting = lock(&self.inner.accounting);
                 let due = now
                     || self.inner.full.load(Ordering::Relaxed)
+                    || self.inner.space.over()
                     || accounting.deletable(floor) >= TRIM_MIN_EVENTS;
                 if due {
                     accounting.take_through(floor)
@@ -488,6 +534,9 @@ impl Writer {
             if let (Some(first), Some(last)) = (trimmed.first(), trimmed.last()) {
                 batch.delete_range_cf(events, seq_key(first.first), seq_key(last.last + 1));
             }
+            let trimmed_through = trimmed
+                .last()
+                .map(|c| (c.last, trimmed.iter().map(|c| c.bytes).sum()));
             if let Err(e) = db.write(batch) {
                 // Not deleted after all: account for those events again.
                 let mut accounting = lock(&self.inner.accounting);
@@ -496,8 +545,9 @@ impl Writer {
                 }
                 return Err(e.into());
             }
-            if !trimmed.is_empty() {
+            if let Some((through, bytes)) = trimmed_through {
                 self.inner.full.store(false, Ordering::Relaxed);
+                self.inner.space.note_trimmed(through, bytes);
             }
             Ok(())
         })();
@@ -580,6 +630,12 @@ impl Writer {
             self.last_retention = Some(Instant::now());
             self.apply_retention(&db)?;
         }
+        let live = lock(&self.inner.accounting).bytes;
+        for compaction in self.inner.space.maintain(&db, live) {
+            if let Some(compactor) = &self.compactor {
+                let _ = compactor.send(compaction);
+            }
+        }
         self.inner.publish_gauges();
         Ok(())
     }
@@ -587,7 +643,7 @@ impl Writer {
     /// Deletes the oldest dead letters beyond the store's size or age, and counts them.
     fn apply_retention(&self, db: &DB) -> Result<(), BufferError> {
         let options = &self.inner.options;
-        let max_bytes = options.dead_letter_max_bytes;
+        let max_bytes = options.budget.dead_letters;
         let max_age_ms = options.dead_letter_max_age_ms;
         let counts: Vec<(String, (u64, u64))> = lock(&self.inner.dead_letters)
             .iter()

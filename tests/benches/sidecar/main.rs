@@ -11,6 +11,7 @@ mod events;
 mod fanout;
 mod load;
 mod machine;
+mod outage;
 mod process;
 mod report;
 mod sink;
@@ -78,7 +79,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run()) {
+    let phase = if std::env::args().any(|a| a == "--outage") {
+        runtime.block_on(run_outage())
+    } else {
+        runtime.block_on(run())
+    };
+    match phase {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -301,6 +307,30 @@ async fn run() -> anyhow::Result<bool> {
         );
     }
     Ok(results.errors.is_empty())
+}
+
+/// `make bench-outage`: only the long outage (see [`outage`]); results go to
+/// `bench-outage-results.json` beside `bench-results.json`.
+async fn run_outage() -> anyhow::Result<bool> {
+    let root = match std::env::var_os("TALLY_BENCH_DIR") {
+        Some(dir) => tempfile::Builder::new()
+            .prefix("tally-bench-")
+            .tempdir_in(dir),
+        None => tempfile::Builder::new().prefix("tally-bench-").tempdir(),
+    }
+    .context("cannot create the benchmark's data directory")?;
+    let binary = sidecar_binary()?;
+    let result = outage::measure(&binary, &root.path().join("outage")).await;
+    let figures = outage::figures(result.as_ref().ok());
+    println!();
+    print!("{}", report::table(&figures));
+    let outage = result?;
+    let path = results_path()?.with_file_name("bench-outage-results.json");
+    let json = serde_json::to_string_pretty(&outage).context("cannot serialize the results")?;
+    std::fs::write(&path, json + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("\nresults: {}", path.display());
+    Ok(outage.delivered >= outage.acknowledged)
 }
 
 /// `$CARGO_TARGET_DIR/bench-results.json`, else next to `<target>/release`.
