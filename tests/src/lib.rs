@@ -14,6 +14,7 @@
 //! Every wait polls with a deadline ([`poll_until`]); no test synchronises with a fixed sleep.
 
 pub mod binary;
+pub mod disk;
 pub mod events;
 pub mod metrics;
 pub mod pod;
@@ -24,6 +25,7 @@ pub mod powercut;
 pub mod problem;
 pub mod python;
 pub mod report;
+pub mod senders;
 pub mod sidecar;
 pub mod upstream;
 pub mod webhook;

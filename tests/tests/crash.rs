@@ -2,12 +2,11 @@
 //! afterwards (SIGKILL at any instant, an upstream failing meanwhile), and SIGTERM stops cleanly.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_tests::events::id_of;
+use tally_tests::senders::Senders;
 use tally_tests::{Sidecar, TestUpstream, assert_problem, event, poll_until};
 
 const SENDERS: usize = 8;
@@ -16,59 +15,6 @@ const KILLS: usize = 5;
 /// Acknowledged events between two kills.
 const EVENTS_PER_ROUND: usize = 2000;
 
-/// What the concurrent senders observed.
-#[derive(Default)]
-struct Observed {
-    acked: Mutex<Vec<String>>,
-    acked_count: AtomicUsize,
-    refused: AtomicUsize,
-    unavailable: AtomicUsize,
-}
-
-/// Sends batches of fresh events to `url` until `stop`, recording which ones were acknowledged.
-async fn sender(task: usize, url: String, stop: Arc<AtomicBool>, observed: Arc<Observed>) {
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut seq = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let batch: Vec<Value> = (0..BATCH)
-            .map(|i| event(&format!("crash-{task}-{seq}-{i}")))
-            .collect();
-        seq += 1;
-        let result = http
-            .post(&url)
-            .header("content-type", "application/cloudevents-batch+json")
-            .body(Value::Array(batch.clone()).to_string())
-            .send()
-            .await;
-        match result {
-            Ok(response) if response.status() == 204 => {
-                let mut acked = observed.acked.lock().unwrap_or_else(|p| p.into_inner());
-                acked.extend(batch.iter().map(|e| id_of(e).to_string()));
-                observed.acked_count.fetch_add(BATCH, Ordering::Relaxed);
-            }
-            Ok(response) => {
-                // 503 while stopping or starting is fine; any other answer is a bug.
-                assert_eq!(
-                    response.status(),
-                    503,
-                    "unexpected answer to a valid batch: {}",
-                    response.text().await.unwrap_or_default()
-                );
-                observed.unavailable.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                // The sidecar is down (killed, restarting): a real client retries later.
-                observed.refused.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_event_survives_repeated_sigkill_and_upstream_failures() {
     let upstream = TestUpstream::start().await;
@@ -76,18 +22,7 @@ async fn every_acknowledged_event_survives_repeated_sigkill_and_upstream_failure
         .openmeter_output("upstream", &upstream.url())
         .start()
         .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let observed = Arc::new(Observed::default());
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|task| {
-            tokio::spawn(sender(
-                task,
-                sidecar.events_url(),
-                stop.clone(),
-                observed.clone(),
-            ))
-        })
-        .collect();
+    let senders = Senders::start(SENDERS, BATCH, "crash", sidecar.events_url());
 
     let mut target = 0;
     for kill in 0..KILLS {
@@ -95,7 +30,7 @@ async fn every_acknowledged_event_survives_repeated_sigkill_and_upstream_failure
         poll_until(
             Duration::from_secs(60),
             "senders to get more events acknowledged",
-            async || (observed.acked_count.load(Ordering::Relaxed) >= target).then_some(()),
+            async || (senders.acked_count() >= target).then_some(()),
         )
         .await;
         // The upstream answers 503 during the middle of the run: kills 2 and 3 happen while
@@ -107,25 +42,18 @@ async fn every_acknowledged_event_survives_repeated_sigkill_and_upstream_failure
         }
         sidecar.kill9();
         sidecar.restart().await;
-        target = observed.acked_count.load(Ordering::Relaxed);
+        target = senders.acked_count();
     }
     target += EVENTS_PER_ROUND;
     poll_until(
         Duration::from_secs(60),
         "senders to get events acknowledged after the last restart",
-        async || (observed.acked_count.load(Ordering::Relaxed) >= target).then_some(()),
+        async || (senders.acked_count() >= target).then_some(()),
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for sender in senders {
-        sender.await.unwrap_or_else(|e| panic!("sender task: {e}"));
-    }
+    let stopped = senders.stop().await;
 
-    let acked = observed
-        .acked
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let acked = stopped.acked;
     upstream
         .wait_delivered(acked.iter().map(String::as_str), Duration::from_secs(90))
         .await;
@@ -152,8 +80,8 @@ async fn every_acknowledged_event_survives_repeated_sigkill_and_upstream_failure
         delivered.len(),
         distinct.len(),
         delivered.len() - distinct.len(),
-        observed.refused.load(Ordering::Relaxed),
-        observed.unavailable.load(Ordering::Relaxed),
+        stopped.refused,
+        stopped.unavailable,
         upstream.request_count(),
     );
 }

@@ -3,12 +3,11 @@
 //! compression cannot hide an overrun. And the dedup index keeps to its part: past it, the
 //! oldest entries are forgotten early and counted, the newest still deduplicate.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::time::Duration;
 
 use rand::Rng;
 use serde_json::{Value, json};
+use tally_tests::disk::directory_bytes;
 use tally_tests::events::{event, id_of};
 use tally_tests::{Sidecar, TestUpstream, poll_until};
 
@@ -29,18 +28,6 @@ fn incompressible_event(id: &str, size: usize) -> Value {
     let mut event = event(id);
     event["data"]["noise"] = Value::String(hex(&bytes));
     event
-}
-
-/// What the data directory occupies on disk, as `du` counts it.
-fn du(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.blocks() * 512)
-                .sum()
-        })
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,7 +51,7 @@ async fn the_data_directory_stays_within_max_bytes_while_the_upstream_is_down() 
             .map(|i| incompressible_event(&format!("du-{n}-{i}"), 20_000))
             .collect();
         let response = sidecar.post_events(&events).await;
-        peak = peak.max(du(sidecar.data_dir()));
+        peak = peak.max(directory_bytes(sidecar.data_dir()));
         match response.status().as_u16() {
             204 => acked.extend(events.iter().map(|e| id_of(e).to_string())),
             503 => {
@@ -80,7 +67,7 @@ async fn the_data_directory_stays_within_max_bytes_while_the_upstream_is_down() 
     );
     // The directory after the last acknowledged write, and once RocksDB has flushed.
     let metrics = sidecar.metrics().await;
-    peak = peak.max(du(sidecar.data_dir()));
+    peak = peak.max(directory_bytes(sidecar.data_dir()));
     assert!(
         peak <= MAX_BYTES,
         "the data directory stays within buffer.maxBytes: peak {peak} bytes of {MAX_BYTES}"
@@ -106,7 +93,7 @@ async fn the_data_directory_stays_within_max_bytes_while_the_upstream_is_down() 
     poll_until(
         Duration::from_secs(60),
         "the data directory to shrink once its events were delivered",
-        async || (du(sidecar.data_dir()) < filled / 2).then_some(()),
+        async || (directory_bytes(sidecar.data_dir()) < filled / 2).then_some(()),
     )
     .await;
 }

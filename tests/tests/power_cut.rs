@@ -39,15 +39,14 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use serde_json::json;
 use tally_tests::powercut::{CutReport, Stats};
-use tally_tests::{PowerCutFs, Sidecar, TestUpstream, event, poll_for, poll_until};
+use tally_tests::senders::Senders;
+use tally_tests::{PowerCutFs, Sidecar, TestUpstream, poll_for, poll_until};
 use tempfile::TempDir;
 
 const SENDERS: usize = 4;
@@ -61,64 +60,6 @@ const EVENTS_BETWEEN_CUTS: std::ops::RangeInclusive<usize> = 100..=3000;
 const EARLY_CUT_ONE_IN: u32 = 3;
 /// How long the delivery of everything acknowledged may take once the upstreams accept.
 const DELIVERY: Duration = Duration::from_secs(30);
-
-/// What the concurrent senders observed.
-#[derive(Default)]
-struct Observed {
-    acked: Mutex<Vec<String>>,
-    acked_count: AtomicUsize,
-    refused: AtomicUsize,
-    unavailable: AtomicUsize,
-}
-
-/// Sends batches of fresh events to `url` until `stop`, recording which ones were acknowledged.
-async fn sender(prefix: String, url: String, stop: Arc<AtomicBool>, observed: Arc<Observed>) {
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut seq = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let batch: Vec<Value> = (0..BATCH)
-            .map(|i| event(&format!("{prefix}-{seq}-{i}")))
-            .collect();
-        seq += 1;
-        let result = http
-            .post(&url)
-            .header("content-type", "application/cloudevents-batch+json")
-            .body(Value::Array(batch.clone()).to_string())
-            .send()
-            .await;
-        match result {
-            Ok(response) if response.status() == 204 => {
-                let mut acked = observed.acked.lock().unwrap_or_else(|p| p.into_inner());
-                acked.extend(
-                    batch
-                        .iter()
-                        .map(|e| e["id"].as_str().unwrap_or_default().into()),
-                );
-                observed.acked_count.fetch_add(BATCH, Ordering::Relaxed);
-            }
-            Ok(response) => {
-                // 503 while starting or stopping is fine; any other answer is a bug.
-                assert_eq!(
-                    response.status(),
-                    503,
-                    "unexpected answer to a valid batch: {}",
-                    response.text().await.unwrap_or_default()
-                );
-                observed.unavailable.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                // The sidecar is down (killed, restarting): a real client retries later; the
-                // pause only keeps the loop from spinning on refused connections.
-                observed.refused.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
 
 /// How the two upstreams answer between two cuts.
 #[derive(Debug, Clone, Copy)]
@@ -213,18 +154,12 @@ async fn power_cuts_under_load(pattern: &str, durability: &str, layout: DataDir)
         .start()
         .await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let observed = Arc::new(Observed::default());
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|task| {
-            tokio::spawn(sender(
-                format!("cut-{pattern}-{durability}-{task}"),
-                sidecar.events_url(),
-                stop.clone(),
-                observed.clone(),
-            ))
-        })
-        .collect();
+    let senders = Senders::start(
+        SENDERS,
+        BATCH,
+        &format!("cut-{pattern}-{durability}"),
+        sidecar.events_url(),
+    );
 
     let mut cuts = Vec::new();
     let mut both_failed = false;
@@ -234,11 +169,11 @@ async fn power_cuts_under_load(pattern: &str, durability: &str, layout: DataDir)
         } else {
             rng.random_range(EVENTS_BETWEEN_CUTS)
         };
-        let target = observed.acked_count.load(Ordering::Relaxed) + more;
+        let target = senders.acked_count() + more;
         poll_until(
             Duration::from_secs(30),
             "the senders to get more events acknowledged",
-            async || (observed.acked_count.load(Ordering::Relaxed) >= target).then_some(()),
+            async || (senders.acked_count() >= target).then_some(()),
         )
         .await;
         let mut weather =
@@ -256,7 +191,7 @@ async fn power_cuts_under_load(pattern: &str, durability: &str, layout: DataDir)
             .fs
             .power_cut_and_remount()
             .unwrap_or_else(|e| panic!("power cut: {e}"));
-        let acked = observed.acked_count.load(Ordering::Relaxed);
+        let acked = senders.acked_count();
         println!(
             "cut {round}: {acked} acknowledged so far (+{more} asked); {report:?}; \
              upstreams then: {weather:?}"
@@ -265,24 +200,17 @@ async fn power_cuts_under_load(pattern: &str, durability: &str, layout: DataDir)
         sidecar.start().await;
     }
     // Some load on the last start too, then stop sending.
-    let target = observed.acked_count.load(Ordering::Relaxed) + BATCH * SENDERS;
+    let target = senders.acked_count() + BATCH * SENDERS;
     poll_until(
         Duration::from_secs(30),
         "events acknowledged after the last restart",
-        async || (observed.acked_count.load(Ordering::Relaxed) >= target).then_some(()),
+        async || (senders.acked_count() >= target).then_some(()),
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for sender in senders {
-        sender.await.unwrap_or_else(|e| panic!("sender task: {e}"));
-    }
+    let stopped = senders.stop().await;
     Weather::BothAccept.apply(&upstreams);
 
-    let acked = observed
-        .acked
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let acked = stopped.acked;
     let missing = || -> Vec<String> {
         let delivered: Vec<HashSet<String>> = upstreams
             .iter()
@@ -339,8 +267,8 @@ async fn power_cuts_under_load(pattern: &str, durability: &str, layout: DataDir)
         outcome.cuts.iter().map(|c| c.files_reverted).sum::<u64>(),
         outcome.cuts.iter().map(|c| c.dirs_reverted).sum::<u64>(),
         outcome.stats,
-        observed.refused.load(Ordering::Relaxed),
-        observed.unavailable.load(Ordering::Relaxed),
+        stopped.refused,
+        stopped.unavailable,
         outcome.elapsed.as_secs_f64(),
     );
     outcome

@@ -134,13 +134,7 @@ async fn run() -> anyhow::Result<bool> {
         Err(_) => 10.0,
     };
     let measured = Duration::from_secs_f64(seconds);
-    let root = match std::env::var_os("TALLY_BENCH_DIR") {
-        Some(dir) => tempfile::Builder::new()
-            .prefix("tally-bench-")
-            .tempdir_in(dir),
-        None => tempfile::Builder::new().prefix("tally-bench-").tempdir(),
-    }
-    .context("cannot create the benchmark's data directory")?;
+    let root = bench_root()?;
     let machine = Machine::describe(root.path());
     let sample = EventFactory::new("sample").batch(EVENTS_PER_REQUEST);
     let workload = Workload {
@@ -312,13 +306,7 @@ async fn run() -> anyhow::Result<bool> {
 /// `make bench-outage`: only the long outage (see [`outage`]); results go to
 /// `bench-outage-results.json` beside `bench-results.json`.
 async fn run_outage() -> anyhow::Result<bool> {
-    let root = match std::env::var_os("TALLY_BENCH_DIR") {
-        Some(dir) => tempfile::Builder::new()
-            .prefix("tally-bench-")
-            .tempdir_in(dir),
-        None => tempfile::Builder::new().prefix("tally-bench-").tempdir(),
-    }
-    .context("cannot create the benchmark's data directory")?;
+    let root = bench_root()?;
     let binary = sidecar_binary()?;
     let result = outage::measure(&binary, &root.path().join("outage")).await;
     let figures = outage::figures(result.as_ref().ok());
@@ -331,6 +319,17 @@ async fn run_outage() -> anyhow::Result<bool> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("\nresults: {}", path.display());
     Ok(outage.delivered >= outage.acknowledged)
+}
+
+/// A fresh directory for the run's data, under `TALLY_BENCH_DIR` or the temp dir.
+fn bench_root() -> anyhow::Result<tempfile::TempDir> {
+    match std::env::var_os("TALLY_BENCH_DIR") {
+        Some(dir) => tempfile::Builder::new()
+            .prefix("tally-bench-")
+            .tempdir_in(dir),
+        None => tempfile::Builder::new().prefix("tally-bench-").tempdir(),
+    }
+    .context("cannot create the benchmark's data directory")
 }
 
 /// `$CARGO_TARGET_DIR/bench-results.json`, else next to `<target>/release`.

@@ -7,7 +7,6 @@
 //! Environment: `TALLY_OUTAGE_SECONDS` (default 600), `TALLY_OUTAGE_RATE` (events/s, default
 //! 5000), `TALLY_OUTAGE_MAX_BYTES` (`buffer.maxBytes`, default `512Mi`).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio::time::Instant;
+
+use tally_tests::disk::directory_bytes;
 
 use crate::events::EventFactory;
 use crate::load::{self, LoadSpec};
@@ -70,18 +71,6 @@ fn parse_mib(value: &str) -> anyhow::Result<u64> {
         .and_then(|n| n.parse::<u64>().ok())
         .map(|n| n << 20)
         .with_context(|| format!("TALLY_OUTAGE_MAX_BYTES={value}: give it in Mi, e.g. 512Mi"))
-}
-
-/// What `dir`'s files occupy on disk.
-fn directory_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.blocks() * 512)
-                .sum()
-        })
-        .unwrap_or_default()
 }
 
 pub async fn measure(binary: &Path, dir: &Path) -> anyhow::Result<Outage> {
