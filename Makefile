@@ -11,12 +11,20 @@ export CARGO_TERM_COLOR ?= never
 PYTHON_REQUIREMENTS := tests/python/requirements.txt
 VENV := $(CACHE_DIR)/venv-$(shell sha256sum $(PYTHON_REQUIREMENTS) 2>/dev/null | cut -c1-12)
 export TALLY_PYTHON := $(VENV)/bin/python
+JS_LOCK := tests/js/package-lock.json
+JS_DIR := $(CACHE_DIR)/js-$(shell sha256sum $(JS_LOCK) 2>/dev/null | cut -c1-12)
+export TALLY_JS_MODULES := $(JS_DIR)/node_modules
 export TALLY_SIDECAR_BIN := $(CARGO_TARGET_DIR)/release/tally-sidecar
 export TALLY_OPERATOR_BIN := $(CARGO_TARGET_DIR)/release/tally-operator
-APT_PACKAGES := clang libclang-dev postgresql
+APT_PACKAGES := clang libclang-dev postgresql runc binutils
+# The one version: the workspace's, in Cargo.toml. The chart's appVersion, the CRD's default image
+# and the image tags follow it (tests check each).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+IMAGE_REGISTRY ?= ghcr.io/tally-dev
+IMAGES_DIR := $(CARGO_TARGET_DIR)/images
 CARGO_RELEASE := cargo --locked
 
-.PHONY: help run demo test bench build lint unit integration e2e k8s deps apt rust python clean-data
+.PHONY: help run demo test bench build lint unit integration e2e k8s deps apt rust python js clean-data images
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -33,6 +41,12 @@ test: deps lint build k8s helm unit integration e2e ## everything CI checks: fmt
 bench: deps build k8s ## measure the sidecar (ingest, drain, RSS, start-up) and the operator (reconcile latency, 500 collectors) against ceilings
 	$(CARGO_RELEASE) bench -p tally-tests --bench sidecar
 	$(CARGO_RELEASE) bench -p tally-operator --bench operator
+
+images: deps build ## OCI image archives of tally-sidecar and tally-operator, built without Docker, reproducible
+	@for name in tally-sidecar tally-operator; do \
+	  python3 images/oci_image.py --binary $(CARGO_TARGET_DIR)/release/$$name \
+	    --ref $(IMAGE_REGISTRY)/$$name:$(VERSION) --out $(IMAGES_DIR)/$$name-$(VERSION).tar; \
+	done
 
 .PHONY: bench-outage
 bench-outage: deps build ## the data directory during a 10-minute upstream outage at 5k events/s, beside buffer.maxBytes
@@ -70,9 +84,9 @@ k8s: ## build kube-apiserver, kube-controller-manager, kube-scheduler and kwok f
 	e2e/k8s/build.sh
 	e2e/kwok/build.sh
 
-deps: apt rust python
+deps: apt rust python js
 
-apt: ## system packages: clang for the RocksDB bindings, PostgreSQL for the output tests (installed once)
+apt: ## system packages: clang for the RocksDB bindings, PostgreSQL for the output tests, runc and binutils for the images (installed once)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing $$missing"; \
@@ -88,6 +102,15 @@ python: $(VENV)/.installed
 $(VENV)/.installed: $(PYTHON_REQUIREMENTS)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(PYTHON_REQUIREMENTS)
+	touch $@
+
+js: $(JS_DIR)/.installed
+
+# The OpenMeter JavaScript SDK at the versions the lock file pins, for tests/tests/js_sdk.rs.
+$(JS_DIR)/.installed: tests/js/package.json $(JS_LOCK)
+	mkdir -p $(JS_DIR)
+	cp tests/js/package.json $(JS_LOCK) $(JS_DIR)/
+	cd $(JS_DIR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
 clean-data: ## delete the ./data buffer of `make run`
