@@ -35,7 +35,7 @@ run: deps build ## build and start tally-sidecar on 127.0.0.1:4196 (buffer in ./
 demo: deps build k8s helm ## a local control plane, the chart, the operator, an injected workload and a minute of events
 	$(CARGO_TARGET_DIR)/release/tally-demo
 
-test: deps lint build k8s helm unit integration e2e ## everything CI checks: fmt, clippy, unit, integration, control-plane and chart tests
+test: deps lint build k8s helm promtool unit integration e2e ## everything CI checks: fmt, clippy, unit, integration, control-plane and chart tests
 	@echo "make test: all checks passed"
 
 bench: deps build k8s ## measure the sidecar (ingest, drain, RSS, start-up) and the operator (reconcile latency, 500 collectors) against ceilings
@@ -65,13 +65,17 @@ unit: deps build k8s ## sidecar and operator tests (the operator's include real 
 integration: build
 	$(CARGO_RELEASE) test --release -p tally-tests
 
-e2e: deps build k8s helm ## control-plane, fake-node and chart tests (the RBAC test runs the operator binary)
+e2e: deps build k8s helm promtool ## control-plane, fake-node and chart tests (the RBAC test runs the operator binary)
 	$(CARGO_RELEASE) test --release -p tally-e2e
 
 .PHONY: crds
 crds: ## regenerate crds/ and the chart's copy from the Rust types (tests fail when either is stale)
 	$(CARGO_RELEASE) run --release -p tally-operator -- crd > crds/meteringcollector.yaml
 	cp crds/meteringcollector.yaml charts/tally/files/crds/meteringcollector.yaml
+
+.PHONY: promtool
+promtool: ## build promtool from the github.com/prometheus/prometheus Go module (cached by version), for the alert tests
+	e2e/promtool/build.sh
 
 .PHONY: helm chart
 helm: ## build the Helm CLI from the helm.sh/helm/v3 Go module (cached by version)

@@ -244,6 +244,71 @@ impl Manifests {
     pub fn get(&self, kind: &str, name: &str) -> Option<&DynamicObject> {
         self.of_kind(kind).find(|o| o.name_any() == name)
     }
+
+    /// Every `tally_*` metric queried by the rendered PrometheusRules' expressions and by the Grafana dashboards
+    /// (ConfigMaps labelled `grafana_dashboard`), sorted.
+    pub fn queried_metrics(&self) -> Vec<String> {
+        let mut exprs = Vec::new();
+        for rule in self.of_kind("PrometheusRule") {
+            collect_exprs(&rule.data["spec"], &mut exprs);
+        }
+        for config_map in self.of_kind("ConfigMap") {
+            if !config_map.labels().contains_key("grafana_dashboard") {
+                continue;
+            }
+            for dashboard in config_map.data["data"]
+                .as_object()
+                .into_iter()
+                .flat_map(|d| d.values())
+            {
+                if let Ok(dashboard) =
+                    serde_json::from_str::<serde_json::Value>(dashboard.as_str().unwrap_or(""))
+                {
+                    collect_exprs(&dashboard, &mut exprs);
+                }
+            }
+        }
+        let names: std::collections::BTreeSet<String> =
+            exprs.iter().flat_map(|expr| metric_names(expr)).collect();
+        names.into_iter().collect()
+    }
+}
+
+/// Every string under an `expr` key, at any depth.
+fn collect_exprs(value: &serde_json::Value, exprs: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr", serde_json::Value::String(expr)) => exprs.push(expr.clone()),
+                    _ => collect_exprs(value, exprs),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, exprs)),
+        _ => {}
+    }
+}
+
+/// The `tally_*` identifiers in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("tally_") {
+        let preceded = rest[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !preceded {
+            names.push(name.clone());
+        }
+        rest = &rest[at + name.len()..];
+    }
+    names
 }
 
 /// Whether [`apply`] persists the object or only asks the API server to validate and admit it.

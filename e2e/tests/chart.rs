@@ -360,8 +360,8 @@ fn operator_accepts_the_rendered_command_line() {
 /// namespace enforces the `restricted` Pod Security Standard, so the ReplicaSet controller creating both operator
 /// pods proves the pod template is admitted under it.
 ///
-/// The control plane has no Prometheus Operator: the ServiceMonitor document is skipped (with a message) when its
-/// CRD `servicemonitors.monitoring.coreos.com` is absent, and only then.
+/// The control plane has no Prometheus Operator: the ServiceMonitor and PrometheusRule documents are skipped (with a
+/// message) when their CRDs (`monitoring.coreos.com`) are absent, and only then.
 #[tokio::test]
 async fn rendered_chart_applies_to_a_real_api_server() {
     let control_plane = ControlPlane::start().await.expect("control plane starts");
@@ -427,7 +427,8 @@ async fn rendered_chart_applies_to_a_real_api_server() {
         }
     }
     for object in manifests.objects() {
-        if kind_of(object) != "ServiceMonitor" {
+        // No Prometheus Operator here: its kinds were skipped above.
+        if !matches!(kind_of(object), "ServiceMonitor" | "PrometheusRule") {
             assert_exists(&client, object).await;
         }
     }
@@ -630,6 +631,44 @@ async fn operator_works_with_exactly_the_charts_rbac() {
         )
         .await;
 
+    // Every operator metric the chart's alerts and dashboard query is exported (the webhook's certificate exists by
+    // now).
+    let wanted: Vec<String> = render(&namespace, &[&ci_values("servicemonitor-values.yaml")])
+        .queried_metrics()
+        .into_iter()
+        .filter(|name| name.starts_with("tally_operator_"))
+        .collect();
+    assert!(
+        wanted.len() >= 4,
+        "the alerts and the dashboard query the operator: {wanted:?}"
+    );
+    operator
+        .eventually(
+            "/metrics exports every operator metric the alerts and the dashboard query",
+            || async {
+                let body = reqwest::get(&metrics_url)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .text()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let missing: Vec<&String> = wanted
+                    .iter()
+                    .filter(|name| {
+                        !body.lines().any(|line| {
+                            line.starts_with(name.as_str())
+                                && line[name.len()..].starts_with(['{', ' '])
+                        })
+                    })
+                    .collect();
+                missing
+                    .is_empty()
+                    .then_some(())
+                    .ok_or_else(|| format!("missing {missing:?}"))
+            },
+        )
+        .await;
+
     // The reconciler: a MeteringCollector becomes a StatefulSet and a status.
     let collectors_namespace = control_plane
         .new_namespace("collectors")
@@ -801,9 +840,11 @@ fn kind_of(object: &DynamicObject) -> &str {
     object.types.as_ref().map(|t| t.kind.as_str()).unwrap_or("")
 }
 
-/// Whether `object` is a ServiceMonitor on a control plane without its CRD, which the caller then skips.
+/// Whether `object` is a Prometheus Operator object (ServiceMonitor, PrometheusRule) on a control plane without its
+/// CRD, which the caller then skips.
 async fn skip_unserved(client: &Client, object: &DynamicObject) -> bool {
-    if kind_of(object) != "ServiceMonitor" {
+    let kind = kind_of(object);
+    if !matches!(kind, "ServiceMonitor" | "PrometheusRule") {
         return false;
     }
     let served = is_served(client, object)
@@ -811,7 +852,7 @@ async fn skip_unserved(client: &Client, object: &DynamicObject) -> bool {
         .unwrap_or_else(|e| panic!("{e}"));
     if !served {
         eprintln!(
-            "skipping ServiceMonitor {}: the control plane has no monitoring.coreos.com/v1 ServiceMonitor CRD",
+            "skipping {kind} {}: the control plane has no monitoring.coreos.com/v1 {kind} CRD",
             object.name_any()
         );
     }

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub duration: Histogram,
     /// MeteringCollectors the last reconciles saw, valid or not.
     pub collectors: Gauge,
+    /// Of those, the ones whose `Ready` condition is not `True`.
+    pub collectors_not_ready: Gauge,
     /// 1 while this process holds the leader-election lease (and so runs the reconciler), else 0.
     pub leader: Gauge,
 }
@@ -34,6 +36,7 @@ impl Default for Metrics {
             failures: Family::default(),
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             collectors: Gauge::default(),
+            collectors_not_ready: Gauge::default(),
             leader: Gauge::default(),
         }
     }
@@ -42,6 +45,9 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric under the `tally_operator_` prefix.
     pub fn register(&self, registry: &mut Registry) {
+        for error in Self::FAILURE_KINDS {
+            let _ = self.failures.get_or_create(&ErrorLabels { error });
+        }
         let registry = registry.sub_registry_with_prefix("tally_operator");
         registry.register(
             "reconciliations",
@@ -64,11 +70,20 @@ impl Metrics {
             self.collectors.clone(),
         );
         registry.register(
+            "collectors_not_ready",
+            "MeteringCollectors whose Ready condition is not True (missing, False or Unknown)",
+            self.collectors_not_ready.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this process holds the leader-election lease and runs the reconciler, else 0",
             self.leader.clone(),
         );
     }
+
+    /// Every `error` label [`Metrics::failed`] is called with, so each series exists (at 0) before the first failure
+    /// and alerts and dashboards see a rate of zero rather than nothing.
+    pub const FAILURE_KINDS: [&'static str; 4] = ["apply", "status", "storage", "malformed"];
 
     pub fn observe(&self, took: Duration) {
         self.reconciliations.inc();

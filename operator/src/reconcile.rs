@@ -416,12 +416,29 @@ pub async fn run(
                 Ok((object, _)) => tracing::debug!(collector = %object, "reconciled"),
                 Err(error) => tracing::warn!(%error, "controller"),
             }
+            let collectors = store.state();
+            let not_ready = collectors.iter().filter(|c| !is_ready(c)).count();
             metrics
                 .collectors
-                .set(i64::try_from(store.state().len()).unwrap_or(i64::MAX));
+                .set(i64::try_from(collectors.len()).unwrap_or(i64::MAX));
+            metrics
+                .collectors_not_ready
+                .set(i64::try_from(not_ready).unwrap_or(i64::MAX));
             futures::future::ready(())
         })
         .await;
+}
+
+/// Whether a watched collector's `Ready` condition is `True` (read from the raw object, so a malformed one counts
+/// as not ready).
+fn is_ready(collector: &DynamicObject) -> bool {
+    collector.data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c["type"] == status::READY && c["status"] == "True")
+        })
 }
 
 /// Reason of the conditions and the Event of a collector the operator cannot read.
