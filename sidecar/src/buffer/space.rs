@@ -8,7 +8,7 @@
 //!   newer than it fit in half the part (estimated from a per-minute count of insertions), and
 //!   the index is compacted. Lookups ignore entries older than the cutoff at once.
 //! - What trimming deleted from the log stays on disk until a compaction; once enough has been
-//!   deleted, the deleted range is compacted away.
+//!   deleted, the deleted range is compacted away; so is what the dead-letter retention deleted.
 //!
 //! Compactions run on their own thread ([`run_compactor`]), so neither ingest nor delivery
 //! waits for them.
@@ -24,7 +24,7 @@ use rocksdb::{BottommostLevelCompaction, CompactOptions, DB, IteratorMode};
 
 use super::budget::Budget;
 use super::codec::{seq_key, u64_value};
-use super::open::{CF_DEDUP, CF_EVENTS, cf};
+use super::open::{CF_DEAD_LETTER, CF_DEDUP, CF_EVENTS, cf};
 use super::{BufferError, Inner, lock, now_ms};
 use crate::metrics::{BudgetPart, DedupRemoval, Metrics};
 
@@ -71,6 +71,8 @@ pub(super) enum Compaction {
     Events { through: u64 },
     /// The whole dedup index, to apply expiry and eviction.
     Dedup,
+    /// The whole dead-letter store, to reclaim what its retention deleted.
+    DeadLetters,
 }
 
 /// The space keeper's state, shared by the writer and the compactor.
@@ -88,6 +90,8 @@ pub(super) struct Space {
     /// highest sequence number deleted.
     trimmed_bytes: AtomicU64,
     trimmed_through: AtomicU64,
+    /// Bytes of dead letters the retention deleted since the store was last compacted.
+    dead_letters_deleted: AtomicU64,
     last_expiry: Mutex<Instant>,
     /// Set while a compaction of the dedup index is asked for and not finished: its size only
     /// drops once it is done.
@@ -128,6 +132,7 @@ impl Space {
             inserted: Mutex::new(Slots::default()),
             trimmed_bytes: AtomicU64::new(0),
             trimmed_through: AtomicU64::new(0),
+            dead_letters_deleted: AtomicU64::new(0),
             last_expiry: Mutex::new(Instant::now()),
             dedup_compacting: AtomicBool::new(false),
             metrics,
@@ -177,6 +182,12 @@ impl Space {
         self.trimmed_through.fetch_max(through, Ordering::Relaxed);
     }
 
+    /// Notes that the dead-letter retention deleted `bytes`.
+    pub fn note_dead_letters_deleted(&self, bytes: u64) {
+        self.dead_letters_deleted
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Measures the directory and decides what to reclaim; `live` is the bytes of the events
     /// still buffered.
     pub fn maintain(&self, db: &DB, live: u64) -> Vec<Compaction> {
@@ -207,6 +218,11 @@ impl Space {
             wanted.push(Compaction::Events {
                 through: self.trimmed_through.load(Ordering::Relaxed),
             });
+        }
+        let deleted = self.dead_letters_deleted.load(Ordering::Relaxed);
+        if deleted > 0 && (over || deleted >= self.budget.dead_letters / 4) {
+            self.dead_letters_deleted.store(0, Ordering::Relaxed);
+            wanted.push(Compaction::DeadLetters);
         }
         if self.filter.window_ms > 0
             && !self.dedup_compacting.load(Ordering::Relaxed)
@@ -355,13 +371,14 @@ pub(super) fn directory_bytes(dir: &Path) -> u64 {
 pub(super) fn run_compactor(inner: Arc<Inner>, rx: mpsc::Receiver<Compaction>) {
     while let Ok(first) = rx.recv() {
         let mut events_through = None;
-        let mut dedup = false;
+        let (mut dedup, mut dead_letters) = (false, false);
         for job in std::iter::once(first).chain(rx.try_iter()) {
             match job {
                 Compaction::Events { through } => {
                     events_through = events_through.max(Some(through));
                 }
                 Compaction::Dedup => dedup = true,
+                Compaction::DeadLetters => dead_letters = true,
             }
         }
         let Ok(db) = inner.db() else {
@@ -380,10 +397,14 @@ pub(super) fn run_compactor(inner: Arc<Inner>, rx: mpsc::Receiver<Compaction>) {
         if dedup {
             inner.space.dedup_compacting.store(false, Ordering::Relaxed);
         }
+        if let (true, Ok(store)) = (dead_letters, cf(&db, CF_DEAD_LETTER)) {
+            db.compact_range_cf_opt(store, None::<&[u8]>, None::<&[u8]>, &options);
+        }
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             events_through,
             dedup,
+            dead_letters,
             "compacted what the buffer deleted"
         );
     }

@@ -613,8 +613,22 @@ impl Writer {
             self.inner.acks.skip_to(output, read.last_scanned);
             self.inner.notify_cursor_moved();
             self.write_cursors_and_trim(db, true);
+            // A dead output can move events faster than maintenance runs: keep the store in
+            // its part of maxBytes at once.
+            if self.dead_letters_over_part() {
+                self.apply_retention(db)?;
+            }
         }
         Ok(())
+    }
+
+    /// Whether the dead-letter store holds more than its part of `maxBytes`.
+    fn dead_letters_over_part(&self) -> bool {
+        let held: u64 = lock(&self.inner.dead_letters)
+            .values()
+            .map(|(_, b)| b)
+            .sum();
+        held > self.inner.options.budget.dead_letters
     }
 
     /// Upkeep: reopen after a failure, `maxLag`, trimming, dead-letter retention.
@@ -623,9 +637,11 @@ impl Writer {
         self.quarantine_found(&db);
         self.enforce_max_lag(&db)?;
         self.write_cursors_and_trim(&db, true);
-        if self
-            .last_retention
-            .is_none_or(|at| at.elapsed() >= RETENTION_GAP)
+        // Age is checked now and then; size whenever the store is over its part.
+        if self.dead_letters_over_part()
+            || self
+                .last_retention
+                .is_none_or(|at| at.elapsed() >= RETENTION_GAP)
         {
             self.last_retention = Some(Instant::now());
             self.apply_retention(&db)?;
@@ -672,6 +688,7 @@ impl Writer {
                 continue;
             }
             db.write(batch)?;
+            self.inner.space.note_dead_letters_deleted(freed);
             total -= freed;
             let mut counts = lock(&self.inner.dead_letters);
             let entry = counts.entry(output.clone()).or_default();
