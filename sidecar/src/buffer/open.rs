@@ -256,12 +256,32 @@ pub(super) fn open_read_only(options: BufferOptions) -> Result<Inner, BufferErro
             found: "nothing: the directory is missing or empty".into(),
         });
     }
-    let (db_opts, mut cfs) = db_options(&options.budget, None)?;
-    let existing = DB::list_cf(&Options::default(), &dir).unwrap_or_default();
-    cfs.retain(|c| existing.iter().any(|name| name == c.name()));
-    let db = DB::open_cf_descriptors_read_only(&db_opts, &dir, cfs, false)
-        .map_err(|source| BufferError::Open { dir, source })?;
+    // A running sidecar may finish a compaction between the moment this reads the MANIFEST and
+    // the moment it opens a table file the compaction deleted: that open fails as "corrupt".
+    // Read again from the newer MANIFEST a few times before believing it.
+    let mut attempt = 0;
+    let db = loop {
+        let (db_opts, mut cfs) = db_options(&options.budget, None)?;
+        let existing = DB::list_cf(&Options::default(), &dir).unwrap_or_default();
+        cfs.retain(|c| existing.iter().any(|name| name == c.name()));
+        match DB::open_cf_descriptors_read_only(&db_opts, &dir, cfs, false) {
+            Ok(db) => break db,
+            Err(source) if attempt < READ_ONLY_ATTEMPTS && is_missing_file(&source) => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+            }
+            Err(source) => return Err(BufferError::Open { dir, source }),
+        }
+    };
     load(db, options, Arc::new(Metrics::new()), None)
+}
+
+/// Read-only opens tried while a running sidecar's compactions delete files under them.
+const READ_ONLY_ATTEMPTS: u64 = 10;
+
+/// Whether RocksDB failed because a file it was told about is gone (see [`open_read_only`]).
+fn is_missing_file(e: &rocksdb::Error) -> bool {
+    e.to_string().contains("No such file or directory")
 }
 
 /// Damaged records found by one scan: (key, damage).
