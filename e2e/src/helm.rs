@@ -274,6 +274,19 @@ impl Manifests {
     }
 }
 
+/// The metrics of `wanted` that have no sample line in a Prometheus text `exposition`.
+pub fn missing_metrics<'a>(wanted: &'a [String], exposition: &str) -> Vec<&'a String> {
+    wanted
+        .iter()
+        .filter(|name| {
+            !exposition.lines().any(|line| {
+                line.strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+        })
+        .collect()
+}
+
 /// Every string under an `expr` key, at any depth.
 fn collect_exprs(value: &serde_json::Value, exprs: &mut Vec<String>) {
     match value {

@@ -29,6 +29,6 @@ pub use control_plane::{ControlPlane, ControlPlaneBuilder, FAKE_NODE_ANNOTATION,
 pub use error::Error;
 pub use helm::{
     Apply, FIELD_MANAGER, Helm, HelmError, Manifests, apply, chart_dir, get, gvk_of, helm_version,
-    is_served,
+    is_served, missing_metrics,
 };
 pub use process::set_parent_death_signal;

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tally_e2e::{Helm, Manifests, chart_dir};
+use tally_e2e::{Helm, Manifests, chart_dir, missing_metrics};
 use tally_tests::Sidecar;
 
 fn rendered() -> Manifests {
@@ -125,14 +125,7 @@ async fn every_sidecar_metric_the_alerts_and_the_dashboard_query_is_exported() {
         .text()
         .await
         .unwrap_or_default();
-    let missing: Vec<&String> = wanted
-        .iter()
-        .filter(|name| {
-            !exposition.lines().any(|line| {
-                line.starts_with(name.as_str()) && line[name.len()..].starts_with(['{', ' '])
-            })
-        })
-        .collect();
+    let missing = missing_metrics(&wanted, &exposition);
     assert!(
         missing.is_empty(),
         "metrics the alerts or the dashboard query but a fresh sidecar does not export: {missing:?}"

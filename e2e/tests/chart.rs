@@ -31,7 +31,9 @@ use kube::{
     config::Kubeconfig,
 };
 use serde_json::{Value, json};
-use tally_e2e::{Apply, ControlPlane, Helm, Manifests, apply, chart_dir, get, is_served};
+use tally_e2e::{
+    Apply, ControlPlane, Helm, Manifests, apply, chart_dir, get, is_served, missing_metrics,
+};
 use tokio::time::{Instant, sleep};
 
 /// The release name every rendering uses; the chart then names its objects `tally-*`.
@@ -581,12 +583,7 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let metrics_url = format!("http://127.0.0.1:{http_port}/metrics");
     operator
         .eventually("/metrics reports tally_operator_leader 1", || async {
-            let body = reqwest::get(&metrics_url)
-                .await
-                .map_err(|e| e.to_string())?
-                .text()
-                .await
-                .map_err(|e| e.to_string())?;
+            let body = scrape(&metrics_url).await?;
             body.lines()
                 .any(|l| l.trim() == "tally_operator_leader 1")
                 .then_some(())
@@ -646,21 +643,8 @@ async fn operator_works_with_exactly_the_charts_rbac() {
         .eventually(
             "/metrics exports every operator metric the alerts and the dashboard query",
             || async {
-                let body = reqwest::get(&metrics_url)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .text()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let missing: Vec<&String> = wanted
-                    .iter()
-                    .filter(|name| {
-                        !body.lines().any(|line| {
-                            line.starts_with(name.as_str())
-                                && line[name.len()..].starts_with(['{', ' '])
-                        })
-                    })
-                    .collect();
+                let body = scrape(&metrics_url).await?;
+                let missing = missing_metrics(&wanted, &body);
                 missing
                     .is_empty()
                     .then_some(())
@@ -838,6 +822,16 @@ fn has_sidecar(pod: &Pod) -> bool {
 
 fn kind_of(object: &DynamicObject) -> &str {
     object.types.as_ref().map(|t| t.kind.as_str()).unwrap_or("")
+}
+
+/// The body of a `/metrics` page, or why it could not be read.
+async fn scrape(url: &str) -> Result<String, String> {
+    reqwest::get(url)
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Whether `object` is a Prometheus Operator object (ServiceMonitor, PrometheusRule) on a control plane without its

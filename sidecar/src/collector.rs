@@ -59,7 +59,6 @@ pub fn refresh_gauges(buffer: &DurableBuffer, metrics: &Metrics) {
     metrics.buffer_events.set(stats.events as i64);
     metrics.buffer_bytes.set(stats.bytes as i64);
     metrics.buffer_max_bytes.set(stats.max_bytes as i64);
-    metrics.buffer_disk_bytes.set(stats.disk_bytes as i64);
     metrics
         .buffer_oldest_age
         .set(stats.oldest_age_seconds.unwrap_or_default());

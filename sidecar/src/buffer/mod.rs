@@ -477,7 +477,7 @@ impl DurableBuffer {
             events: accounting.events,
             bytes: accounting.bytes,
             events_max_bytes: options.budget.events,
-            disk_bytes: space::directory_bytes(&options.dir),
+            disk_bytes: self.inner.space.disk_bytes(),
             max_bytes: options.budget.total,
             oldest_age_seconds: accounting
                 .oldest_appended_ms()

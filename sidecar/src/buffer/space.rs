@@ -117,6 +117,8 @@ impl Space {
             evicted,
         };
         metrics.buffer_max_bytes.set(budget.total as i64);
+        let used = directory_bytes(dir);
+        metrics.buffer_disk_bytes.set(used as i64);
         metrics.set_budget([
             (BudgetPart::events, budget.events),
             (BudgetPart::dedup, budget.dedup),
@@ -127,7 +129,7 @@ impl Space {
             dir: dir.to_path_buf(),
             budget,
             filter,
-            disk_bytes: AtomicU64::new(0),
+            disk_bytes: AtomicU64::new(used),
             over: AtomicBool::new(false),
             inserted: Mutex::new(Slots::default()),
             trimmed_bytes: AtomicU64::new(0),
@@ -139,15 +141,12 @@ impl Space {
         }
     }
 
-    pub fn budget(&self) -> &Budget {
-        &self.budget
-    }
-
     /// Whether the data directory was over `maxBytes` at the last measurement.
     pub fn over(&self) -> bool {
         self.over.load(Ordering::Relaxed)
     }
 
+    /// The data directory's size at the last measurement (at open, then every maintenance).
     pub fn disk_bytes(&self) -> u64 {
         self.disk_bytes.load(Ordering::Relaxed)
     }
@@ -355,7 +354,7 @@ fn sst_bytes(db: &DB, name: &str) -> u64 {
 
 /// The bytes the files of `dir` occupy on disk (allocated blocks, as `du` and the kubelet's
 /// emptyDir accounting count them; preallocated WAL space included).
-pub(super) fn directory_bytes(dir: &Path) -> u64 {
+fn directory_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;

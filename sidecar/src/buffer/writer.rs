@@ -394,7 +394,7 @@ impl Writer {
             &self.inner.space.filter,
             now,
         )?;
-        let budget = self.inner.space.budget();
+        let budget = &options.budget;
         let disk_over = self.inner.space.over();
         // Drops count what no output has settled, batches in flight included: if the process
         // stops before they are delivered, they are gone, and must not go uncounted.
