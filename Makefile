@@ -16,7 +16,7 @@ JS_DIR := $(CACHE_DIR)/js-$(shell sha256sum $(JS_LOCK) 2>/dev/null | cut -c1-12)
 export TALLY_JS_MODULES := $(JS_DIR)/node_modules
 export TALLY_SIDECAR_BIN := $(CARGO_TARGET_DIR)/release/tally-sidecar
 export TALLY_OPERATOR_BIN := $(CARGO_TARGET_DIR)/release/tally-operator
-APT_PACKAGES := clang libclang-dev postgresql runc binutils
+APT_PACKAGES := clang libclang-dev postgresql runc binutils containerd containernetworking-plugins iptables conntrack
 # The one version: the workspace's, in Cargo.toml. The chart's appVersion, the CRD's default image
 # and the image tags follow it (tests check each).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
@@ -84,13 +84,14 @@ helm: ## build the Helm CLI from the helm.sh/helm/v3 Go module (cached by versio
 chart: k8s helm build ## helm lint/template charts/tally with every ci/ values file and apply it to a real control plane
 	$(CARGO_RELEASE) test --release -p tally-e2e --test chart
 
-k8s: ## build kube-apiserver, kube-controller-manager, kube-scheduler and kwok from their Go modules (cached by version)
+k8s: ## build the Kubernetes components (control plane, kubelet, kube-proxy), kwok and CoreDNS from their Go modules (cached by version)
 	e2e/k8s/build.sh
 	e2e/kwok/build.sh
+	e2e/coredns/build.sh
 
 deps: apt rust python js
 
-apt: ## system packages: clang for the RocksDB bindings, PostgreSQL for the output tests, runc and binutils for the images (installed once)
+apt: ## system packages: clang for the RocksDB bindings, PostgreSQL for the output tests, runc and binutils for the images, containerd, CNI plugins, iptables and conntrack for the real node (installed once)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing $$missing"; \

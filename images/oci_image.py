@@ -34,8 +34,13 @@ SOURCE = "https://github.com/tally-dev/tally"
 
 
 def shared_libraries(binary):
-    """The absolute paths ldd resolves for `binary`, the dynamic loader included."""
-    out = subprocess.run(["ldd", binary], check=True, capture_output=True, text=True).stdout
+    """The absolute paths ldd resolves for `binary`, the dynamic loader included; none for a static one."""
+    ldd = subprocess.run(["ldd", binary], capture_output=True, text=True)
+    if "not a dynamic executable" in ldd.stdout + ldd.stderr:
+        return []
+    if ldd.returncode != 0:
+        sys.exit(f"error: ldd {binary} failed:\n{ldd.stdout}{ldd.stderr}")
+    out = ldd.stdout
     paths = set()
     for line in out.splitlines():
         words = line.split()

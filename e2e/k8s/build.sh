@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager and kube-scheduler (used only with fake nodes, see ../kwok) from the
-# k8s.io/kubernetes Go module at the version in ./VERSION, into ${XDG_CACHE_HOME:-$HOME/.cache}/tally/k8s/<version>/bin/.
+# Builds kube-apiserver, kube-controller-manager and kube-scheduler (the control plane), and kubelet and kube-proxy
+# (the real node, see ../src/node.rs), and the static pause program of the pod sandbox image, from the k8s.io/kubernetes Go module at the version in ./VERSION, into
+# ${XDG_CACHE_HOME:-$HOME/.cache}/tally/k8s/<version>/bin/.
 # Skips the build when all binaries for that version are already there. Fails (non-zero exit) when anything goes wrong; it never skips silently.
 #
 # k8s.io/kubernetes is not meant to be used as a module: its go.mod replaces each k8s.io/* staging module with a
@@ -22,14 +23,14 @@ if [[ ! "$version" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]]; then
 fi
 minor="${BASH_REMATCH[1]}"
 staging_version="v0.$minor.${BASH_REMATCH[2]}"
-components=(kube-apiserver kube-controller-manager kube-scheduler)
+components=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 
 bin_dir="${XDG_CACHE_HOME:-$HOME/.cache}/tally/k8s/$version/bin"
 force=false
 [[ "${1:-}" == "--force" ]] && force=true
 
 all_present=true
-for c in "${components[@]}"; do
+for c in "${components[@]}" pause; do
   [[ -x "$bin_dir/$c" ]] || all_present=false
 done
 if ! $force && $all_present; then
@@ -118,5 +119,17 @@ for c in "${components[@]}"; do
   # rename(2) within one directory is atomic: a concurrent reader sees the old binary or the new one, never half.
   mv -f "$tmp_dir/$c" "$bin_dir/$c"
 done
+# The pod sandbox's pause program, as the release's pause image builds it: the module's own pause.c, static.
+module_dir="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<< "$download")"
+pause_c="$module_dir/build/pause/linux/pause.c"
+if [[ ! -f "$pause_c" ]]; then
+  echo "build.sh: $pause_c is missing from the module; its layout changed, update this script" >&2
+  exit 1
+fi
+if ! gcc -Os -static -Wall -Werror -DVERSION="$version" -o "$tmp_dir/pause" "$pause_c"; then
+  echo "build.sh: gcc -static of $pause_c FAILED (see the errors above)" >&2
+  exit 1
+fi
+mv -f "$tmp_dir/pause" "$bin_dir/pause"
 echo "build.sh: built in $((SECONDS - start))s" >&2
 echo "$bin_dir"

@@ -14,6 +14,15 @@ pub const KUBERNETES_VERSION: &str = include_str!("../k8s/VERSION").trim_ascii()
 /// The kwok release built for fake nodes, as pinned in `e2e/kwok/VERSION`.
 pub const KWOK_VERSION: &str = include_str!("../kwok/VERSION").trim_ascii();
 
+/// The CoreDNS release `e2e/coredns/build.sh` builds, as required in `e2e/coredns/go.mod`.
+pub fn coredns_version() -> &'static str {
+    include_str!("../coredns/go.mod")
+        .lines()
+        .find_map(|line| line.strip_prefix("require github.com/coredns/coredns "))
+        .map(str::trim)
+        .unwrap_or("unknown")
+}
+
 /// `${XDG_CACHE_HOME:-$HOME/.cache}/tally`.
 fn cache_dir() -> PathBuf {
     env::var_os("XDG_CACHE_HOME")
@@ -66,10 +75,9 @@ fn etcd() -> Result<PathBuf, Error> {
     Ok(path.to_path_buf())
 }
 
-/// What fake nodes need on top of the control plane: the scheduler, and kwok with its stages.
+/// What fake nodes need on top of the control plane and its scheduler: kwok with its stages.
 #[derive(Debug, Clone)]
 pub(crate) struct FakeNodeBinaries {
-    pub kube_scheduler: PathBuf,
     pub kwok: PathBuf,
     pub kwok_stages: PathBuf,
 }
@@ -89,14 +97,13 @@ impl FakeNodeBinaries {
             }
         };
         Ok(FakeNodeBinaries {
-            kube_scheduler: kubernetes_binary(&kubernetes_bin_dir(), "kube-scheduler")?,
             kwok: kwok_file("kwok", kwok_dir.join("bin").join("kwok"))?,
             kwok_stages: kwok_file("stages.yaml", kwok_dir.join("stages.yaml"))?,
         })
     }
 }
 
-fn kubernetes_binary(bin_dir: &Path, binary: &'static str) -> Result<PathBuf, Error> {
+pub(crate) fn kubernetes_binary(bin_dir: &Path, binary: &'static str) -> Result<PathBuf, Error> {
     let path = bin_dir.join(binary);
     if !path.is_file() {
         return Err(Error::MissingKubernetesBinary {
@@ -106,4 +113,49 @@ fn kubernetes_binary(bin_dir: &Path, binary: &'static str) -> Result<PathBuf, Er
         });
     }
     Ok(path)
+}
+
+/// What a real node runs besides Debian's containerd and runc: the kubelet and kube-proxy and the pause program
+/// (`e2e/k8s/build.sh`), and CoreDNS (`e2e/coredns/build.sh`).
+#[derive(Debug, Clone)]
+pub(crate) struct RealNodeBinaries {
+    pub kubelet: PathBuf,
+    pub kube_proxy: PathBuf,
+    pub pause: PathBuf,
+    pub coredns: PathBuf,
+    /// Joins the node's network namespace; found on PATH (util-linux).
+    pub nsenter: PathBuf,
+}
+
+impl RealNodeBinaries {
+    pub fn locate() -> Result<Self, Error> {
+        let bin_dir = kubernetes_bin_dir();
+        let version = coredns_version();
+        let coredns = cache_dir()
+            .join("coredns")
+            .join(version)
+            .join("bin")
+            .join("coredns");
+        if !coredns.is_file() {
+            return Err(Error::MissingCoreDns {
+                version,
+                path: coredns,
+            });
+        }
+        Ok(RealNodeBinaries {
+            kubelet: kubernetes_binary(&bin_dir, "kubelet")?,
+            kube_proxy: kubernetes_binary(&bin_dir, "kube-proxy")?,
+            pause: kubernetes_binary(&bin_dir, "pause")?,
+            coredns,
+            nsenter: PathBuf::from("nsenter"),
+        })
+    }
+}
+
+/// `images/oci_image.py` in this checkout, which builds an OCI image archive of one binary.
+pub(crate) fn images_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("images")
+        .join("oci_image.py")
 }

@@ -4,6 +4,7 @@ use std::{
     collections::BTreeMap,
     ffi::OsString,
     future::Future,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -20,8 +21,9 @@ use tokio::time::{Instant, sleep, timeout};
 
 use crate::{
     Error,
-    binaries::{Binaries, FakeNodeBinaries},
+    binaries::{Binaries, FakeNodeBinaries, kubernetes_bin_dir, kubernetes_binary},
     kubeconfig,
+    node::{HOST_IP, NODE_NAME, NodeNetwork, NodeStart, RealNode, create_host_path_volumes},
     pki::Pki,
     ports::free_ports,
     process::ComponentProcess,
@@ -43,8 +45,27 @@ const CONTROLLERS: &[&str] = &[
     "persistentvolume-binder-controller",
 ];
 
+/// What a real node needs on top: service accounts and their CA bundle for pods, EndpointSlices for kube-proxy and
+/// CoreDNS, the node lifecycle (the not-ready taint lifted once the kubelet reports Ready), Jobs, DaemonSets,
+/// PodDisruptionBudgets, volume attachment and protection, and the pod garbage collector.
+const REAL_NODE_CONTROLLERS: &[&str] = &[
+    "serviceaccount-controller",
+    "root-ca-certificate-publisher-controller",
+    "endpointslice-controller",
+    "endpoints-controller",
+    "node-lifecycle-controller",
+    "job-controller",
+    "daemonset-controller",
+    "disruption-controller",
+    "persistentvolume-attach-detach-controller",
+    "persistentvolume-protection-controller",
+    "persistentvolumeclaim-protection-controller",
+    "pod-garbage-collector-controller",
+    "taint-eviction-controller",
+];
+
 /// Wide enough for the operator benchmark: every MeteringCollector has a ClusterIP Service.
-const SERVICE_CLUSTER_IP_RANGE: &str = "10.0.0.0/16";
+pub(crate) const SERVICE_CLUSTER_IP_RANGE: &str = "10.0.0.0/16";
 
 const ETCD_READY_WITHIN: Duration = Duration::from_secs(30);
 /// The API server is ready within a few seconds (it bootstraps RBAC roles and priority levels first); the margin is
@@ -70,6 +91,7 @@ const LOG_TAIL_LINES: usize = 40;
 /// The [`kube::Client`] it hands out runs on the Tokio runtime that called [`ControlPlane::start`]; start one
 /// control plane per `#[tokio::test]` (it takes about 3 s) rather than sharing one across runtimes.
 pub struct ControlPlane {
+    node: Option<RealNode>,
     processes: Vec<ComponentProcess>,
     client: Client,
     server: String,
@@ -81,6 +103,7 @@ pub struct ControlPlane {
 #[derive(Debug, Clone, Default)]
 pub struct ControlPlaneBuilder {
     fake_nodes: usize,
+    real_node: bool,
 }
 
 impl ControlPlaneBuilder {
@@ -92,15 +115,25 @@ impl ControlPlaneBuilder {
         self
     }
 
-    /// Starts the control plane (see [`ControlPlane::start`]), then the scheduler and kwok if asked for, and waits
-    /// until every fake Node is Ready.
+    /// Also run a real node ([`RealNode`]): containerd, a kubelet, kube-proxy, the CNI bridge and CoreDNS, in a
+    /// network namespace of their own, with the scheduler and the controllers pods need. The API server then listens
+    /// on the host's end of the node's veth pair ([`RealNode::host_ip`]) instead of 127.0.0.1, so pods reach it
+    /// through the `kubernetes` Service. One real node runs on a machine at a time: a second start waits for the
+    /// first to stop. Needs root, Debian's containerd, and `e2e/k8s/build.sh` and `e2e/coredns/build.sh`.
+    pub fn with_real_node(mut self) -> Self {
+        self.real_node = true;
+        self
+    }
+
+    /// Starts the control plane (see [`ControlPlane::start`]), then the scheduler and kwok or the real node if asked
+    /// for, and waits until every Node is Ready.
     pub async fn start(self) -> Result<ControlPlane, Error> {
         let fake_nodes = if self.fake_nodes > 0 {
             Some((FakeNodeBinaries::locate()?, self.fake_nodes))
         } else {
             None
         };
-        ControlPlane::start_with(fake_nodes).await
+        ControlPlane::start_with(fake_nodes, self.real_node).await
     }
 }
 
@@ -114,10 +147,13 @@ impl ControlPlane {
     ///
     /// On failure, prints the tail of every component's log to stderr and stops what was started.
     pub async fn start() -> Result<Self, Error> {
-        Self::start_with(None).await
+        Self::start_with(None, false).await
     }
 
-    async fn start_with(fake_nodes: Option<(FakeNodeBinaries, usize)>) -> Result<Self, Error> {
+    async fn start_with(
+        fake_nodes: Option<(FakeNodeBinaries, usize)>,
+        real_node: bool,
+    ) -> Result<Self, Error> {
         let binaries = Binaries::locate()?;
         let mut dir = tempfile::Builder::new()
             .prefix("tally-e2e-")
@@ -131,13 +167,51 @@ impl ControlPlane {
             );
         }
 
+        // The node's network comes first: the API server binds to the host's end of it.
+        let network = if real_node {
+            Some(NodeNetwork::create(dir.path())?)
+        } else {
+            None
+        };
+        let listen = if real_node {
+            HOST_IP
+        } else {
+            Ipv4Addr::LOCALHOST
+        };
         let mut processes = Vec::new();
-        match boot(&binaries, fake_nodes.as_ref(), dir.path(), &mut processes).await {
-            Ok(Booted {
-                client,
-                server,
-                kubeconfig,
-            }) => Ok(ControlPlane {
+        let booted = boot(
+            &binaries,
+            fake_nodes.as_ref(),
+            real_node,
+            listen,
+            dir.path(),
+            &mut processes,
+        )
+        .await;
+        let booted = match (booted, network) {
+            (Ok(booted), Some(network)) => {
+                let start = NodeStart {
+                    dir: dir.path(),
+                    pki: &booted.pki,
+                    server: &booted.server,
+                };
+                RealNode::start(network, start, &booted.client)
+                    .await
+                    .map(|node| (booted, Some(node)))
+            }
+            (booted, _) => booted.map(|booted| (booted, None)),
+        };
+        match booted {
+            Ok((
+                Booted {
+                    client,
+                    server,
+                    kubeconfig,
+                    pki: _,
+                },
+                node,
+            )) => Ok(ControlPlane {
+                node,
                 processes,
                 client,
                 server,
@@ -201,12 +275,41 @@ impl ControlPlane {
             .ok_or(Error::UnnamedObject("the namespace it created"))
     }
 
+    /// The real node, when started [`ControlPlaneBuilder::with_real_node`].
+    pub fn real_node(&self) -> Option<&RealNode> {
+        self.node.as_ref()
+    }
+
+    /// Creates `count` hostPath PersistentVolumes (`<prefix>-0`, …) of `capacity` in `storage_class`, for the claims
+    /// of a StatefulSet on the real node (which has no volume provisioner). Each is a directory in the control
+    /// plane's directory, owned by the images' user 65532.
+    pub async fn create_host_path_volumes(
+        &self,
+        prefix: &str,
+        storage_class: &str,
+        count: usize,
+        capacity: &str,
+    ) -> Result<Vec<String>, Error> {
+        create_host_path_volumes(
+            &self.client,
+            self.dir.path(),
+            prefix,
+            storage_class,
+            count,
+            capacity,
+        )
+        .await
+    }
+
     /// Kills every process and deletes the directory; the same as dropping the control plane.
     pub fn stop(self) {}
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        // The node first, while the API server still answers its last calls; it removes its mounts from the
+        // directory before the directory is deleted.
+        drop(self.node.take());
         // Reverse start order: nothing notices its dependency vanish and starts logging errors.
         while let Some(mut process) = self.processes.pop() {
             process.kill();
@@ -218,15 +321,24 @@ struct Booted {
     client: Client,
     server: String,
     kubeconfig: PathBuf,
+    pki: Pki,
 }
 
 async fn boot(
     binaries: &Binaries,
     fake_nodes: Option<&(FakeNodeBinaries, usize)>,
+    real_node: bool,
+    listen: Ipv4Addr,
     dir: &Path,
     processes: &mut Vec<ComponentProcess>,
 ) -> Result<Booted, Error> {
-    let pki = Pki::generate(&dir.join("pki"))?;
+    let serving_ips = if real_node {
+        // The `kubernetes` Service's ClusterIP, the first of the range, for pods.
+        vec![IpAddr::V4(listen), IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))]
+    } else {
+        Vec::new()
+    };
+    let pki = Pki::generate(&dir.join("pki"), &serving_ips, NODE_NAME)?;
     let [
         etcd_client_port,
         etcd_peer_port,
@@ -236,7 +348,7 @@ async fn boot(
         kwok_port,
     ] = free_ports::<6>()?;
     let etcd_url = format!("http://127.0.0.1:{etcd_client_port}");
-    let server = format!("https://127.0.0.1:{apiserver_port}");
+    let server = format!("https://{listen}:{apiserver_port}");
 
     // etcd
     let etcd_peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
@@ -261,13 +373,10 @@ async fn boot(
     })
     .await?;
 
-    // kube-apiserver, flags as controller-runtime's envtest sets them.
-    let apiserver_args = args([
-        "--advertise-address=127.0.0.1".into(),
-        // The endpoint reconciler publishes the advertise address as the `kubernetes` Service's endpoint and refuses
-        // a loopback one; nothing runs in the cluster to use that Service.
-        "--endpoint-reconciler-type=none".into(),
-        "--bind-address=127.0.0.1".into(),
+    // kube-apiserver, flags as controller-runtime's envtest sets them; with a real node, as a cluster's.
+    let mut apiserver_args = args([
+        format!("--advertise-address={listen}"),
+        format!("--bind-address={listen}"),
         format!("--secure-port={apiserver_port}"),
         format!("--cert-dir={}", dir.join("kube-apiserver-certs").display()),
         format!("--tls-cert-file={}", pki.serving.cert.display()),
@@ -276,15 +385,6 @@ async fn boot(
         format!("--etcd-servers={etcd_url}"),
         format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
         "--allow-privileged=true".into(),
-        "--authorization-mode=RBAC".into(),
-        // No token controller runs, so Pods must not need a service account token. Fake nodes: TaintNodesByCondition
-        // would taint each new Node not-ready, and no node-lifecycle controller runs to lift the taint once kwok
-        // reports it Ready, so nothing would be scheduled.
-        if fake_nodes.is_some() {
-            "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition".into()
-        } else {
-            "--disable-admission-plugins=ServiceAccount".into()
-        },
         format!("--service-account-issuer={server}"),
         format!(
             "--service-account-key-file={}",
@@ -295,6 +395,30 @@ async fn boot(
             pki.service_account_key.display()
         ),
     ]);
+    if real_node {
+        apiserver_args.extend(args([
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            // For logs and exec; the kubelet authorizes every client certificate of the CA.
+            format!("--kubelet-client-certificate={}", pki.admin.cert.display()),
+            format!("--kubelet-client-key={}", pki.admin.key.display()),
+        ]));
+    } else {
+        apiserver_args.extend(args([
+            "--authorization-mode=RBAC".into(),
+            // The endpoint reconciler publishes the advertise address as the `kubernetes` Service's endpoint and
+            // refuses a loopback one; nothing runs in the cluster to use that Service.
+            "--endpoint-reconciler-type=none".into(),
+            // No token controller runs, so Pods must not need a service account token. Fake nodes:
+            // TaintNodesByCondition would taint each new Node not-ready, and no node-lifecycle controller runs to
+            // lift the taint once kwok reports it Ready, so nothing would be scheduled.
+            if fake_nodes.is_some() {
+                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition".into()
+            } else {
+                "--disable-admission-plugins=ServiceAccount".into()
+            },
+        ]));
+    }
     let apiserver = spawn(
         processes,
         "kube-apiserver",
@@ -320,7 +444,11 @@ async fn boot(
         &pki.controller_manager,
     )?;
     let kubeconfig_flag = controller_manager_kubeconfig.display();
-    let controller_manager_args = args([
+    let mut controllers = CONTROLLERS.to_vec();
+    if real_node {
+        controllers.extend_from_slice(REAL_NODE_CONTROLLERS);
+    }
+    let mut controller_manager_args = args([
         format!("--kubeconfig={kubeconfig_flag}"),
         // Its secure port (/metrics) authenticates client certificates of our CA and delegates authorization to the
         // API server. Skipping the lookup of the front-proxy CA, which this API server has none of, keeps the log
@@ -333,12 +461,16 @@ async fn boot(
         format!("--secure-port={controller_manager_port}"),
         format!("--tls-cert-file={}", pki.serving.cert.display()),
         format!("--tls-private-key-file={}", pki.serving.key.display()),
-        format!("--controllers={}", CONTROLLERS.join(",")),
+        format!("--controllers={}", controllers.join(",")),
         "--leader-elect=false".into(),
         // Controllers act as the controller manager itself (system:masters), not as per-controller service
         // accounts, whose tokens nothing would issue.
         "--use-service-account-credentials=false".into(),
     ]);
+    if real_node {
+        // The CA bundle published to every namespace (`kube-root-ca.crt`) for pods' service account volumes.
+        controller_manager_args.push(format!("--root-ca-file={}", pki.ca_cert.display()).into());
+    }
     let controller_manager = spawn(
         processes,
         "kube-controller-manager",
@@ -361,8 +493,8 @@ async fn boot(
     })
     .await?;
 
-    if let Some((fake_node_binaries, nodes)) = fake_nodes {
-        let admin = admin_kubeconfig.display();
+    let admin = admin_kubeconfig.display();
+    if fake_nodes.is_some() || real_node {
         // kube-scheduler, as the administrator (no per-component RBAC to set up), serving /healthz like the
         // controller manager.
         let scheduler_args = args([
@@ -380,7 +512,7 @@ async fn boot(
         let scheduler = spawn(
             processes,
             "kube-scheduler",
-            &fake_node_binaries.kube_scheduler,
+            &kubernetes_binary(&kubernetes_bin_dir(), "kube-scheduler")?,
             &scheduler_args,
             dir,
         )?;
@@ -389,7 +521,9 @@ async fn boot(
             http_ok(&tls_client, &scheduler_health)
         })
         .await?;
+    }
 
+    if let Some((fake_node_binaries, nodes)) = fake_nodes {
         // kwok: the kubelet of the Nodes annotated for it, with the release's "fast" stages.
         let kwok_args = args([
             format!("--kubeconfig={admin}"),
@@ -413,6 +547,7 @@ async fn boot(
         client,
         server,
         kubeconfig: admin_kubeconfig,
+        pki,
     })
 }
 

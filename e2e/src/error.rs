@@ -66,6 +66,21 @@ pub enum Error {
         log: PathBuf,
     },
 
+    #[error("this machine cannot run a real node: {0}")]
+    NodeUnavailable(String),
+
+    #[error("the real node: {0}")]
+    Node(String),
+
+    #[error(
+        "coredns {version} is missing at {}: run e2e/coredns/build.sh first",
+        path.display()
+    )]
+    MissingCoreDns {
+        version: &'static str,
+        path: PathBuf,
+    },
+
     #[error("the API server returned {0} without a name")]
     UnnamedObject(&'static str),
 

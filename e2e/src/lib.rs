@@ -20,15 +20,19 @@ mod control_plane;
 mod error;
 mod helm;
 mod kubeconfig;
+mod node;
 mod pki;
 mod ports;
 mod process;
 
-pub use binaries::{KUBERNETES_VERSION, KWOK_VERSION, kubernetes_bin_dir, kwok_dir};
+pub use binaries::{
+    KUBERNETES_VERSION, KWOK_VERSION, coredns_version, kubernetes_bin_dir, kwok_dir,
+};
 pub use control_plane::{ControlPlane, ControlPlaneBuilder, FAKE_NODE_ANNOTATION, NAMESPACE_LABEL};
 pub use error::Error;
 pub use helm::{
     Apply, FIELD_MANAGER, Helm, HelmError, Manifests, apply, chart_dir, get, gvk_of, helm_version,
     is_served, missing_metrics,
 };
+pub use node::{CLUSTER_DOMAIN, HOST_IP, NODE_IP, NODE_NAME, POD_CIDR, RealNode};
 pub use process::set_parent_death_signal;

@@ -31,13 +31,19 @@ pub(crate) struct Pki {
     pub admin: CertFiles,
     /// kube-controller-manager's client identity, also in `system:masters` so its controllers need no RBAC setup.
     pub controller_manager: CertFiles,
+    /// The real node's kubelet, `system:node:<name>` in `system:nodes` (the Node authorizer's convention).
+    pub kubelet: CertFiles,
+    /// The real node's kube-proxy, `system:kube-proxy` (bound to `system:node-proxier` by the default policy).
+    pub kube_proxy: CertFiles,
     /// Service-account token signing key (private) and verification key (public).
     pub service_account_key: PathBuf,
     pub service_account_pub: PathBuf,
 }
 
 impl Pki {
-    pub fn generate(dir: &Path) -> Result<Self, Error> {
+    /// `serving_ips` are the addresses the serving certificate is valid for besides 127.0.0.1; it is also valid for
+    /// the in-cluster names of the `kubernetes` Service, for pods that reach the API server through it.
+    pub fn generate(dir: &Path, serving_ips: &[IpAddr], node_name: &str) -> Result<Self, Error> {
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
 
         let ca_key = KeyPair::generate()?;
@@ -60,6 +66,19 @@ impl Pki {
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             SanType::DnsName("localhost".try_into()?),
         ];
+        serving
+            .subject_alt_names
+            .extend(serving_ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        for name in [
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ] {
+            serving
+                .subject_alt_names
+                .push(SanType::DnsName(name.try_into()?));
+        }
         let serving = issue(dir, "serving", serving, &ca)?;
 
         let admin = leaf(
@@ -76,6 +95,19 @@ impl Pki {
         );
         let controller_manager = issue(dir, "kube-controller-manager", controller_manager, &ca)?;
 
+        let kubelet = leaf(
+            &format!("system:node:{node_name}"),
+            Some("system:nodes"),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let kubelet = issue(dir, "kubelet", kubelet, &ca)?;
+        let kube_proxy = leaf(
+            "system:kube-proxy",
+            None,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let kube_proxy = issue(dir, "kube-proxy", kube_proxy, &ca)?;
+
         let service_account = KeyPair::generate()?;
         let service_account_key =
             write(dir, "service-account.key", &service_account.serialize_pem())?;
@@ -90,6 +122,8 @@ impl Pki {
             serving,
             admin,
             controller_manager,
+            kubelet,
+            kube_proxy,
             service_account_key,
             service_account_pub,
         })
