@@ -21,7 +21,8 @@ APT_PACKAGES := clang libclang-dev postgresql runc binutils containerd container
 # and the image tags follow it (tests check each).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE_REGISTRY ?= ghcr.io/tally-dev
-IMAGES_DIR := $(CARGO_TARGET_DIR)/images
+export TALLY_IMAGES_DIR := $(CARGO_TARGET_DIR)/images
+IMAGES_DIR := $(TALLY_IMAGES_DIR)
 CARGO_RELEASE := cargo --locked
 
 .PHONY: help run demo test bench build lint unit integration e2e k8s deps apt rust python js clean-data images
@@ -35,7 +36,7 @@ run: deps build ## build and start tally-sidecar on 127.0.0.1:4196 (buffer in ./
 demo: deps build k8s helm ## a local control plane, the chart, the operator, an injected workload and a minute of events
 	$(CARGO_TARGET_DIR)/release/tally-demo
 
-test: deps lint build k8s helm promtool unit integration e2e ## everything CI checks: fmt, clippy, unit, integration, control-plane and chart tests
+test: deps lint build k8s helm promtool images unit integration e2e ## everything CI checks: fmt, clippy, unit, integration, control-plane and chart tests
 	@echo "make test: all checks passed"
 
 bench: deps build k8s ## measure the sidecar (ingest, drain, RSS, start-up) and the operator (reconcile latency, 500 collectors) against ceilings
@@ -43,10 +44,11 @@ bench: deps build k8s ## measure the sidecar (ingest, drain, RSS, start-up) and 
 	$(CARGO_RELEASE) bench -p tally-operator --bench operator
 
 images: deps build ## OCI image archives of tally-sidecar and tally-operator, built without Docker, reproducible
-	@for name in tally-sidecar tally-operator; do \
-	  python3 images/oci_image.py --binary $(CARGO_TARGET_DIR)/release/$$name \
-	    --ref $(IMAGE_REGISTRY)/$$name:$(VERSION) --out $(IMAGES_DIR)/$$name-$(VERSION).tar; \
-	done
+	@$(MAKE) --no-print-directory $(IMAGES_DIR)/tally-sidecar-$(VERSION).tar $(IMAGES_DIR)/tally-operator-$(VERSION).tar
+
+# Rebuilt only when the release binary changed (cargo relinks it only then).
+$(IMAGES_DIR)/%-$(VERSION).tar: $(CARGO_TARGET_DIR)/release/% images/oci_image.py
+	python3 images/oci_image.py --binary $< --ref $(IMAGE_REGISTRY)/$*:$(VERSION) --out $@
 
 .PHONY: bench-outage
 bench-outage: deps build ## the data directory during a 10-minute upstream outage at 5k events/s, beside buffer.maxBytes
@@ -65,7 +67,7 @@ unit: deps build k8s ## sidecar and operator tests (the operator's include real 
 integration: build
 	$(CARGO_RELEASE) test --release -p tally-tests
 
-e2e: deps build k8s helm promtool ## control-plane, fake-node and chart tests (the RBAC test runs the operator binary)
+e2e: deps build k8s helm promtool images ## control-plane, fake-node, real-node and chart tests (the real node runs the images of `make images`)
 	$(CARGO_RELEASE) test --release -p tally-e2e
 
 .PHONY: crds

@@ -402,6 +402,8 @@ async fn boot(
             // For logs and exec; the kubelet authorizes every client certificate of the CA.
             format!("--kubelet-client-certificate={}", pki.admin.cert.display()),
             format!("--kubelet-client-key={}", pki.admin.key.display()),
+            // The node's name resolves nowhere; its InternalIP is the node's end of the veth pair.
+            "--kubelet-preferred-address-types=InternalIP".into(),
         ]));
     } else {
         apiserver_args.extend(args([

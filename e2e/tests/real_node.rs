@@ -1,13 +1,505 @@
-//! Tally on a real node: see `tally_e2e::RealNode`.
+//! Tally on a real node ([`tally_e2e::RealNode`]): containerd runs the images of `make images`, the kubelet's
+//! probes decide readiness, kube-proxy routes Services and CoreDNS resolves them.
+//!
+//! The chart is installed with `helm install`; the operator runs in-cluster (two replicas, leader election, the
+//! webhook reached by the API server through its Service); a MeteringCollector's pods become Ready from the
+//! kubelet's real readiness; a Deployment in a labelled namespace under the `restricted` Pod Security Standard gets
+//! the injected native sidecar; its app sends usage events through `OPENMETER_URL`; and every acknowledged event
+//! reaches an OpenMeter-compatible upstream (a [`TestUpstream`] on the host, a fake of OpenMeter's ingest endpoint:
+//! the only fake here) through the collector's Service, stamped with its namespace and pod. An app in an excluded
+//! namespace, sending straight to the collector's Service name, has its events dropped and counted.
 
-use tally_e2e::ControlPlane;
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    apps::v1::Deployment,
+    coordination::v1::Lease,
+    core::v1::{Namespace, Pod, Secret},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DynamicObject, ListParams, LogParams, Patch, PatchParams},
+};
+use serde_json::{Value, json};
+use tally_e2e::{Apply, ControlPlane, Helm, RealNode, apply, chart_dir};
+use tally_tests::{TestUpstream, metrics::Exposition};
+
+const RELEASE_NAMESPACE: &str = "tally-system";
+const APP_NAMESPACE: &str = "shop";
+const EXCLUDED_NAMESPACE: &str = "monitoring";
+const STORAGE_CLASS: &str = "tally-e2e-local";
+const APP_IMAGE: &str = "localhost/tally-e2e/usage-app:test";
+const APP_EVENTS: u64 = 200;
+const EXCLUDED_EVENTS: u64 = 20;
+/// Containers start in seconds; the margin is for two cores shared with the rest of the test run.
+const WITHIN: Duration = Duration::from_secs(180);
+const FIELD_MANAGER: &str = "tally-e2e-real-node";
+
+/// The archives `make images` wrote: `$TALLY_IMAGES_DIR/<name>-<version>.tar`.
+fn image_archive(name: &str) -> PathBuf {
+    let dir = std::env::var_os("TALLY_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("TALLY_IMAGES_DIR is not set: run `make e2e` (it builds the images)")
+        });
+    let archive = dir.join(format!("{name}-{}.tar", env!("CARGO_PKG_VERSION")));
+    assert!(
+        archive.is_file(),
+        "{} is missing: run `make images`",
+        archive.display()
+    );
+    archive
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smoke() {
+async fn the_chart_meters_an_injected_workload_end_to_end_on_a_real_node() {
     let control_plane = ControlPlane::builder()
         .with_real_node()
         .start()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("up: {}", control_plane.server_url());
+    let node = control_plane.real_node().expect("started with a real node");
+    let client = control_plane.client();
+    for name in ["tally-sidecar", "tally-operator"] {
+        node.import_image(&image_archive(name))
+            .unwrap_or_else(|e| panic!("importing {name}: {e}"));
+    }
+    node.import_binary(
+        std::path::Path::new(env!("CARGO_BIN_EXE_tally-usage-app")),
+        APP_IMAGE,
+    )
+    .unwrap_or_else(|e| panic!("importing the app: {e}"));
+    let upstream = TestUpstream::start_on(node.host_ip().into()).await;
+
+    let report = Report {
+        client: client.clone(),
+        node,
+    };
+
+    // helm install, with the chart's defaults: two operator replicas, leader election, the webhook.
+    let helm = Helm::locate().unwrap_or_else(|e| panic!("{e}"));
+    let chart = chart_dir();
+    helm.run([
+        "install".as_ref(),
+        "tally".as_ref(),
+        chart.as_os_str(),
+        "--namespace".as_ref(),
+        RELEASE_NAMESPACE.as_ref(),
+        "--create-namespace".as_ref(),
+        "--kubeconfig".as_ref(),
+        control_plane.kubeconfig_path().as_os_str(),
+    ])
+    .unwrap_or_else(|e| panic!("helm install: {e}"));
+    let deployments = Api::<Deployment>::namespaced(client.clone(), RELEASE_NAMESPACE);
+    report
+        .until("both operator replicas Ready", async || {
+            let d = deployments.get_opt("tally-operator").await.ok()??;
+            (d.status?.ready_replicas? == 2).then_some(())
+        })
+        .await;
+
+    // Leader election between the two in-cluster replicas: one of them holds the Lease.
+    let operator_pods: Vec<String> = Api::<Pod>::namespaced(client.clone(), RELEASE_NAMESPACE)
+        .list(&ListParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("listing the operator pods: {e}"))
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    let leases = Api::<Lease>::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let holder = report
+        .until("an operator replica to hold the Lease", async || {
+            let lease = leases.get_opt("tally-operator").await.ok()??;
+            lease.spec?.holder_identity
+        })
+        .await;
+    assert!(
+        operator_pods
+            .iter()
+            .any(|pod| holder.contains(pod.as_str())),
+        "the Lease holder {holder:?} is none of the operator pods {operator_pods:?}"
+    );
+    // The API server reaches the webhook through its Service (kube-proxy's rules in the node's namespace).
+    let webhook = report
+        .until(
+            "the operator's MutatingWebhookConfiguration with a CA bundle",
+            async || {
+                // The chart names it after the release (webhook.configurationName is empty).
+                let configuration = Api::<MutatingWebhookConfiguration>::all(client.clone())
+                    .get_opt("tally")
+                    .await
+                    .ok()??;
+                let webhook = configuration.webhooks?.into_iter().next()?;
+                webhook.client_config.ca_bundle.is_some().then_some(webhook)
+            },
+        )
+        .await;
+    let service = webhook
+        .client_config
+        .service
+        .unwrap_or_else(|| panic!("the webhook is not reached through a Service"));
+    assert_eq!(service.namespace, RELEASE_NAMESPACE);
+
+    // The collector: two replicas, each on a hostPath volume, forwarding to the upstream on the host.
+    control_plane
+        .create_host_path_volumes("tally-buffer", STORAGE_CLASS, 2, "1Gi")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    Api::<Secret>::namespaced(client.clone(), RELEASE_NAMESPACE)
+        .patch(
+            "openmeter",
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": { "name": "openmeter" },
+                "stringData": { "token": "real-node-token" }
+            })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("creating the token Secret: {e}"));
+    let collector: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "metering.tally.dev/v1alpha1",
+        "kind": "MeteringCollector",
+        "metadata": { "name": "meter", "namespace": RELEASE_NAMESPACE },
+        "spec": {
+            "replicas": 2,
+            "resources": { "requests": { "cpu": "50m", "memory": "64Mi" }, "limits": { "memory": "256Mi" } },
+            "storage": { "size": "1Gi", "storageClassName": STORAGE_CLASS },
+            "service": { "port": 4196 },
+            "pipeline": {
+                "durability": "sync",
+                "buffer": { "maxBytes": "256Mi", "whenFull": "reject" },
+                "outputs": { "targets": [{
+                    "name": "openmeter",
+                    "type": "openmeter",
+                    "url": upstream.url(),
+                    "tokenFrom": { "file": "/var/run/secrets/tally/openmeter/token" },
+                    "batching": { "count": 100, "period": "200ms" },
+                    "retry": { "initialInterval": "200ms", "maxInterval": "2s" }
+                }]}
+            },
+            "injection": { "enabled": true },
+            "excludeNamespaces": [EXCLUDED_NAMESPACE]
+        }
+    }))
+    .expect("a MeteringCollector object");
+    apply(&client, &collector, Apply::Persist)
+        .await
+        .unwrap_or_else(|e| panic!("applying the MeteringCollector: {e}"));
+    let collectors = collectors_api(&client);
+    let status = report
+        .until(
+            "the MeteringCollector Ready (2 of 2 pods Ready)",
+            async || {
+                let status = collectors.get("meter").await.ok()?.data["status"].clone();
+                let ready = status["conditions"]
+                    .as_array()?
+                    .iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                (ready && status["readyReplicas"] == 2).then_some(status)
+            },
+        )
+        .await;
+    eprintln!("MeteringCollector status: {status}");
+
+    // A labelled namespace under `restricted`, and an excluded one.
+    for namespace in [APP_NAMESPACE, EXCLUDED_NAMESPACE] {
+        create_namespace(&client, namespace).await;
+    }
+    deploy(
+        &client,
+        APP_NAMESPACE,
+        "checkout",
+        &[("EVENTS", APP_EVENTS.to_string())],
+    )
+    .await;
+    let collector_url = format!(
+        "http://meter.{RELEASE_NAMESPACE}.svc.{}:4196",
+        tally_e2e::CLUSTER_DOMAIN
+    );
+    deploy(
+        &client,
+        EXCLUDED_NAMESPACE,
+        "prometheus",
+        &[
+            ("EVENTS", EXCLUDED_EVENTS.to_string()),
+            ("OPENMETER_URL", collector_url),
+            ("STAMP_NAMESPACE", EXCLUDED_NAMESPACE.to_string()),
+        ],
+    )
+    .await;
+
+    let app = report
+        .until(
+            "the checkout pod Running with both containers ready",
+            async || running_pod(&client, APP_NAMESPACE).await,
+        )
+        .await;
+    let spec = app.spec.clone().unwrap_or_default();
+    let sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.restart_policy.as_deref() == Some("Always"))
+        .unwrap_or_else(|| panic!("the checkout pod has no native sidecar: {spec:?}"));
+    assert!(
+        sidecar
+            .image
+            .as_deref()
+            .is_some_and(|i| i.contains("tally-sidecar")),
+        "the injected sidecar runs {:?}",
+        sidecar.image
+    );
+    let excluded = report
+        .until("the prometheus pod Running", async || {
+            running_pod(&client, EXCLUDED_NAMESPACE).await
+        })
+        .await;
+    assert!(
+        excluded
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .is_none_or(Vec::is_empty),
+        "a pod of the excluded namespace was injected"
+    );
+
+    let app_name = app.name_any();
+    report
+        .until("the app to have all its events acknowledged", async || {
+            let logs = pod_logs(&client, APP_NAMESPACE, &app_name, "app").await?;
+            logs.contains(&format!("done: acknowledged {APP_EVENTS} events"))
+                .then_some(())
+        })
+        .await;
+    let ids: Vec<String> = (0..APP_EVENTS).map(|n| format!("{app_name}-{n}")).collect();
+    upstream
+        .wait_delivered(ids.iter().map(String::as_str), WITHIN)
+        .await;
+    let delivered = upstream.delivered_events();
+    for event in delivered
+        .iter()
+        .filter(|e| ids.iter().any(|id| e["id"] == *id.as_str()))
+    {
+        assert_eq!(event["k8snamespace"], APP_NAMESPACE, "not stamped: {event}");
+        assert_eq!(event["k8spod"], app_name.as_str(), "not stamped: {event}");
+    }
+    let excluded_name = excluded.name_any();
+    report
+        .until(
+            "the excluded app to have its events acknowledged",
+            async || {
+                let logs = pod_logs(&client, EXCLUDED_NAMESPACE, &excluded_name, "app").await?;
+                logs.contains(&format!("done: acknowledged {EXCLUDED_EVENTS} events"))
+                    .then_some(())
+            },
+        )
+        .await;
+    // Both replicas behind the Service may have taken some: the drops add up over the two.
+    let pods = Api::<Pod>::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let dropped = report
+        .until(
+            "the collectors to count the excluded namespace's events as dropped",
+            async || {
+                let mut dropped = 0.0;
+                for name in ["meter-0", "meter-1"] {
+                    let ip = pods.get(name).await.ok()?.status?.pod_ip?;
+                    let text = reqwest::get(format!("http://{ip}:4196/metrics"))
+                        .await
+                        .ok()?
+                        .text()
+                        .await
+                        .ok()?;
+                    dropped += Exposition::parse(&text)
+                        .value("tally_events_dropped_total{reason=\"excluded_namespace\"}");
+                }
+                (dropped >= EXCLUDED_EVENTS as f64).then_some(dropped)
+            },
+        )
+        .await;
+    let from_excluded = upstream
+        .delivered_events()
+        .iter()
+        .filter(|e| e["k8snamespace"] == EXCLUDED_NAMESPACE)
+        .count();
+    assert_eq!(
+        from_excluded, 0,
+        "events of the excluded namespace reached the upstream"
+    );
+
+    let phases = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|list| {
+            list.items
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}/{}={}",
+                        p.namespace().unwrap_or_default(),
+                        p.name_any(),
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.phase.clone())
+                            .unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "real node: pods {phases:?}; checkout acknowledged {APP_EVENTS}, delivered {} distinct ({} requests); \
+         excluded sent {EXCLUDED_EVENTS}, dropped {dropped}, delivered 0",
+        upstream.delivered_id_set().len(),
+        upstream.request_count()
+    );
+}
+
+fn collectors_api(client: &Client) -> Api<DynamicObject> {
+    let resource = kube::api::ApiResource {
+        group: "metering.tally.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "metering.tally.dev/v1alpha1".into(),
+        kind: "MeteringCollector".into(),
+        plural: "meteringcollectors".into(),
+    };
+    Api::namespaced_with(client.clone(), RELEASE_NAMESPACE, &resource)
+}
+
+/// A namespace labelled for injection and enforcing the `restricted` Pod Security Standard.
+async fn create_namespace(client: &Client, name: &str) {
+    let labels = BTreeMap::from([
+        ("metering.tally.dev/inject", "enabled"),
+        ("pod-security.kubernetes.io/enforce", "restricted"),
+    ]);
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": { "name": name, "labels": labels }
+            })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("creating the namespace {name}: {e}"));
+}
+
+/// One replica of the usage app, as locked down as `restricted` demands.
+async fn deploy(client: &Client, namespace: &str, name: &str, env: &[(&str, String)]) {
+    let mut variables: Vec<Value> = env
+        .iter()
+        .map(|(name, value)| json!({ "name": name, "value": value }))
+        .collect();
+    variables.push(json!({
+        "name": "POD_NAME",
+        "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } }
+    }));
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": { "name": name },
+                "spec": {
+                    "replicas": 1,
+                    "selector": { "matchLabels": { "app": name } },
+                    "template": {
+                        "metadata": { "labels": { "app": name } },
+                        "spec": {
+                            "securityContext": {
+                                "runAsNonRoot": true,
+                                "seccompProfile": { "type": "RuntimeDefault" }
+                            },
+                            "containers": [{
+                                "name": "app",
+                                "image": APP_IMAGE,
+                                "imagePullPolicy": "Never",
+                                "env": variables,
+                                "securityContext": {
+                                    "allowPrivilegeEscalation": false,
+                                    "readOnlyRootFilesystem": true,
+                                    "capabilities": { "drop": ["ALL"] }
+                                }
+                            }]
+                        }
+                    }
+                }
+            })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("deploying {namespace}/{name}: {e}"));
+}
+
+/// The namespace's first pod, once it runs and every container (the native sidecar included) is ready.
+async fn running_pod(client: &Client, namespace: &str) -> Option<Pod> {
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .ok()?;
+    let pod = pods.items.into_iter().next()?;
+    let status = pod.status.as_ref()?;
+    let all_ready = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .all(|c| c.ready);
+    (status.phase.as_deref() == Some("Running") && all_ready).then_some(pod)
+}
+
+async fn pod_logs(client: &Client, namespace: &str, pod: &str, container: &str) -> Option<String> {
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .logs(
+            pod,
+            &LogParams {
+                container: Some(container.into()),
+                ..LogParams::default()
+            },
+        )
+        .await
+        .ok()
+}
+
+/// Waits like `tally_tests::poll_until` (a slower poll: every check is an API call), and on a timeout prints what the cluster looked like first: every pod's phase and
+/// container states, and the node's logs.
+struct Report<'a> {
+    client: Client,
+    node: &'a RealNode,
+}
+
+impl Report<'_> {
+    async fn until<T>(&self, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.print().await;
+                panic!("timed out after {WITHIN:?} waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn print(&self) {
+        if let Ok(pods) = Api::<Pod>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+        {
+            for pod in pods.items {
+                eprintln!(
+                    "pod {}/{}: {}",
+                    pod.namespace().unwrap_or_default(),
+                    pod.name_any(),
+                    serde_json::to_string(&pod.status).unwrap_or_default()
+                );
+            }
+        }
+        eprintln!("{}", self.node.log_summary(30));
+    }
 }

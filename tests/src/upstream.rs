@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -104,10 +104,15 @@ impl TestUpstream {
     /// Starts accepting (204) on a free port of 127.0.0.1 ([`unused_port`]: no other test of this run gets it, even
     /// while this upstream is down).
     pub async fn start() -> TestUpstream {
+        Self::start_on(Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// [`TestUpstream::start`] on another local address, such as the one pods of a real node reach the host at.
+    pub async fn start_on(ip: IpAddr) -> TestUpstream {
         let port = unused_port();
-        let listener = TcpListener::bind(("127.0.0.1", port))
+        let listener = TcpListener::bind((ip, port))
             .await
-            .unwrap_or_else(|e| panic!("test upstream: cannot bind 127.0.0.1:{port}: {e}"));
+            .unwrap_or_else(|e| panic!("test upstream: cannot bind {ip}:{port}: {e}"));
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("test upstream: local_addr: {e}"));
