@@ -33,7 +33,7 @@ help: ## list the targets
 run: deps build ## build and start tally-sidecar on 127.0.0.1:4196 (buffer in ./data, events on stdout)
 	$(TALLY_SIDECAR_BIN) --config config/local.yaml
 
-demo: deps build k8s helm ## a local control plane, the chart, the operator, an injected workload and a minute of events
+demo: deps build k8s helm images ## a control plane and a real node (kwok where containers cannot run), the chart, the operator, an injected workload and a minute of events
 	$(CARGO_TARGET_DIR)/release/tally-demo
 
 test: deps lint build k8s helm promtool images unit integration e2e ## everything CI checks: fmt, clippy, unit, integration, control-plane and chart tests

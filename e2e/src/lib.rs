@@ -24,6 +24,7 @@ mod node;
 mod pki;
 mod ports;
 mod process;
+pub mod workload;
 
 pub use binaries::{
     KUBERNETES_VERSION, KWOK_VERSION, coredns_version, kubernetes_bin_dir, kwok_dir,

@@ -9,27 +9,31 @@
 //! the only fake here) through the collector's Service, stamped with its namespace and pod. An app in an excluded
 //! namespace, sending straight to the collector's Service name, has its events dropped and counted.
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
     apps::v1::Deployment,
     coordination::v1::Lease,
-    core::v1::{Namespace, Pod, Secret},
+    core::v1::{Pod, Secret},
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DynamicObject, ListParams, LogParams, Patch, PatchParams},
+    api::{DynamicObject, ListParams, Patch, PatchParams},
 };
-use serde_json::{Value, json};
-use tally_e2e::{Apply, ControlPlane, Helm, RealNode, apply, chart_dir};
+use serde_json::json;
+use tally_e2e::{
+    Apply, ControlPlane, Helm, RealNode, apply, chart_dir,
+    workload::{
+        USAGE_APP_IMAGE, create_metered_namespace, deploy_usage_app, pod_logs, running_pod,
+    },
+};
 use tally_tests::{TestUpstream, metrics::Exposition};
 
 const RELEASE_NAMESPACE: &str = "tally-system";
 const APP_NAMESPACE: &str = "shop";
 const EXCLUDED_NAMESPACE: &str = "monitoring";
 const STORAGE_CLASS: &str = "tally-e2e-local";
-const APP_IMAGE: &str = "localhost/tally-e2e/usage-app:test";
 const APP_EVENTS: u64 = 200;
 const EXCLUDED_EVENTS: u64 = 20;
 /// Containers start in seconds; the margin is for two cores shared with the rest of the test run.
@@ -67,7 +71,7 @@ async fn the_chart_meters_an_injected_workload_end_to_end_on_a_real_node() {
     }
     node.import_binary(
         std::path::Path::new(env!("CARGO_BIN_EXE_tally-usage-app")),
-        APP_IMAGE,
+        USAGE_APP_IMAGE,
     )
     .unwrap_or_else(|e| panic!("importing the app: {e}"));
     let upstream = TestUpstream::start_on(node.host_ip().into()).await;
@@ -206,20 +210,23 @@ async fn the_chart_meters_an_injected_workload_end_to_end_on_a_real_node() {
 
     // A labelled namespace under `restricted`, and an excluded one.
     for namespace in [APP_NAMESPACE, EXCLUDED_NAMESPACE] {
-        create_namespace(&client, namespace).await;
+        create_metered_namespace(&client, namespace)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
-    deploy(
+    deploy_usage_app(
         &client,
         APP_NAMESPACE,
         "checkout",
         &[("EVENTS", APP_EVENTS.to_string())],
     )
-    .await;
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     let collector_url = format!(
         "http://meter.{RELEASE_NAMESPACE}.svc.{}:4196",
         tally_e2e::CLUSTER_DOMAIN
     );
-    deploy(
+    deploy_usage_app(
         &client,
         EXCLUDED_NAMESPACE,
         "prometheus",
@@ -229,7 +236,8 @@ async fn the_chart_meters_an_injected_workload_end_to_end_on_a_real_node() {
             ("STAMP_NAMESPACE", EXCLUDED_NAMESPACE.to_string()),
         ],
     )
-    .await;
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 
     let app = report
         .until(
@@ -366,102 +374,6 @@ fn collectors_api(client: &Client) -> Api<DynamicObject> {
         plural: "meteringcollectors".into(),
     };
     Api::namespaced_with(client.clone(), RELEASE_NAMESPACE, &resource)
-}
-
-/// A namespace labelled for injection and enforcing the `restricted` Pod Security Standard.
-async fn create_namespace(client: &Client, name: &str) {
-    let labels = BTreeMap::from([
-        ("metering.tally.dev/inject", "enabled"),
-        ("pod-security.kubernetes.io/enforce", "restricted"),
-    ]);
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(json!({
-                "apiVersion": "v1", "kind": "Namespace",
-                "metadata": { "name": name, "labels": labels }
-            })),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("creating the namespace {name}: {e}"));
-}
-
-/// One replica of the usage app, as locked down as `restricted` demands.
-async fn deploy(client: &Client, namespace: &str, name: &str, env: &[(&str, String)]) {
-    let mut variables: Vec<Value> = env
-        .iter()
-        .map(|(name, value)| json!({ "name": name, "value": value }))
-        .collect();
-    variables.push(json!({
-        "name": "POD_NAME",
-        "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } }
-    }));
-    Api::<Deployment>::namespaced(client.clone(), namespace)
-        .patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(json!({
-                "apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": { "name": name },
-                "spec": {
-                    "replicas": 1,
-                    "selector": { "matchLabels": { "app": name } },
-                    "template": {
-                        "metadata": { "labels": { "app": name } },
-                        "spec": {
-                            "securityContext": {
-                                "runAsNonRoot": true,
-                                "seccompProfile": { "type": "RuntimeDefault" }
-                            },
-                            "containers": [{
-                                "name": "app",
-                                "image": APP_IMAGE,
-                                "imagePullPolicy": "Never",
-                                "env": variables,
-                                "securityContext": {
-                                    "allowPrivilegeEscalation": false,
-                                    "readOnlyRootFilesystem": true,
-                                    "capabilities": { "drop": ["ALL"] }
-                                }
-                            }]
-                        }
-                    }
-                }
-            })),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("deploying {namespace}/{name}: {e}"));
-}
-
-/// The namespace's first pod, once it runs and every container (the native sidecar included) is ready.
-async fn running_pod(client: &Client, namespace: &str) -> Option<Pod> {
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default())
-        .await
-        .ok()?;
-    let pod = pods.items.into_iter().next()?;
-    let status = pod.status.as_ref()?;
-    let all_ready = status
-        .container_statuses
-        .iter()
-        .flatten()
-        .chain(status.init_container_statuses.iter().flatten())
-        .all(|c| c.ready);
-    (status.phase.as_deref() == Some("Running") && all_ready).then_some(pod)
-}
-
-async fn pod_logs(client: &Client, namespace: &str, pod: &str, container: &str) -> Option<String> {
-    Api::<Pod>::namespaced(client.clone(), namespace)
-        .logs(
-            pod,
-            &LogParams {
-                container: Some(container.into()),
-                ..LogParams::default()
-            },
-        )
-        .await
-        .ok()
 }
 
 /// Waits like `tally_tests::poll_until` (a slower poll: every check is an API call), and on a timeout prints what the cluster looked like first: every pod's phase and

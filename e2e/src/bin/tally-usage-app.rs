@@ -1,7 +1,8 @@
 //! The app of the real-node tests: a workload that meters its usage the way a user's service would, by POSTing
 //! CloudEvents to `$OPENMETER_URL/api/v1/events`, one at a time, each retried until it is acknowledged (2xx).
 //!
-//! Environment: `OPENMETER_URL` (required), `EVENTS` (how many, default 100), `POD_NAME` (the ids are
+//! Environment: `OPENMETER_URL` (required), `EVENTS` (how many, default 100), `RATE` (events per second, default
+//! as fast as each is acknowledged), `POD_NAME` (the ids are
 //! `<POD_NAME>-<n>`), and `STAMP_NAMESPACE` (when set, each event carries `k8snamespace` with its value, as an
 //! injected sidecar would stamp it). It prints `acknowledged <n>` as it goes and `done: acknowledged <n> events`
 //! at the end, then stays up, as a Deployment's container must.
@@ -24,6 +25,15 @@ async fn main() -> ExitCode {
         }
         Err(_) => 100,
     };
+    let rate: f64 = match std::env::var("RATE").map(|v| v.parse()) {
+        Ok(Ok(r)) if r > 0.0 => r,
+        Ok(_) => {
+            eprintln!("tally-usage-app: RATE must be a positive number of events per second");
+            return ExitCode::from(2);
+        }
+        Err(_) => 0.0,
+    };
+    let mut tick = (rate > 0.0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
     let pod = std::env::var("POD_NAME").unwrap_or_else(|_| "app".into());
     let stamp = std::env::var("STAMP_NAMESPACE").ok();
     let url = format!("{}/api/v1/events", base.trim_end_matches('/'));
@@ -39,6 +49,9 @@ async fn main() -> ExitCode {
     };
     println!("tally-usage-app: sending {events} events to {url}");
     for n in 0..events {
+        if let Some(tick) = &mut tick {
+            tick.tick().await;
+        }
         let mut event = json!({
             "specversion": "1.0",
             "id": format!("{pod}-{n}"),

@@ -12,7 +12,14 @@
 //! and the OpenMeter URL points at a local OpenMeter-compatible upstream that records what it receives.
 //! Everything it started stops when it exits.
 //!
+//! That is the fallback. Where the machine can run containers (root, Debian's containerd; see
+//! `tally_e2e::RealNode::check_host`), everything runs for real instead ([`real::demo`]): a real node next to the
+//! control plane, the chart installed from the images of `make images`, the operator in-cluster, the collector's
+//! and the workload's pods run by containerd, the app a container that sends through the injected sidecar.
+//!
 //! `TALLY_DEMO_SECONDS` sets how long the app sends (default 60).
+
+mod real;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -25,7 +32,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolume, Pod, Se
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-use tally_e2e::{Apply, ControlPlane, Helm, Manifests, apply, chart_dir};
+use tally_e2e::{Apply, ControlPlane, Helm, Manifests, RealNode, apply, chart_dir};
 use tally_tests::metrics::Exposition;
 use tally_tests::{SidecarBuilder, TestUpstream};
 
@@ -37,7 +44,7 @@ const EVENTS_PER_SECOND: u64 = 20;
 /// kwok's fake nodes; also the number of buffer volumes made for the example's 2 collector replicas.
 const FAKE_NODES: usize = 2;
 /// The README's example, applied as is.
-const EXAMPLE: &str = include_str!("../../../config/meteringcollector.yaml");
+const EXAMPLE: &str = include_str!("../../../../config/meteringcollector.yaml");
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
@@ -61,7 +68,20 @@ async fn demo() -> anyhow::Result<()> {
             .with_context(|| format!("TALLY_DEMO_SECONDS={text:?} is not a number of seconds"))?,
         Err(_) => 60,
     };
+    match RealNode::check_host() {
+        Ok(()) => real::demo(seconds).await,
+        Err(why) => {
+            println!(
+                "This machine cannot run containers, so the demo runs on fake nodes and runs the pods' processes \
+                 itself.\n    Why: {why}"
+            );
+            demo_on_fake_nodes(seconds).await
+        }
+    }
+}
 
+/// The demo where kwok plays the nodes: the pods' processes run here, as the module docs describe.
+async fn demo_on_fake_nodes(seconds: u64) -> anyhow::Result<()> {
     step(
         "Starting a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, \
          kwok playing 2 nodes)",
