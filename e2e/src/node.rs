@@ -143,57 +143,22 @@ impl NodeNetwork {
             dir: dir.to_path_buf(),
         };
         let host = HOST_IP.to_string();
-        let node = NODE_IP.to_string();
-        let route = |cidr: &str| -> Vec<String> {
-            ["route", "add", cidr, "via", node.as_str()]
-                .map(String::from)
-                .to_vec()
-        };
-        let steps: Vec<Vec<String>> = vec![
-            vec!["netns".into(), "add".into(), NETNS.into()],
-            [
-                "link", "add", HOST_IF, "type", "veth", "peer", "name", NODE_IF, "netns", NETNS,
-            ]
-            .map(String::from)
-            .to_vec(),
-            vec![
-                "addr".into(),
-                "add".into(),
-                format!("{host}/24"),
-                "dev".into(),
-                HOST_IF.into(),
-            ],
-            ["link", "set", HOST_IF, "up"].map(String::from).to_vec(),
-            route(POD_CIDR),
-            route(crate::control_plane::SERVICE_CLUSTER_IP_RANGE),
-            ["-n", NETNS, "link", "set", "lo", "up"]
-                .map(String::from)
-                .to_vec(),
-            vec![
-                "-n".into(),
-                NETNS.into(),
-                "addr".into(),
-                "add".into(),
-                format!("{node}/24"),
-                "dev".into(),
-                NODE_IF.into(),
-            ],
-            ["-n", NETNS, "link", "set", NODE_IF, "up"]
-                .map(String::from)
-                .to_vec(),
-            vec![
-                "-n".into(),
-                NETNS.into(),
-                "route".into(),
-                "add".into(),
-                "default".into(),
-                "via".into(),
-                host.clone(),
-            ],
-        ];
-        for step in steps {
-            run("ip", &step)?;
+        let host_address = format!("{HOST_IP}/24");
+        let node_address = format!("{NODE_IP}/24");
+        let ip = |args: &[&str]| run("ip", args);
+        ip(&["netns", "add", NETNS])?;
+        ip(&[
+            "link", "add", HOST_IF, "type", "veth", "peer", "name", NODE_IF, "netns", NETNS,
+        ])?;
+        ip(&["addr", "add", &host_address, "dev", HOST_IF])?;
+        ip(&["link", "set", HOST_IF, "up"])?;
+        for cidr in [POD_CIDR, crate::control_plane::SERVICE_CLUSTER_IP_RANGE] {
+            ip(&["route", "add", cidr, "via", &NODE_IP.to_string()])?;
         }
+        ip(&["-n", NETNS, "link", "set", "lo", "up"])?;
+        ip(&["-n", NETNS, "addr", "add", &node_address, "dev", NODE_IF])?;
+        ip(&["-n", NETNS, "link", "set", NODE_IF, "up"])?;
+        ip(&["-n", NETNS, "route", "add", "default", "via", &host])?;
         // Routing between the pods and the host happens in the node's namespace only.
         in_node_namespace("sh", &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])?;
         Ok(network)
@@ -751,8 +716,9 @@ fn node_namespace_args(program: &str, args: &[String]) -> Vec<OsString> {
 }
 
 fn in_node_namespace(program: &str, args: &[&str]) -> Result<(), Error> {
-    let mut all = vec![format!("--net=/run/netns/{NETNS}"), program.to_string()];
-    all.extend(args.iter().map(|a| a.to_string()));
+    let net = format!("--net=/run/netns/{NETNS}");
+    let mut all = vec![net.as_str(), program];
+    all.extend_from_slice(args);
     run("nsenter", &all)
 }
 
@@ -793,9 +759,10 @@ fn image_from_binary(binary: &Path, reference: &str, archive: &Path) -> Result<(
 }
 
 /// Runs a set-up command; its output goes into the error when it fails.
-fn run(program: &str, args: &[String]) -> Result<(), Error> {
+fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<(), Error> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let output = Command::new(program)
-        .args(args)
+        .args(&args)
         .output()
         .map_err(|e| Error::io(format!("running {program}"), e))?;
     if output.status.success() {
