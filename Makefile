@@ -61,7 +61,7 @@ lint:
 	cargo fmt --all -- --check
 	$(CARGO_RELEASE) clippy --release --workspace --all-targets -- -D warnings
 
-unit: deps build k8s ## sidecar and operator tests (the operator's include real control planes, the sidecar binary and the Python SDK)
+unit: deps build k8s images ## sidecar and operator tests (the operator's include real control planes, the sidecar binary and the Python SDK)
 	$(CARGO_RELEASE) test --release -p tally-sidecar -p tally-operator
 
 integration: build

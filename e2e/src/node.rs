@@ -889,6 +889,20 @@ fn teardown(dir: &Path) {
     kill_processes_naming(dir);
     unmount_under(dir);
     teardown_host();
+    remove_log_links(dir);
+}
+
+/// The kubelet links every container's log into `/var/log/containers` (a fixed path) whatever its `podLogsDir`;
+/// the links into `dir` go with it.
+fn remove_log_links(dir: &Path) {
+    let Ok(entries) = fs::read_dir("/var/log/containers") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if fs::read_link(entry.path()).is_ok_and(|target| target.starts_with(dir)) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The parts of a teardown that do not depend on the node's directory.
@@ -898,6 +912,12 @@ fn teardown_host() {
     // A veth whose namespace is gone goes with it; one left by a half-done start does not.
     quietly("ip", &["link", "del", HOST_IF]);
     remove_cgroups();
+    // The kubelet puts its device-plugin socket at a fixed path whatever its root dir (so a machine that runs a
+    // kubelet of its own cannot host this node); the directories go only if nothing else is in them.
+    let device_plugins = Path::new("/var/lib/kubelet/device-plugins");
+    let _ = fs::remove_file(device_plugins.join("kubelet.sock"));
+    let _ = fs::remove_dir(device_plugins);
+    let _ = fs::remove_dir("/var/lib/kubelet");
     if let Ok(entries) = fs::read_dir("/var/lib/cni/results") {
         for entry in entries.flatten() {
             if entry

@@ -1,7 +1,8 @@
-//! A collector becomes Ready: the control plane runs the real kube-scheduler and kwok with fake nodes, so the
-//! StatefulSet's pods are scheduled and marked Running and Ready (no container runs), the real PersistentVolume
-//! binder binds their buffer claims to volumes the test creates, and the operator's status follows: Ready=True with
-//! `readyReplicas == replicas`, and on a scale-up Ready and Progressing move through the rollout and back.
+//! A collector becomes Ready: the control plane runs a real node (`tally_e2e::RealNode`), so the StatefulSet's pods
+//! run the tally-sidecar image of `make images` under containerd and the kubelet's readiness probe decides when they
+//! are Ready; the real PersistentVolume binder binds their buffer claims to hostPath volumes the test creates; and
+//! the operator's status follows: Ready=True with `readyReplicas == replicas`, and on a scale-up Ready and
+//! Progressing move through the rollout and back.
 
 mod support;
 
@@ -10,12 +11,11 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
-use support::{
-    RunningController, WITHIN, collector, create, eventually, install_crd, persistent_volume,
-};
+use support::{RunningController, WITHIN, collector, create, eventually, install_crd};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::{MeteringCollector, MeteringCollectorStatus};
 
+/// The collector, with the image `make images` builds (the CRD's default).
 const METER: &str = r#"
 apiVersion: metering.tally.dev/v1alpha1
 kind: MeteringCollector
@@ -23,9 +23,16 @@ metadata:
   name: meter
 spec:
   replicas: 1
-  image: registry.invalid/tally-sidecar:1
   storage: { size: 1Gi }
 "#;
+
+/// `$TALLY_IMAGES_DIR/tally-sidecar-<version>.tar`, which `make unit` builds first.
+fn sidecar_image() -> std::path::PathBuf {
+    let dir = std::env::var_os("TALLY_IMAGES_DIR")
+        .map(std::path::PathBuf::from)
+        .expect("TALLY_IMAGES_DIR is set (run `make unit`, which builds the images)");
+    dir.join(format!("tally-sidecar-{}.tar", env!("CARGO_PKG_VERSION")))
+}
 
 /// `(Ready, Progressing, readyReplicas)` of a status, as `("True", "False", 1)`.
 fn summary(status: &MeteringCollectorStatus) -> (String, String, i32) {
@@ -49,18 +56,22 @@ fn owned(s: (&str, &str, i32)) -> (String, String, i32) {
 }
 
 #[tokio::test]
-async fn a_collector_on_fake_nodes_becomes_ready_and_follows_a_scale_up() {
+async fn a_collector_on_a_real_node_becomes_ready_and_follows_a_scale_up() {
     let control_plane = ControlPlane::builder()
-        .with_fake_nodes(2)
+        .with_real_node()
         .start()
         .await
-        .expect("control plane with kube-scheduler, kwok and 2 fake nodes starts");
+        .unwrap_or_else(|e| panic!("control plane with a real node: {e}"));
+    let node = control_plane.real_node().expect("a real node");
+    node.import_image(&sidecar_image())
+        .unwrap_or_else(|e| panic!("importing the sidecar image: {e}"));
     let client = control_plane.client();
     install_crd(&client).await;
     // Without a StorageClass, which the binder gives to a claim without one.
-    for name in ["pv-0", "pv-1"] {
-        persistent_volume(&client, name, None).await;
-    }
+    control_plane
+        .create_host_path_volumes("ready-pv", "", 2, "10Gi")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let ns = control_plane
         .new_namespace("ready")
         .await
@@ -92,10 +103,10 @@ async fn a_collector_on_fake_nodes_becomes_ready_and_follows_a_scale_up() {
     );
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let pod = pods.get("meter-0").await.expect("pod meter-0");
-    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let scheduled = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     assert!(
-        node.as_deref().is_some_and(|n| n.starts_with("kwok-node-")),
-        "meter-0 runs on {node:?}"
+        scheduled.as_deref() == Some(tally_e2e::NODE_NAME),
+        "meter-0 runs on {scheduled:?}"
     );
 
     // Scale up, watching every status the operator writes from here on.
