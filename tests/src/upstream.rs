@@ -109,10 +109,19 @@ impl TestUpstream {
 
     /// [`TestUpstream::start`] on another local address, such as the one pods of a real node reach the host at.
     pub async fn start_on(ip: IpAddr) -> TestUpstream {
-        let port = unused_port();
-        let listener = TcpListener::bind((ip, port))
-            .await
-            .unwrap_or_else(|e| panic!("test upstream: cannot bind {ip}:{port}: {e}"));
+        // `unused_port` checks a port and hands it out; something may bind it in between (seen once in CI), so a
+        // port found taken is skipped for the next one.
+        let mut attempts = 0;
+        let listener = loop {
+            let port = unused_port();
+            match TcpListener::bind((ip, port)).await {
+                Ok(listener) => break listener,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 5 => {
+                    attempts += 1
+                }
+                Err(e) => panic!("test upstream: cannot bind {ip}:{port}: {e}"),
+            }
+        };
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("test upstream: local_addr: {e}"));
