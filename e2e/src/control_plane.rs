@@ -657,7 +657,7 @@ async fn apiserver_ready(client: &Client) -> Result<(), String> {
         .map_err(|e| format!("GET /readyz: {e}"))
 }
 
-async fn http_ok(client: &reqwest::Client, url: &str) -> Result<(), String> {
+pub(crate) async fn http_ok(client: &reqwest::Client, url: &str) -> Result<(), String> {
     let response = client
         .get(url)
         .send()
@@ -673,8 +673,22 @@ async fn http_ok(client: &reqwest::Client, url: &str) -> Result<(), String> {
 }
 
 /// Polls `probe` until it succeeds, failing as soon as the process exits or when `within` has passed.
-async fn wait_until_ready<F, Fut>(
+pub(crate) async fn wait_until_ready<F, Fut>(
     process: &mut ComponentProcess,
+    within: Duration,
+    probe: F,
+) -> Result<(), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    wait_until_all_ready(std::slice::from_mut(process), within, probe).await
+}
+
+/// Polls `probe` until it succeeds, failing as soon as one of `processes` exits or when `within` has passed; a
+/// timeout names the last process, the one the probe waits for.
+pub(crate) async fn wait_until_all_ready<F, Fut>(
+    processes: &mut [ComponentProcess],
     within: Duration,
     mut probe: F,
 ) -> Result<(), Error>
@@ -684,7 +698,9 @@ where
 {
     let deadline = Instant::now() + within;
     loop {
-        process.ensure_running()?;
+        for process in processes.iter_mut() {
+            process.ensure_running()?;
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         let last_check = match timeout(remaining, probe()).await {
             Ok(Ok(())) => return Ok(()),
@@ -692,11 +708,12 @@ where
             Err(_) => "the check itself did not finish in time".to_string(),
         };
         if Instant::now() >= deadline {
+            let last = processes.last();
             return Err(Error::NotReady {
-                component: process.name(),
+                component: last.map_or("the real node", ComponentProcess::name),
                 timeout: within,
                 last_check,
-                log: process.log().to_path_buf(),
+                log: last.map(|p| p.log().to_path_buf()).unwrap_or_default(),
             });
         }
         sleep(POLL_INTERVAL).await;

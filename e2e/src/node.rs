@@ -47,6 +47,7 @@ use kube::{
 use crate::{
     Error,
     binaries::{RealNodeBinaries, images_script},
+    control_plane::{http_ok, wait_until_all_ready, wait_until_ready},
     kubeconfig,
     pki::Pki,
     process::ComponentProcess,
@@ -254,7 +255,7 @@ impl RealNode {
             &node_namespace_args("containerd", &[format!("--config={}", config.display())]),
             &dir,
         )?;
-        wait_for(containerd, Duration::from_secs(30), || async {
+        wait_until_ready(containerd, Duration::from_secs(30), || async {
             ctr(&socket, &["version"]).map(drop)
         })
         .await?;
@@ -372,7 +373,7 @@ impl RealNode {
             .build()?;
         let nodes = Api::<Node>::all(client.clone());
         let deadline = Duration::from_secs(180);
-        wait_all(&mut node.processes, deadline, || async {
+        wait_until_all_ready(&mut node.processes, deadline, || async {
             http_ok(
                 &health,
                 &format!("http://{NODE_IP}:{KUBELET_HEALTHZ_PORT}/healthz"),
@@ -800,19 +801,6 @@ fn path_string(path: &Path) -> Result<String, Error> {
         .ok_or_else(|| Error::Node(format!("{} is not UTF-8", path.display())))
 }
 
-async fn http_ok(client: &reqwest::Client, url: &str) -> Result<(), String> {
-    let response = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    if response.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("GET {url}: {}", response.status()))
-    }
-}
-
 async fn node_ready(nodes: &Api<Node>) -> Result<(), String> {
     let node = nodes
         .get_opt(NODE_NAME)
@@ -833,52 +821,6 @@ async fn node_ready(nodes: &Api<Node>) -> Result<(), String> {
         )),
         None => Err(format!("Node {NODE_NAME} reports no Ready condition yet")),
     }
-}
-
-/// Polls `probe` until it succeeds, failing as soon as one of `processes` exits or when `within` has passed.
-async fn wait_all<F, Fut>(
-    processes: &mut [ComponentProcess],
-    within: Duration,
-    mut probe: F,
-) -> Result<(), Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        for process in processes.iter_mut() {
-            process.ensure_running()?;
-        }
-        let last_check = match probe().await {
-            Ok(()) => return Ok(()),
-            Err(failure) => failure,
-        };
-        if tokio::time::Instant::now() >= deadline {
-            return Err(Error::NotReady {
-                component: "the real node",
-                timeout: within,
-                last_check,
-                log: processes
-                    .last()
-                    .map(|p| p.log().to_path_buf())
-                    .unwrap_or_default(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-async fn wait_for<F, Fut>(
-    process: &mut ComponentProcess,
-    within: Duration,
-    probe: F,
-) -> Result<(), Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    wait_all(std::slice::from_mut(process), within, probe).await
 }
 
 /// Undoes what a node in `dir` left on the host: its containers' processes, the shims, the mounts under `dir`
