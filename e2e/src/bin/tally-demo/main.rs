@@ -105,36 +105,7 @@ async fn demo_on_fake_nodes(seconds: u64) -> anyhow::Result<()> {
         "Installing the Helm chart charts/tally into tally-system (helm install, Helm built from its Go module)",
     );
     create_namespace(&client, RELEASE_NAMESPACE, &[]).await?;
-    let helm = Helm::locate()?;
-    let chart = chart_dir();
-    let kubeconfig = control_plane.kubeconfig_path().as_os_str();
-    helm.run([
-        "install".as_ref(),
-        "tally".as_ref(),
-        chart.as_os_str(),
-        "--namespace".as_ref(),
-        RELEASE_NAMESPACE.as_ref(),
-        "--kubeconfig".as_ref(),
-        kubeconfig,
-    ])?;
-    let manifest = helm.run([
-        "get".as_ref(),
-        "manifest".as_ref(),
-        "tally".as_ref(),
-        "--namespace".as_ref(),
-        RELEASE_NAMESPACE.as_ref(),
-        "--kubeconfig".as_ref(),
-        kubeconfig,
-    ])?;
-    let installed = Manifests::parse(&manifest).context("the release's manifest")?;
-    for object in installed.objects() {
-        let kind = object
-            .types
-            .as_ref()
-            .map(|t| t.kind.as_str())
-            .unwrap_or("?");
-        println!("    {kind}/{}", object.name_any());
-    }
+    install_chart(&control_plane)?;
 
     step(
         "Running tally-operator out of cluster, as the chart's Deployment would (kwok only pretends to run its pods)",
@@ -394,6 +365,42 @@ async fn demo_on_fake_nodes(seconds: u64) -> anyhow::Result<()> {
         );
     }
     step("Done: every acknowledged event was delivered; stopping everything the demo started");
+    Ok(())
+}
+
+/// `helm install tally charts/tally` into [`RELEASE_NAMESPACE`], then prints what the release holds.
+fn install_chart(control_plane: &ControlPlane) -> anyhow::Result<()> {
+    let helm = Helm::locate()?;
+    let chart = chart_dir();
+    let kubeconfig = control_plane.kubeconfig_path().as_os_str();
+    helm.run([
+        "install".as_ref(),
+        "tally".as_ref(),
+        chart.as_os_str(),
+        "--namespace".as_ref(),
+        RELEASE_NAMESPACE.as_ref(),
+        "--create-namespace".as_ref(),
+        "--kubeconfig".as_ref(),
+        kubeconfig,
+    ])?;
+    let manifest = helm.run([
+        "get".as_ref(),
+        "manifest".as_ref(),
+        "tally".as_ref(),
+        "--namespace".as_ref(),
+        RELEASE_NAMESPACE.as_ref(),
+        "--kubeconfig".as_ref(),
+        kubeconfig,
+    ])?;
+    let installed = Manifests::parse(&manifest).context("the release's manifest")?;
+    for object in installed.objects() {
+        let kind = object
+            .types
+            .as_ref()
+            .map(|t| t.kind.as_str())
+            .unwrap_or("?");
+        println!("    {kind}/{}", object.name_any());
+    }
     Ok(())
 }
 

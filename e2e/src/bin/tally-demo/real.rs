@@ -16,7 +16,7 @@ use kube::{
 };
 use serde_json::json;
 use tally_e2e::{
-    Apply, ControlPlane, Helm, Manifests, apply, chart_dir,
+    Apply, ControlPlane, apply,
     workload::{
         USAGE_APP_IMAGE, create_metered_namespace, deploy_usage_app, pod_logs, running_pod,
     },
@@ -25,7 +25,7 @@ use tally_tests::{TestUpstream, metrics::Exposition};
 
 use super::{
     APP_NAMESPACE, EVENTS_PER_SECOND, EXAMPLE, EXCLUDED_NAMESPACE, RELEASE_NAMESPACE, WITHIN,
-    collector_status, indent, interesting, step, wait_for,
+    collector_status, indent, install_chart, interesting, step, wait_for,
 };
 
 /// The buffer volumes made for the example's two collector replicas (the node has no provisioner).
@@ -65,37 +65,7 @@ pub async fn demo(seconds: u64) -> anyhow::Result<()> {
     println!("    {USAGE_APP_IMAGE} (from {})", app.display());
 
     step("helm install tally charts/tally --namespace tally-system --create-namespace");
-    let helm = Helm::locate()?;
-    let chart = chart_dir();
-    let kubeconfig = control_plane.kubeconfig_path().as_os_str();
-    helm.run([
-        "install".as_ref(),
-        "tally".as_ref(),
-        chart.as_os_str(),
-        "--namespace".as_ref(),
-        RELEASE_NAMESPACE.as_ref(),
-        "--create-namespace".as_ref(),
-        "--kubeconfig".as_ref(),
-        kubeconfig,
-    ])?;
-    let manifest = helm.run([
-        "get".as_ref(),
-        "manifest".as_ref(),
-        "tally".as_ref(),
-        "--namespace".as_ref(),
-        RELEASE_NAMESPACE.as_ref(),
-        "--kubeconfig".as_ref(),
-        kubeconfig,
-    ])?;
-    let installed = Manifests::parse(&manifest).context("the release's manifest")?;
-    for object in installed.objects() {
-        let kind = object
-            .types
-            .as_ref()
-            .map(|t| t.kind.as_str())
-            .unwrap_or("?");
-        println!("    {kind}/{}", object.name_any());
-    }
+    install_chart(&control_plane)?;
     let deployments = Api::<Deployment>::namespaced(client.clone(), RELEASE_NAMESPACE);
     wait_for("both operator replicas Ready", || async {
         let d = deployments.get_opt("tally-operator").await.ok()??;
