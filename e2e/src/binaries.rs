@@ -154,8 +154,7 @@ impl RealNodeBinaries {
 
 /// `images/oci_image.py` in this checkout, which builds an OCI image archive of one binary.
 pub(crate) fn images_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+    tally_tests::workspace_root()
         .join("images")
         .join("oci_image.py")
 }

@@ -99,10 +99,7 @@ pub fn helm_version() -> Result<&'static str, HelmError> {
 
 /// `charts/tally` in this checkout.
 pub fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("charts")
-        .join("tally")
+    tally_tests::workspace_root().join("charts").join("tally")
 }
 
 /// The Helm binary: `TALLY_HELM_BIN` when set, else `${XDG_CACHE_HOME:-$HOME/.cache}/tally/helm/<version>/bin/helm`,

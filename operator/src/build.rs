@@ -331,6 +331,7 @@ fn stateful_set_spec(
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
+        startup_probe: Some(startup_probe(HTTP_PORT_NAME)),
         liveness_probe: Some(probe("/healthz", 10)),
         readiness_probe: Some(probe("/readyz", 5)),
         resources: spec.resources.clone(),
@@ -425,6 +426,27 @@ fn stateful_set_spec(
             ..PersistentVolumeClaim::default()
         }]),
         ..StatefulSetSpec::default()
+    }
+}
+
+/// How long a collector or sidecar may take to open its buffer before its liveness probe counts: opening a large
+/// backlog (RocksDB recovery, the dedup index) happens before it listens.
+const STARTUP_ALLOWANCE_SECONDS: i32 = 300;
+const STARTUP_PERIOD_SECONDS: i32 = 2;
+
+/// The startup probe of a tally-sidecar container: `/healthz` every 2 s for up to [`STARTUP_ALLOWANCE_SECONDS`]. The
+/// liveness probe (`/healthz`, which fails only when the buffer's writer thread stopped, never because the buffer is
+/// full or recovering) starts after it; readiness (`/readyz`) means accepting events.
+pub fn startup_probe(port_name: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/healthz".into()),
+            port: IntOrString::String(port_name.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(STARTUP_PERIOD_SECONDS),
+        failure_threshold: Some(STARTUP_ALLOWANCE_SECONDS / STARTUP_PERIOD_SECONDS),
+        ..Probe::default()
     }
 }
 

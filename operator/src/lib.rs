@@ -1,10 +1,11 @@
 //! tally-operator: reconciles `MeteringCollector` resources into collector StatefulSets.
 //!
-//! The reconcile is a pipeline of small modules: [`validate`] and [`build`] are pure, [`reconcile`] applies what
+//! The reconcile is a pipeline of small modules: [`validate`], [`build`] and [`drain`]'s plan are pure, [`reconcile`] applies what
 //! they produce and writes the [`status`].
 
 pub mod build;
 pub mod crd;
+pub mod drain;
 pub mod inject;
 pub mod leader;
 pub mod metrics;

@@ -15,6 +15,12 @@ pub struct ErrorLabels {
     pub error: &'static str,
 }
 
+/// What became of a drained buffer claim: `deleted` (empty) or `kept` (undelivered events remain).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DrainLabels {
+    pub result: &'static str,
+}
+
 /// The reconciler's counters, histogram and gauge.
 #[derive(Debug)]
 pub struct Metrics {
@@ -27,6 +33,10 @@ pub struct Metrics {
     pub collectors_not_ready: Gauge,
     /// 1 while this process holds the leader-election lease (and so runs the reconciler), else 0.
     pub leader: Gauge,
+    /// Events the drain Jobs delivered from the buffers of removed replicas.
+    pub drained_events: Counter,
+    /// Buffer claims of removed replicas whose drain finished, by what became of the claim.
+    pub drained_claims: Family<DrainLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -38,6 +48,8 @@ impl Default for Metrics {
             collectors: Gauge::default(),
             collectors_not_ready: Gauge::default(),
             leader: Gauge::default(),
+            drained_events: Counter::default(),
+            drained_claims: Family::default(),
         }
     }
 }
@@ -47,6 +59,9 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         for error in Self::FAILURE_KINDS {
             let _ = self.failures.get_or_create(&ErrorLabels { error });
+        }
+        for result in ["deleted", "kept"] {
+            let _ = self.drained_claims.get_or_create(&DrainLabels { result });
         }
         let registry = registry.sub_registry_with_prefix("tally_operator");
         registry.register(
@@ -79,15 +94,34 @@ impl Metrics {
             "1 while this process holds the leader-election lease and runs the reconciler, else 0",
             self.leader.clone(),
         );
+        registry.register(
+            "drained_events",
+            "Events the drain Jobs delivered from the buffers of removed collector replicas",
+            self.drained_events.clone(),
+        );
+        registry.register(
+            "drained_claims",
+            "Buffer claims of removed replicas whose drain finished: deleted when empty, kept when undelivered events remain",
+            self.drained_claims.clone(),
+        );
     }
 
     /// Every `error` label [`Metrics::failed`] is called with, so each series exists (at 0) before the first failure
     /// and alerts and dashboards see a rate of zero rather than nothing.
-    pub const FAILURE_KINDS: [&'static str; 4] = ["apply", "status", "storage", "malformed"];
+    pub const FAILURE_KINDS: [&'static str; 5] =
+        ["apply", "status", "storage", "drain", "malformed"];
 
     pub fn observe(&self, took: Duration) {
         self.reconciliations.inc();
         self.duration.observe(took.as_secs_f64());
+    }
+
+    /// A drain finished: `events` delivered, the claim `deleted` or `kept`.
+    pub fn drained(&self, events: u64, result: &'static str) {
+        self.drained_events.inc_by(events);
+        self.drained_claims
+            .get_or_create(&DrainLabels { result })
+            .inc();
     }
 
     pub fn failed(&self, error: &'static str) {

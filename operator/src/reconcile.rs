@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -27,6 +28,7 @@ use serde_json::json;
 
 use crate::build::{self, CollectorObjects};
 use crate::crd::{FIELD_MANAGER, MeteringCollector, MeteringCollectorStatus};
+use crate::drain::{self, Step};
 use crate::metrics::Metrics;
 use crate::status::{self, Observation};
 use crate::storage::{self, ClaimAction, StorageProblem};
@@ -39,6 +41,8 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// How soon a collector whose buffer claims wait to be bound (before they can grow) is looked at again.
 const CLAIM_BINDING_RECHECK: Duration = Duration::from_secs(30);
+/// How soon a collector with a drain under way is looked at again (its Jobs and pods also wake it).
+const DRAIN_RECHECK: Duration = Duration::from_secs(5);
 
 /// Why a reconcile failed; these are retried with backoff. Problems of the spec are not errors: they are reported
 /// on the status and wait for the next change.
@@ -54,6 +58,8 @@ pub enum Error {
     Status { name: String, source: kube::Error },
     #[error("{action}: {source}")]
     Storage { action: String, source: kube::Error },
+    #[error("{action}: {source}")]
+    Drain { action: String, source: kube::Error },
 }
 
 impl Error {
@@ -63,6 +69,7 @@ impl Error {
             Error::Apply { .. } => "apply",
             Error::Status { .. } => "status",
             Error::Storage { .. } => "storage",
+            Error::Drain { .. } => "drain",
         }
     }
 }
@@ -188,18 +195,207 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
         Err(error) => return Err(error),
     };
 
-    let storage = reconcile_storage(ctx, collector, namespace).await?;
+    let claims = list_claims(ctx, collector, namespace).await?;
+    let storage = reconcile_storage(ctx, collector, namespace, &claims).await?;
+    let drains = reconcile_drains(ctx, &validated, &stateful_set, &claims).await?;
     let observation = Observation::Applied {
         stateful_set: &stateful_set,
         storage: storage.problem.as_ref(),
+        drains: &drains,
     };
     let status = status::desired_status(collector, &observation, &now);
     write_status(ctx, collector, status).await?;
-    Ok(Action::requeue(if storage.waiting_for_binding {
+    Ok(Action::requeue(if drains.iter().any(Step::is_active) {
+        DRAIN_RECHECK
+    } else if storage.waiting_for_binding {
         CLAIM_BINDING_RECHECK
     } else {
         RESYNC
     }))
+}
+
+/// The collector's buffer claims (current replicas and removed ones).
+async fn list_claims(
+    ctx: &Context,
+    collector: &MeteringCollector,
+    namespace: &str,
+) -> Result<Vec<PersistentVolumeClaim>, Error> {
+    let selector = label_selector(&build::selector_labels(collector));
+    Ok(
+        Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace)
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|source| Error::Storage {
+                action: format!("listing the buffer claims in {namespace} ({selector})"),
+                source,
+            })?
+            .items
+            .into_iter()
+            .filter(|claim| storage::is_buffer_claim(collector, &claim.name_any()))
+            .collect(),
+    )
+}
+
+fn label_selector(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Drains the buffer claims of removed replicas (see [`drain`]): starts, finishes and cancels drain Jobs, deletes
+/// the claims they emptied, and returns the steps for the status.
+async fn reconcile_drains(
+    ctx: &Context,
+    validated: &validate::ValidatedCollector,
+    stateful_set: &StatefulSet,
+    claims: &[PersistentVolumeClaim],
+) -> Result<Vec<Step>, Error> {
+    let collector = &validated.collector;
+    let namespace = validated.namespace.as_str();
+    let failed = |action: String| move |source| Error::Drain { action, source };
+    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), namespace);
+    let jobs_api = Api::<Job>::namespaced(ctx.client.clone(), namespace);
+    let claims_api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
+    let removed = claims.iter().any(|claim| {
+        storage::claim_ordinal(collector, &claim.name_any())
+            .is_some_and(|ordinal| ordinal >= collector.spec.replicas)
+    });
+    let job_selector = label_selector(&drain::job_selector_labels(collector));
+    let jobs = jobs_api
+        .list(&ListParams::default().labels(&job_selector))
+        .await
+        .map_err(failed(format!("listing the drain Jobs in {namespace}")))?
+        .items;
+    if !removed && jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pods = pods_api
+        .list(&ListParams::default().labels(&label_selector(&build::selector_labels(collector))))
+        .await
+        .map_err(failed(format!(
+            "listing the collector's pods in {namespace}"
+        )))?
+        .items
+        .iter()
+        .map(|pod| pod.name_any())
+        .collect();
+    let steps = drain::plan(collector, claims, &pods, &jobs);
+    let reference = collector.object_ref(&());
+    let delete_job = |job: String| {
+        let jobs_api = jobs_api.clone();
+        async move {
+            deleted(jobs_api.delete(&job, &DeleteParams::background()).await)
+                .map_err(failed(format!("deleting the drain Job {namespace}/{job}")))
+        }
+    };
+    for step in &steps {
+        let event = match step {
+            Step::Start { claim, ordinal } => {
+                let job = drain::job(validated, stateful_set, claim, *ordinal);
+                apply(&ctx.client, namespace, &job).await?;
+                tracing::info!(collector = %key(collector), %claim, "draining the buffer of a removed replica");
+                Some((
+                    EventType::Normal,
+                    "DrainStarted",
+                    format!(
+                        "claim {claim} belongs to a removed replica and may hold events: Job {} delivers them",
+                        drain::job_name(collector, *ordinal)
+                    ),
+                ))
+            }
+            Step::Finished { claim, job } => {
+                let pods = pods_api
+                    .list(&ListParams::default().labels(&format!("job-name={job}")))
+                    .await
+                    .map_err(failed(format!(
+                        "reading the pods of the drain Job {namespace}/{job}"
+                    )))?
+                    .items;
+                let report = drain::report(&pods);
+                let event = match &report {
+                    Some(report) if report.is_empty() => {
+                        deleted(claims_api.delete(claim, &DeleteParams::background()).await)
+                            .map_err(failed(format!(
+                                "deleting the drained claim {namespace}/{claim}"
+                            )))?;
+                        ctx.metrics.drained(report.drained, "deleted");
+                        (
+                            EventType::Normal,
+                            "BufferDrained",
+                            format!(
+                                "Job {job} delivered the {} events of claim {claim}; the empty claim was deleted",
+                                report.drained
+                            ),
+                        )
+                    }
+                    _ => {
+                        let kept = match &report {
+                            Some(report) => format!(
+                                "{} dead letters, {} damaged records",
+                                report.dead_letters, report.quarantined
+                            ),
+                            None => "the drain's report is unavailable".into(),
+                        };
+                        let patch = json!({ "metadata": { "annotations": { drain::KEPT_ANNOTATION: kept } } });
+                        claims_api
+                            .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+                            .await
+                            .map_err(failed(format!(
+                                "annotating the drained claim {namespace}/{claim}"
+                            )))?;
+                        ctx.metrics
+                            .drained(report.as_ref().map_or(0, |r| r.drained), "kept");
+                        (
+                            EventType::Warning,
+                            "UndeliveredKept",
+                            format!(
+                                "Job {job} drained claim {claim}, which still holds undelivered events ({kept}); the \
+                             claim is kept: inspect it with `tally-sidecar dead-letter list`"
+                            ),
+                        )
+                    }
+                };
+                delete_job(job.clone()).await?;
+                Some(event)
+            }
+            Step::Failed { claim, job } => {
+                delete_job(job.clone()).await?;
+                Some((
+                    EventType::Warning,
+                    "DrainFailed",
+                    format!(
+                        "Job {job} failed to drain claim {claim} (see its pods' logs); starting another"
+                    ),
+                ))
+            }
+            Step::Cancel { job } => {
+                delete_job(job.clone()).await?;
+                Some((
+                    EventType::Normal,
+                    "DrainCancelled",
+                    format!(
+                        "Job {job} is no longer needed: its claim is gone or its replica is back"
+                    ),
+                ))
+            }
+            Step::WaitForPod { .. } | Step::Running { .. } | Step::Kept { .. } => None,
+        };
+        if let Some((type_, reason, note)) = event {
+            let event = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Drain".into(),
+                secondary: None,
+            };
+            if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+                tracing::warn!(collector = %key(collector), %error, "publishing an event failed");
+            }
+        }
+    }
+    Ok(steps)
 }
 
 /// What the storage stage found.
@@ -210,30 +406,23 @@ struct StorageOutcome {
     waiting_for_binding: bool,
 }
 
+/// The result of a delete, where an object that is already gone counts as deleted.
+fn deleted<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
 /// Grows the collector's buffer claims to `spec.storage.size` where their StorageClass allows it.
 async fn reconcile_storage(
     ctx: &Context,
     collector: &MeteringCollector,
     namespace: &str,
+    claims: &[PersistentVolumeClaim],
 ) -> Result<StorageOutcome, Error> {
     let desired = &collector.spec.storage.size;
-    let selector = build::selector_labels(collector)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
     let claims_api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
-    let claims: Vec<PersistentVolumeClaim> = claims_api
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(|source| Error::Storage {
-            action: format!("listing the buffer claims in {namespace} ({selector})"),
-            source,
-        })?
-        .items
-        .into_iter()
-        .filter(|claim| storage::is_buffer_claim(collector, &claim.name_any()))
-        .collect();
     let must_grow = claims.iter().any(|claim| {
         storage::requested(claim).and_then(|current| storage::compare(desired, current))
             == Some(std::cmp::Ordering::Greater)
@@ -251,7 +440,7 @@ async fn reconcile_storage(
     } else {
         Vec::new()
     };
-    let actions = storage::plan(desired, &claims, &classes);
+    let actions = storage::plan(desired, claims, &classes);
     let reference = collector.object_ref(&());
     for action in &actions {
         let ClaimAction::Expand { claim, from } = action else {
@@ -408,7 +597,11 @@ pub async fn run(
         .owns(Api::<StatefulSet>::all(client.clone()), config.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), config.clone())
         .owns(Api::<Service>::all(client.clone()), config.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client), config)
+        .owns(
+            Api::<PodDisruptionBudget>::all(client.clone()),
+            config.clone(),
+        )
+        .owns(Api::<Job>::all(client), config)
         .graceful_shutdown_on(shutdown)
         .run(reconcile_object, error_policy, ctx)
         .for_each(|result| {

@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
 use crate::crd::{MeteringCollector, MeteringCollectorStatus};
+use crate::drain::{self, DRAINING, Step};
 use crate::storage::StorageProblem;
 use crate::validate::InvalidSpec;
 
@@ -28,6 +29,8 @@ pub enum Observation<'a> {
         stateful_set: &'a StatefulSet,
         /// A buffer size change that cannot be carried out.
         storage: Option<&'a StorageProblem>,
+        /// What the drain stage did about the buffers of removed replicas.
+        drains: &'a [Step],
     },
 }
 
@@ -99,6 +102,7 @@ pub fn desired_status(
         Observation::Applied {
             stateful_set,
             storage,
+            drains,
         } => {
             let status = stateful_set.status.clone().unwrap_or_default();
             let ready = status.ready_replicas.unwrap_or(0);
@@ -152,7 +156,9 @@ pub fn desired_status(
                     "every child was applied".into(),
                 ),
             };
-            (vec![ready_verdict, progressing, degraded], ready)
+            let (draining, reason, message) = drain::verdict(drains);
+            let draining = verdict(DRAINING, draining, reason, message);
+            (vec![ready_verdict, progressing, degraded, draining], ready)
         }
     };
 

@@ -40,9 +40,15 @@ pub fn keep_claim_templates(desired: &mut StatefulSet, existing: Option<&Statefu
 
 /// Whether `claim` is one of the collector's buffer claims, `buffer-<name>-<ordinal>`.
 pub fn is_buffer_claim(collector: &MeteringCollector, claim: &str) -> bool {
+    claim_ordinal(collector, claim).is_some()
+}
+
+/// The ordinal of a buffer claim of this collector (`buffer-<name>-<ordinal>`), `None` for any other claim.
+pub fn claim_ordinal(collector: &MeteringCollector, claim: &str) -> Option<i32> {
     claim
         .strip_prefix(&format!("{BUFFER_VOLUME}-{}-", collector.name_any()))
-        .is_some_and(|ordinal| !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|ordinal| !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|ordinal| ordinal.parse().ok())
 }
 
 /// A quantity in thousandths of its unit (bytes for storage), exact for every size a volume can have; `None` for

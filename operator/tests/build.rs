@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tally_operator::build::{self, CONFIG_HASH_ANNOTATION, CollectorObjects};
 use tally_operator::crd::MeteringCollector;
+use tally_operator::drain;
 use tally_operator::status::{self, Observation};
 use tally_operator::validate::{self, ValidatedCollector};
 use tally_sidecar::config::Config;
@@ -168,6 +169,7 @@ fn collector_pods_run_the_sidecar_non_root_on_a_read_only_root_with_probes() {
         (Some("http"), 4196)
     );
     for (probe, path) in [
+        (&container.startup_probe, "/healthz"),
         (&container.liveness_probe, "/healthz"),
         (&container.readiness_probe, "/readyz"),
     ] {
@@ -178,6 +180,11 @@ fn collector_pods_run_the_sidecar_non_root_on_a_read_only_root_with_probes() {
         assert_eq!(get.path.as_deref(), Some(path));
         assert_eq!(get.port, IntOrString::String("http".into()));
     }
+    // Opening a large backlog happens before the collector listens: the startup probe allows minutes for it, so
+    // liveness (which never fails for a full or recovering buffer) cannot restart it mid-recovery.
+    let startup = container.startup_probe.as_ref().expect("startup probe");
+    let allowance = startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
+    assert!(allowance >= 300, "startup allowance {allowance}s");
     let security = container
         .security_context
         .as_ref()
@@ -461,6 +468,7 @@ fn status_reports_readiness_rollout_and_invalid_specs() {
         &Observation::Applied {
             stateful_set: &rolling,
             storage: None,
+            drains: &[],
         },
         &time(100),
     );
@@ -487,6 +495,7 @@ fn status_reports_readiness_rollout_and_invalid_specs() {
         &Observation::Applied {
             stateful_set: &done,
             storage: None,
+            drains: &[],
         },
         &time(200),
     );
@@ -513,6 +522,7 @@ fn status_reports_readiness_rollout_and_invalid_specs() {
         &Observation::Applied {
             stateful_set: &done,
             storage: None,
+            drains: &[],
         },
         &time(300),
     );
@@ -536,4 +546,229 @@ fn status_reports_readiness_rollout_and_invalid_specs() {
         degraded.message
     );
     assert_eq!(condition(&status, "Ready").status, "False");
+}
+
+fn claim(name: &str, kept: Option<&str>) -> k8s_openapi::api::core::v1::PersistentVolumeClaim {
+    let mut claim = k8s_openapi::api::core::v1::PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("billing".into()),
+            ..ObjectMeta::default()
+        },
+        ..Default::default()
+    };
+    if let Some(report) = kept {
+        claim.metadata.annotations = Some(BTreeMap::from([(
+            drain::KEPT_ANNOTATION.to_string(),
+            report.to_string(),
+        )]));
+    }
+    claim
+}
+
+fn drain_job(name: &str, state: Option<&str>) -> k8s_openapi::api::batch::v1::Job {
+    serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name, "namespace": "billing" },
+        "status": match state {
+            Some("Complete") => serde_json::json!({ "succeeded": 1, "conditions": [{ "type": "Complete", "status": "True" }] }),
+            Some("Failed") => serde_json::json!({ "failed": 11, "conditions": [{ "type": "Failed", "status": "True" }] }),
+            _ => serde_json::json!({ "active": 1 }),
+        },
+    }))
+    .expect("Job")
+}
+
+#[test]
+fn buffers_of_removed_replicas_are_drained_by_a_job_and_only_empty_ones_deleted() {
+    use drain::Step;
+    let collector = collector(COLLECTOR); // replicas: 2
+    let claims: Vec<_> = [
+        ("buffer-meter-0", None),
+        ("buffer-meter-1", None),
+        ("buffer-meter-2", None),
+        ("buffer-meter-3", None),
+        ("buffer-meter-4", Some("3 dead letters, 0 damaged records")),
+        ("buffer-meter-6", None),
+        ("buffer-meter-7", None),
+        ("buffer-meter-8", None),
+        ("buffer-other-9", None),
+        ("scratch", None),
+    ]
+    .into_iter()
+    .map(|(name, kept)| claim(name, kept))
+    .collect();
+    let pods = ["meter-0", "meter-1", "meter-2"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let jobs = vec![
+        drain_job("meter-drain-5", None),
+        drain_job("meter-drain-6", Some("Complete")),
+        drain_job("meter-drain-7", Some("Failed")),
+        drain_job("meter-drain-8", None),
+        drain_job("meter-drain-1", None),
+    ];
+    let steps = drain::plan(&collector, &claims, &pods, &jobs);
+    let claim = |n: i32| format!("buffer-meter-{n}");
+    let job = |n: i32| format!("meter-drain-{n}");
+    assert_eq!(
+        steps,
+        vec![
+            // Its pod still stops (and delivers what it can meanwhile).
+            Step::WaitForPod {
+                claim: claim(2),
+                pod: "meter-2".into()
+            },
+            Step::Start {
+                claim: claim(3),
+                ordinal: 3
+            },
+            Step::Kept {
+                claim: claim(4),
+                report: "3 dead letters, 0 damaged records".into()
+            },
+            Step::Finished {
+                claim: claim(6),
+                job: job(6)
+            },
+            Step::Failed {
+                claim: claim(7),
+                job: job(7)
+            },
+            Step::Running {
+                claim: claim(8),
+                job: job(8)
+            },
+            // Replica 1 is current again (a scale-up during the drain): it delivers its own buffer.
+            Step::Cancel { job: job(1) },
+            // No claim left for it.
+            Step::Cancel { job: job(5) },
+        ]
+    );
+    let (draining, reason, message) = drain::verdict(&steps);
+    assert!(draining);
+    assert_eq!(reason, "DrainingBuffers");
+    for expected in [
+        "buffer-meter-2 (waiting for pod meter-2 to stop)",
+        "buffer-meter-8 (Job meter-drain-8 delivering)",
+    ] {
+        assert!(message.contains(expected), "{message}");
+    }
+    // Only a kept claim left: not draining, and the message says what to do.
+    let kept = drain::verdict(&steps[2..3]);
+    assert_eq!((kept.0, kept.1), (false, "UndeliveredKept"));
+    assert!(
+        kept.2.contains("buffer-meter-4 (3 dead letters") && kept.2.contains("dead-letter list"),
+        "{}",
+        kept.2
+    );
+    assert_eq!(drain::verdict(&[]).1, "NothingToDrain");
+
+    // The status carries it as the Draining condition.
+    let status = status::desired_status(
+        &collector,
+        &Observation::Applied {
+            stateful_set: &stateful_set_status(2, 2),
+            storage: None,
+            drains: &steps,
+        },
+        &time(100),
+    );
+    let condition = condition(&status, "Draining");
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("True", "DrainingBuffers")
+    );
+}
+
+#[test]
+fn a_drain_job_runs_the_collectors_pipeline_on_the_claim_and_serves_no_traffic() {
+    let validated = validated(COLLECTOR);
+    let objects = build::build(&validated);
+    let job = drain::job(&validated, &objects.stateful_set, "buffer-meter-3", 3);
+    assert_eq!(job.metadata.name.as_deref(), Some("meter-drain-3"));
+    assert_eq!(
+        job.metadata
+            .owner_references
+            .as_ref()
+            .map(|o| o[0].uid.as_str()),
+        Some("6c1f7c4e-0000-4000-8000-000000000001")
+    );
+    let template = &job.spec.as_ref().expect("spec").template;
+    let pod_labels = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .expect("labels");
+    // No Service of the collector selects the drain pod, and the operator finds it again by its labels.
+    let selector = objects
+        .service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .expect("selector");
+    assert!(
+        selector.iter().any(|(k, v)| pod_labels.get(k) != Some(v)),
+        "{pod_labels:?}"
+    );
+    for (k, v) in drain::job_selector_labels(&validated.collector) {
+        assert_eq!(pod_labels.get(&k), Some(&v));
+    }
+    let pod = template.spec.as_ref().expect("pod spec");
+    assert_eq!(pod.restart_policy.as_deref(), Some("OnFailure"));
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.args.clone().unwrap_or_default(),
+        [
+            "drain",
+            "--config",
+            "/etc/tally/config.yaml",
+            "--report",
+            "/dev/termination-log"
+        ]
+    );
+    assert!(
+        container.ports.is_none()
+            && container.readiness_probe.is_none()
+            && container.liveness_probe.is_none()
+    );
+    // Same image, security and mounts as the collector; the buffer volume is the claim.
+    let collector = collector_container(&objects.stateful_set);
+    assert_eq!(container.image, collector.image);
+    assert_eq!(container.security_context, collector.security_context);
+    assert_eq!(container.volume_mounts, collector.volume_mounts);
+    let buffer = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "buffer")
+        .and_then(|v| v.persistent_volume_claim.as_ref())
+        .expect("buffer volume");
+    assert_eq!(buffer.claim_name, "buffer-meter-3");
+    assert_eq!(
+        pod.security_context,
+        pod_spec(&objects.stateful_set).security_context
+    );
+}
+
+#[test]
+fn the_drain_report_is_read_from_the_pods_termination_message() {
+    let pod = |exit_code: i32, message: &str| -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(serde_json::json!({
+            "status": { "containerStatuses": [{
+                "name": "collector", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": { "terminated": { "exitCode": exit_code, "message": message } },
+            }]},
+        }))
+        .expect("Pod")
+    };
+    let empty =
+        r#"{"eventsAtStart":120,"drained":120,"remaining":0,"deadLetters":0,"quarantined":0}"#;
+    let report = drain::report(&[pod(1, "error"), pod(0, empty)]).expect("report");
+    assert_eq!((report.drained, report.is_empty()), (120, true));
+    let dead = r#"{"eventsAtStart":5,"drained":5,"remaining":0,"deadLetters":2,"quarantined":0}"#;
+    assert!(!drain::report(&[pod(0, dead)]).expect("report").is_empty());
+    // No readable report: the claim is kept.
+    assert_eq!(drain::report(&[pod(0, "not json")]), None);
+    assert_eq!(drain::report(&[]), None);
 }

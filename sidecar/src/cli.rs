@@ -33,6 +33,14 @@ struct Cli {
 enum Command {
     /// Run the collector (the default).
     Run,
+    /// Deliver everything in the buffer with the configured outputs, accept nothing, and exit:
+    /// 0 when the buffer is empty, 1 otherwise. The operator runs it as a Job on the buffer
+    /// volume of a collector replica that was scaled away.
+    Drain {
+        /// Also write the report (JSON) to this file, for example /dev/termination-log.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Validate a configuration file without starting.
     CheckConfig {
         /// The file to check.
@@ -134,6 +142,7 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         None | Some(Command::Run) => run(config),
+        Some(Command::Drain { report }) => drain(config, report.as_deref()),
         Some(Command::Buffer {
             command: BufferCommand::Stats { json },
         }) => buffer_stats(&config, json),
@@ -219,6 +228,31 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
     runtime()?.block_on(collector::run(config))
+}
+
+fn drain(config: Config, report_file: Option<&Path>) -> anyhow::Result<()> {
+    init_logging(&config);
+    let report = runtime()?.block_on(collector::drain(config))?;
+    let json = serde_json::to_string(&report)?;
+    println!("{json}");
+    if let Some(path) = report_file {
+        std::fs::write(path, &json)
+            .with_context(|| format!("cannot write the drain report to {}", path.display()))?;
+    }
+    if report.remaining > 0 {
+        anyhow::bail!(
+            "{} events are still buffered; run the drain again to deliver them",
+            report.remaining
+        );
+    }
+    if !report.is_empty() {
+        tracing::warn!(
+            dead_letters = report.dead_letters,
+            quarantined = report.quarantined,
+            "the buffer holds undelivered dead letters or damaged records; keep the volume and inspect it with `tally-sidecar dead-letter list` and `buffer check`"
+        );
+    }
+    Ok(())
 }
 
 fn open_read_only(config: &Config) -> anyhow::Result<DurableBuffer> {

@@ -17,6 +17,7 @@ use crate::forward::{BatchReader, Choice, Dispatcher, Forwarder, Sender};
 use crate::metrics::Metrics;
 use crate::output::Output;
 use crate::server::{AppState, router};
+use serde::{Deserialize, Serialize};
 
 /// How often the buffer's upkeep runs and the buffer gauges are refreshed. Delivered events are
 /// deleted as their batches settle; this only bounds recovery and retention delays.
@@ -75,50 +76,38 @@ pub fn refresh_gauges(buffer: &DurableBuffer, metrics: &Metrics) {
     }
 }
 
-/// Runs the collector until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    let metrics = Arc::new(Metrics::new());
-    let auth_token = config.ingest_token()?;
-    let pod = config.pod_identity()?;
-    let outputs = config
-        .outputs
-        .targets
-        .iter()
-        .enumerate()
-        .map(|(i, target)| Output::build(target, i))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let (buffer, writer) = DurableBuffer::open(buffer_options(&config), metrics.clone())?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (config key `listen`)", config.listen))?;
-    let local = listener.local_addr()?;
-
-    let (draining_tx, draining_rx) = watch::channel(false);
+/// Builds one sender per output and starts the forwarders of the configured broker pattern. They
+/// run until `draining` turns true and everything buffered is settled.
+fn spawn_forwarders(
+    config: &Config,
+    buffer: &DurableBuffer,
+    metrics: &Arc<Metrics>,
+    draining: &watch::Receiver<bool>,
+) -> anyhow::Result<JoinSet<()>> {
     let pattern = config.outputs.pattern;
     let targets = &config.outputs.targets;
-    let senders: Vec<Sender> = targets
+    let senders = targets
         .iter()
-        .zip(outputs)
-        .map(|(target, output)| {
+        .enumerate()
+        .map(|(i, target)| {
             metrics.register_output(&target.name);
-            Sender {
+            Ok(Sender {
                 name: target.name.clone(),
-                output,
+                output: Output::build(target, i)?,
                 retry: target.retry.clone(),
                 fail_fast: pattern.fail_fast(),
                 buffer: buffer.clone(),
                 metrics: metrics.clone(),
-            }
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut forwarders = JoinSet::new();
     if pattern.fans_out() {
         for (i, (target, sender)) in targets.iter().zip(senders).enumerate() {
             let gate = (pattern.sequential() && i > 0).then(|| targets[i - 1].name.clone());
             let reader =
                 BatchReader::new(buffer.clone(), &target.name, target.batching.clone(), gate);
-            forwarders.spawn(Forwarder { reader, sender }.run(draining_rx.clone()));
+            forwarders.spawn(Forwarder { reader, sender }.run(draining.clone()));
         }
     } else {
         // One batching policy for all: batches are formed before an output is chosen.
@@ -139,24 +128,106 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 senders,
                 choice,
             }
-            .run(draining_rx.clone()),
+            .run(draining.clone()),
         );
     }
-    let maintenance = {
-        let buffer = buffer.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            // Upkeep on the writer thread (recovery after a failed write, maxLag, trimming,
-            // dead-letter retention) and the gauges, on a steady tick.
-            let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                buffer.maintain().await;
-                refresh_gauges(&buffer, &metrics);
-            }
-        })
-    };
+    Ok(forwarders)
+}
+
+/// Upkeep on the writer thread (recovery after a failed write, maxLag, trimming, dead-letter
+/// retention) and the gauges, on a steady tick.
+fn spawn_maintenance(buffer: DurableBuffer, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            buffer.maintain().await;
+            refresh_gauges(&buffer, &metrics);
+        }
+    })
+}
+
+/// What `tally-sidecar drain` did, as it prints it and writes it to `--report` (a Kubernetes
+/// termination message, read by the operator).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainReport {
+    /// Events the buffer held when the drain started.
+    pub events_at_start: u64,
+    /// Events settled during the drain (delivered, or moved to the dead-letter store).
+    pub drained: u64,
+    /// Events still buffered when the drain ended (0 unless it was stopped).
+    pub remaining: u64,
+    /// Events in the dead-letter store: undelivered, kept on the volume.
+    pub dead_letters: u64,
+    /// Damaged records set aside: kept on the volume for `tally-sidecar buffer check`.
+    pub quarantined: u64,
+}
+
+impl DrainReport {
+    /// Whether the volume holds nothing undelivered and may be deleted.
+    pub fn is_empty(&self) -> bool {
+        self.remaining == 0 && self.dead_letters == 0 && self.quarantined == 0
+    }
+}
+
+/// Delivers everything buffered with the configured outputs and accepts nothing: the way a
+/// buffer left behind (a collector replica scaled away) reaches its outputs. Retries each
+/// output as configured until the buffer is empty, or stops at SIGTERM with the rest buffered.
+pub async fn drain(config: Config) -> anyhow::Result<DrainReport> {
+    let metrics = Arc::new(Metrics::new());
+    let (buffer, writer) = DurableBuffer::open(buffer_options(&config), metrics.clone())?;
+    let at_start = buffer.stats();
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        events = at_start.events,
+        "draining: delivering every buffered event to the outputs, accepting none"
+    );
+    let (_draining_tx, draining_rx) = watch::channel(true);
+    let mut forwarders = spawn_forwarders(&config, &buffer, &metrics, &draining_rx)?;
+    let maintenance = spawn_maintenance(buffer.clone(), metrics.clone());
+    tokio::select! {
+        _ = async { while forwarders.join_next().await.is_some() {} } => {}
+        _ = wait_for_signal() => {
+            tracing::warn!("stopped before the buffer was empty; the rest stays buffered");
+            forwarders.shutdown().await;
+        }
+    }
+    maintenance.abort();
+    let _ = maintenance.await;
+    buffer.maintain().await;
+    buffer
+        .flush()
+        .context("cannot sync the buffer's log after the drain")?;
+    let at_end = buffer.stats();
+    drop(buffer);
+    writer.join();
+    Ok(DrainReport {
+        events_at_start: at_start.events,
+        drained: at_start.events.saturating_sub(at_end.events),
+        remaining: at_end.events,
+        dead_letters: at_end.outputs.iter().map(|o| o.dead_letters).sum(),
+        quarantined: at_end.quarantined,
+    })
+}
+
+/// Runs the collector until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let metrics = Arc::new(Metrics::new());
+    let auth_token = config.ingest_token()?;
+    let pod = config.pod_identity()?;
+    let (buffer, writer) = DurableBuffer::open(buffer_options(&config), metrics.clone())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (config key `listen`)", config.listen))?;
+    let local = listener.local_addr()?;
+
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let mut forwarders = spawn_forwarders(&config, &buffer, &metrics, &draining_rx)?;
+    let maintenance = spawn_maintenance(buffer.clone(), metrics.clone());
+    let targets = &config.outputs.targets;
 
     let state = Arc::new(AppState {
         buffer: buffer.clone(),

@@ -14,6 +14,7 @@
 //! Every wait polls with a deadline ([`poll_until`]); no test synchronises with a fixed sleep.
 
 pub mod binary;
+pub mod checkout;
 pub mod disk;
 pub mod events;
 pub mod metrics;
@@ -30,6 +31,7 @@ pub mod sidecar;
 pub mod upstream;
 pub mod webhook;
 
+pub use checkout::workspace_root;
 pub use events::{EventIds, event, event_from};
 pub use poll::{poll_for, poll_until};
 pub use postgres::TestPostgres;

@@ -34,7 +34,8 @@ pub fn python_interpreter() -> PathBuf {
 
 /// `tests/python/<name>` in this checkout.
 pub fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::workspace_root()
+        .join("tests")
         .join("python")
         .join(name)
 }

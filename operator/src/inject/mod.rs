@@ -365,6 +365,9 @@ pub fn sidecar_container(collector: &MeteringCollector) -> Result<Container, Inj
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
+        // Also holds the app back until the sidecar listens: the kubelet starts the next container once a native
+        // sidecar's startup probe has passed.
+        startup_probe: Some(crate::build::startup_probe(SIDECAR_PORT_NAME)),
         liveness_probe: Some(probe("/healthz")),
         readiness_probe: Some(probe("/readyz")),
         resources: collector.spec.injection.resources.clone(),
