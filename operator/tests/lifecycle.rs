@@ -6,6 +6,10 @@
 //! OpenMeter's ingest endpoint: the only fake here) is down; the collector is scaled from 2 to 1, so replica 1 stops
 //! with its acknowledged events undeliverable; the operator drains its buffer claim with a Job on that claim; the
 //! upstream comes back; every acknowledged event is delivered, and only then is the emptied claim deleted.
+//!
+//! Then a rolling update of the collector's spec and a `kubectl drain` of the node (cordon, evictions through the
+//! Eviction API under the collector's PodDisruptionBudget, uncordon), both under load during an outage: every
+//! acknowledged event is delivered once the upstream is back.
 
 mod support;
 
@@ -14,12 +18,12 @@ use std::collections::HashSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::Api;
-use kube::api::{Patch, PatchParams};
+use kube::api::{EvictParams, Patch, PatchParams};
 use serde_json::json;
 use support::{
     RunningController, WITHIN, collector, create, eventually, expect_event, install_crd,
 };
-use tally_e2e::ControlPlane;
+use tally_e2e::{ControlPlane, NODE_NAME};
 use tally_operator::crd::MeteringCollector;
 use tally_tests::TestUpstream;
 use tally_tests::senders::Senders;
@@ -50,30 +54,41 @@ async fn pod_ip(pods: &Api<Pod>, name: &str) -> String {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scale_down_during_an_outage_drains_the_removed_replicas_buffer_and_loses_nothing() {
-    let control_plane = ControlPlane::builder()
-        .with_real_node()
-        .start()
-        .await
-        .unwrap_or_else(|e| panic!("control plane with a real node: {e}"));
-    let node = control_plane.real_node().expect("a real node");
-    node.import_image(&sidecar_image())
-        .unwrap_or_else(|e| panic!("importing the sidecar image: {e}"));
-    let client = control_plane.client();
-    install_crd(&client).await;
-    control_plane
-        .create_host_path_volumes("lifecycle-pv", "", 2, "10Gi")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let ns = control_plane
-        .new_namespace("lifecycle")
-        .await
-        .expect("namespace");
-    let upstream = TestUpstream::start_on(node.host_ip().into()).await;
-    // A short shutdownTimeout: replica 1 gives up delivering at its stop quickly, leaving its buffer to the drain.
-    let meter = format!(
-        r#"
+/// A control plane with a real node, the CRD, two hostPath volumes, a namespace, an upstream on the host, the
+/// operator's controller in this process, and the collector `meter` Ready with 2 replicas.
+struct Cluster {
+    control_plane: ControlPlane,
+    client: kube::Client,
+    ns: String,
+    upstream: TestUpstream,
+    collectors: Api<MeteringCollector>,
+    controller: RunningController,
+}
+
+impl Cluster {
+    async fn start(prefix: &str) -> Cluster {
+        let control_plane = ControlPlane::builder()
+            .with_real_node()
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("control plane with a real node: {e}"));
+        let node = control_plane.real_node().expect("a real node");
+        node.import_image(&sidecar_image())
+            .unwrap_or_else(|e| panic!("importing the sidecar image: {e}"));
+        let client = control_plane.client();
+        install_crd(&client).await;
+        control_plane
+            .create_host_path_volumes(&format!("{prefix}-pv"), "", 2, "10Gi")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ns = control_plane
+            .new_namespace(prefix)
+            .await
+            .expect("namespace");
+        let upstream = TestUpstream::start_on(node.host_ip().into()).await;
+        // A short shutdownTimeout: a stopping replica gives up delivering quickly, leaving its buffer behind.
+        let meter = format!(
+            r#"
 apiVersion: metering.tally.dev/v1alpha1
 kind: MeteringCollector
 metadata:
@@ -91,39 +106,134 @@ spec:
           batching: {{ count: 100, period: 100ms }}
           retry: {{ initialInterval: 100ms, maxInterval: 1s }}
 "#,
-        upstream.url()
-    );
-    let collectors = Api::<MeteringCollector>::namespaced(client.clone(), &ns);
-    create(&collectors, &collector(&meter)).await;
-    let controller = RunningController::start(&client);
-    eventually("meter is Ready with 2 replicas", || async {
-        let status = collectors.get_status("meter").await.ok()?.status?;
-        let ready = status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        (ready && status.ready_replicas == 2).then_some(())
-    })
-    .await;
+            upstream.url()
+        );
+        let collectors = Api::<MeteringCollector>::namespaced(client.clone(), &ns);
+        create(&collectors, &collector(&meter)).await;
+        let controller = RunningController::start(&client);
+        let cluster = Cluster {
+            control_plane,
+            client,
+            ns,
+            upstream,
+            collectors,
+            controller,
+        };
+        cluster.wait_rolled_out(2).await;
+        cluster
+    }
+
+    /// Waits until the current spec is rolled out and `replicas` replicas are Ready.
+    async fn wait_rolled_out(&self, replicas: i32) {
+        eventually(
+            &format!("meter is rolled out and Ready with {replicas} replicas"),
+            || async {
+                let meter = self.collectors.get_status("meter").await.ok()?;
+                let status = meter.status?;
+                let is = |type_: &str, value: &str| {
+                    status
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == type_ && c.status == value)
+                };
+                (status.observed_generation == meter.metadata.generation
+                    && is("Ready", "True")
+                    && is("Progressing", "False")
+                    && status.ready_replicas == replicas)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// The ingest URL of the collector's Service, by its ClusterIP (the host routes the Service range to the node).
+    async fn service_url(&self) -> String {
+        let ip =
+            Api::<k8s_openapi::api::core::v1::Service>::namespaced(self.client.clone(), &self.ns)
+                .get("meter")
+                .await
+                .expect("Service meter")
+                .spec
+                .and_then(|s| s.cluster_ip)
+                .expect("ClusterIP");
+        ingest_url(&ip)
+    }
+
+    /// Asserts that every acknowledged id reached the upstream.
+    async fn assert_all_delivered(&self, acked: &[String]) {
+        self.upstream
+            .wait_delivered(acked.iter().map(String::as_str), WITHIN)
+            .await;
+        let delivered: HashSet<String> = self.upstream.delivered_id_set();
+        let lost: Vec<&String> = acked.iter().filter(|id| !delivered.contains(*id)).collect();
+        assert!(
+            lost.is_empty(),
+            "{} of {} acknowledged events were lost: {:?}",
+            lost.len(),
+            acked.len(),
+            lost.iter().take(10).collect::<Vec<_>>()
+        );
+    }
+
+    async fn stop(self) {
+        self.controller.stop().await;
+        self.control_plane.stop();
+    }
+}
+
+/// Each sender's pause after a batch: about 500 events/s per sender, a steady load that a collector's buffer holds
+/// for the whole outage (unpaced senders fill it within minutes, and a full buffer rightly refuses).
+const PACE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A progress line with the seconds since `started`, so a slow or failed run shows where the time went.
+fn progress(started: std::time::Instant, what: &str) {
+    eprintln!("[{:6.1}s] {what}", started.elapsed().as_secs_f64());
+}
+
+fn ingest_url(host: &str) -> String {
+    format!("http://{host}:4196/api/v1/events")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_down_during_an_outage_drains_the_removed_replicas_buffer_and_loses_nothing() {
+    let started = std::time::Instant::now();
+    let cluster = Cluster::start("scale-down").await;
+    progress(started, "2 replicas ready");
+    let Cluster {
+        client,
+        ns,
+        upstream,
+        collectors,
+        controller,
+        ..
+    } = &cluster;
     assert_eq!(
-        condition(&collectors, "meter", "Draining").await,
+        condition(collectors, "meter", "Draining").await,
         Some(("False".into(), "NothingToDrain".into()))
     );
 
     // The upstream goes down; load runs on each replica (pod IPs) and on the Service (its ClusterIP).
     upstream.down().await;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    let url = |host: &str| format!("http://{host}:4196/api/v1/events");
-    let service_ip = Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), &ns)
-        .get("meter")
-        .await
-        .expect("Service meter")
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("ClusterIP");
-    let to_replica_0 = Senders::start(1, 10, "replica-0", url(&pod_ip(&pods, "meter-0").await));
-    let to_replica_1 = Senders::start(2, 10, "replica-1", url(&pod_ip(&pods, "meter-1").await));
-    let to_service = Senders::start(1, 10, "service", url(&service_ip));
+    let pods = cluster.pods();
+    let to_replica_0 = Senders::start_paced(
+        1,
+        10,
+        "replica-0",
+        ingest_url(&pod_ip(&pods, "meter-0").await),
+        PACE,
+    );
+    let to_replica_1 = Senders::start_paced(
+        2,
+        10,
+        "replica-1",
+        ingest_url(&pod_ip(&pods, "meter-1").await),
+        PACE,
+    );
+    let to_service = Senders::start_paced(1, 10, "service", cluster.service_url().await, PACE);
     for (senders, what) in [
         (&to_replica_0, "replica 0"),
         (&to_replica_1, "replica 1"),
@@ -134,6 +244,7 @@ spec:
             .await;
     }
 
+    progress(started, "load on, upstream down; scaling to 1");
     // Scale down while loaded and while the upstream is down.
     collectors
         .patch(
@@ -143,17 +254,18 @@ spec:
         )
         .await
         .expect("scaled to 1");
-    let jobs = Api::<Job>::namespaced(client.clone(), &ns);
+    let jobs = Api::<Job>::namespaced(client.clone(), ns);
     eventually(
         "the drain Job meter-drain-1 runs, and the status says Draining",
         || async {
             jobs.get_opt("meter-drain-1").await.ok()??;
-            (condition(&collectors, "meter", "Draining").await?
+            (condition(collectors, "meter", "Draining").await?
                 == ("True".into(), "DrainingBuffers".into()))
                 .then_some(())
         },
     )
     .await;
+    progress(started, "the drain Job runs");
     let mut acked = Vec::new();
     let mut from_replica_1 = 0;
     for (senders, replica_1) in [
@@ -168,7 +280,7 @@ spec:
         acked.extend(stopped.acked);
     }
     // The outage lasts beyond the replica's stop: the claim is still there, and nothing was delivered.
-    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns);
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
     assert!(
         claims
             .get_opt("buffer-meter-1")
@@ -179,18 +291,17 @@ spec:
     );
     assert_eq!(upstream.delivered_ids().len(), 0);
 
+    progress(started, "load off, upstream up");
     // The upstream comes back: every acknowledged event is delivered, then the drained claim goes.
     upstream.up().await;
-    upstream
-        .wait_delivered(acked.iter().map(String::as_str), WITHIN)
-        .await;
+    cluster.assert_all_delivered(&acked).await;
     eventually(
         "the drained claim is deleted, its Job removed, and Draining is False",
         || async {
             let claim = claims.get_opt("buffer-meter-1").await.ok()?;
             let gone = claim.is_none_or(|c| c.metadata.deletion_timestamp.is_some());
             let job = jobs.get_opt("meter-drain-1").await.ok()?;
-            let draining = condition(&collectors, "meter", "Draining").await?;
+            let draining = condition(collectors, "meter", "Draining").await?;
             (gone
                 && job.is_none_or(|j| j.metadata.deletion_timestamp.is_some())
                 && draining == ("False".into(), "NothingToDrain".into()))
@@ -198,7 +309,8 @@ spec:
         },
     )
     .await;
-    let drained = expect_event(&client, &ns, "meter", "Normal", "BufferDrained").await;
+    progress(started, "claim deleted, Draining False");
+    let drained = expect_event(client, ns, "meter", "Normal", "BufferDrained").await;
     assert!(
         drained
             .note
@@ -220,21 +332,152 @@ spec:
             .is_some()
     );
 
-    let delivered: HashSet<String> = upstream.delivered_id_set();
-    let lost: Vec<&String> = acked.iter().filter(|id| !delivered.contains(*id)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged events were lost: {:?}",
-        lost.len(),
-        acked.len(),
-        lost.iter().take(10).collect::<Vec<_>>()
-    );
     eprintln!(
         "acknowledged {} ({from_replica_1} by replica 1), delivered {} distinct, drained by the Job {drained_events}",
         acked.len(),
-        delivered.len()
+        upstream.delivered_id_set().len()
     );
 
-    controller.stop().await;
-    control_plane.stop();
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_nothing() {
+    let started = std::time::Instant::now();
+    let cluster = Cluster::start("rollout").await;
+    progress(started, "2 replicas ready; upstream down, load on");
+    let Cluster {
+        client,
+        upstream,
+        collectors,
+        ..
+    } = &cluster;
+    upstream.down().await;
+    let load = Senders::start_paced(2, 10, "load", cluster.service_url().await, PACE);
+    load.wait_acked(200, WITHIN, "200 events acknowledged before the rollout")
+        .await;
+
+    // A rolling update of the collector's spec (a pipeline change rolls the pods), under load, upstream down.
+    collectors
+        .patch(
+            "meter",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "pipeline": { "outputs": { "targets": [{
+                "name": "openmeter", "type": "openmeter", "url": upstream.url(),
+                "batching": { "count": 50, "period": "100ms" },
+                "retry": { "initialInterval": "100ms", "maxInterval": "1s" },
+            }]}}}})),
+        )
+        .await
+        .expect("pipeline changed");
+    cluster.wait_rolled_out(2).await;
+    progress(started, "rolled out");
+    let after_rollout = load.acked_count();
+    load.wait_acked(
+        after_rollout + 100,
+        WITHIN,
+        "100 more events acknowledged after the rollout",
+    )
+    .await;
+
+    // `kubectl drain`: cordon, then evict through the Eviction API, which honours the PodDisruptionBudget
+    // (maxUnavailable 1).
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    let cordon = |unschedulable: bool| {
+        let nodes = nodes.clone();
+        async move {
+            nodes
+                .patch(
+                    NODE_NAME,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "spec": { "unschedulable": unschedulable } })),
+                )
+                .await
+                .expect("cordoning the node")
+        }
+    };
+    progress(started, "cordoning and evicting meter-0");
+    let meter_1_uid = cluster
+        .pods()
+        .get("meter-1")
+        .await
+        .expect("meter-1")
+        .metadata
+        .uid;
+    tokio::time::timeout(WITHIN, cordon(true))
+        .await
+        .expect("cordon hangs");
+    progress(started, "cordoned");
+    let pods = cluster.pods();
+    tokio::time::timeout(WITHIN, pods.evict("meter-0", &EvictParams::default()))
+        .await
+        .expect("evicting meter-0 hangs")
+        .expect("meter-0 evicted");
+    progress(started, "meter-0 evicted");
+    eventually(
+        "meter-0 stopped and is recreated but not scheduled (the node is cordoned)",
+        || async {
+            let pod = pods.get_opt("meter-0").await.ok()??;
+            let status = pod.status?;
+            (status.phase.as_deref() == Some("Pending")).then_some(())
+        },
+    )
+    .await;
+    progress(started, "meter-0 pending on the cordoned node");
+    // With meter-0 down (it cannot come back on the cordoned node), the budget allows no second disruption: `kubectl
+    // drain` would wait here. (Asked through the status: the client retries an eviction refused with 429.)
+    let budgets = Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(
+        cluster.client.clone(),
+        &cluster.ns,
+    );
+    eventually(
+        "the budget allows no disruption while meter-0 is down",
+        || async {
+            let status = budgets.get("meter").await.ok()?.status?;
+            (status.disruptions_allowed == Some(0) && status.current_healthy == Some(1))
+                .then_some(())
+        },
+    )
+    .await;
+    let during_drain = load.acked_count();
+    load.wait_acked(
+        during_drain + 100,
+        WITHIN,
+        "the remaining replica keeps accepting during the drain",
+    )
+    .await;
+    // Uncordoning lets meter-0 back onto its buffer; then the budget allows meter-1's eviction.
+    progress(started, "uncordoning");
+    cordon(false).await;
+    cluster.wait_rolled_out(2).await;
+    tokio::time::timeout(WITHIN, pods.evict("meter-1", &EvictParams::default()))
+        .await
+        .expect("evicting meter-1 hangs")
+        .expect("meter-1 evicted once meter-0 is back");
+    eventually("meter-1 stopped and was recreated", || async {
+        let pod = pods.get_opt("meter-1").await.ok()??;
+        (pod.metadata.uid != meter_1_uid).then_some(())
+    })
+    .await;
+    cluster.wait_rolled_out(2).await;
+
+    progress(started, "meter-1 evicted and back; load off, upstream up");
+    let stopped = load.stop().await;
+    assert!(upstream.delivered_ids().is_empty(), "the upstream was down");
+    upstream.up().await;
+    cluster.assert_all_delivered(&stopped.acked).await;
+    progress(started, "everything delivered");
+    // Nothing was scaled away: no drain Job was needed.
+    assert_eq!(
+        condition(collectors, "meter", "Draining").await,
+        Some(("False".into(), "NothingToDrain".into()))
+    );
+    eprintln!(
+        "acknowledged {} ({} refused connections, {} answers 503), delivered {} distinct",
+        stopped.acked.len(),
+        stopped.refused,
+        stopped.unavailable,
+        upstream.delivered_id_set().len()
+    );
+    cluster.stop().await;
 }

@@ -32,6 +32,18 @@ pub struct Senders {
 
 impl Senders {
     pub fn start(count: usize, batch: usize, prefix: &str, url: String) -> Senders {
+        Self::start_paced(count, batch, prefix, url, Duration::ZERO)
+    }
+
+    /// [`Senders::start`], each task pausing `pause` after every batch: a steady load instead of
+    /// as much as the sidecar takes.
+    pub fn start_paced(
+        count: usize,
+        batch: usize,
+        prefix: &str,
+        url: String,
+        pause: Duration,
+    ) -> Senders {
         let stop = Arc::new(AtomicBool::new(false));
         let observed = Arc::new(Observed::default());
         let tasks = (0..count)
@@ -40,6 +52,7 @@ impl Senders {
                     format!("{prefix}-{task}"),
                     batch,
                     url.clone(),
+                    pause,
                     stop.clone(),
                     observed.clone(),
                 ))
@@ -99,6 +112,7 @@ async fn send(
     prefix: String,
     batch: usize,
     url: String,
+    pause: Duration,
     stop: Arc<AtomicBool>,
     observed: Arc<Observed>,
 ) {
@@ -121,9 +135,15 @@ async fn send(
             .await;
         match result {
             Ok(response) if response.status() == 204 => {
-                let mut acked = observed.acked.lock().unwrap_or_else(|p| p.into_inner());
-                acked.extend(events.iter().map(|e| id_of(e).to_string()));
+                observed
+                    .acked
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(events.iter().map(|e| id_of(e).to_string()));
                 observed.acked_count.fetch_add(batch, Ordering::Relaxed);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
             }
             Ok(response) => {
                 assert_eq!(
