@@ -29,6 +29,11 @@ pub const SECRETS_DIR: &str = "/var/run/secrets/tally";
 /// The key of the rendered pipeline in the ConfigMap, and the file name the collector reads.
 pub const CONFIG_KEY: &str = "config.yaml";
 const CONFIG_DIR: &str = "/etc/tally";
+
+/// The pipeline file as the collector's containers (and its drain Jobs) read it.
+pub fn config_file() -> String {
+    format!("{CONFIG_DIR}/{CONFIG_KEY}")
+}
 /// Name of the buffer's `volumeClaimTemplates` entry; the PVCs are `buffer-<name>-<ordinal>`.
 pub const BUFFER_VOLUME: &str = "buffer";
 /// Name of the container port (ingest, `/metrics`, `/healthz`, `/readyz` share it).
@@ -321,10 +326,7 @@ fn stateful_set_spec(
     let container = Container {
         name: CONTAINER_NAME.into(),
         image: Some(spec.image.clone()),
-        args: Some(vec![
-            "--config".into(),
-            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
-        ]),
+        args: Some(vec!["--config".into(), config_file()]),
         ports: Some(vec![ContainerPort {
             name: Some(HTTP_PORT_NAME.into()),
             container_port: port,

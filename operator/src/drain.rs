@@ -189,15 +189,10 @@ pub fn job(
     if let Some(pod) = template.spec.as_mut() {
         pod.restart_policy = Some("OnFailure".into());
         for container in &mut pod.containers {
-            let config = container
-                .args
-                .as_ref()
-                .and_then(|args| args.iter().skip_while(|a| *a != "--config").nth(1).cloned())
-                .unwrap_or_default();
             container.args = Some(vec![
                 "drain".into(),
                 "--config".into(),
-                config,
+                build::config_file(),
                 "--report".into(),
                 "/dev/termination-log".into(),
             ]);

@@ -14,6 +14,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::time::Instant;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
@@ -21,20 +22,12 @@ use kube::Api;
 use kube::api::{EvictParams, Patch, PatchParams};
 use serde_json::json;
 use support::{
-    RunningController, WITHIN, collector, create, eventually, expect_event, install_crd,
+    RunningController, WITHIN, collector, create, eventually, expect_event, real_node_with_crd,
 };
 use tally_e2e::{ControlPlane, NODE_NAME};
 use tally_operator::crd::MeteringCollector;
 use tally_tests::TestUpstream;
 use tally_tests::senders::Senders;
-
-/// `$TALLY_IMAGES_DIR/tally-sidecar-<version>.tar`, which `make unit` builds first.
-fn sidecar_image() -> std::path::PathBuf {
-    let dir = std::env::var_os("TALLY_IMAGES_DIR")
-        .map(std::path::PathBuf::from)
-        .expect("TALLY_IMAGES_DIR is set (run `make unit`, which builds the images)");
-    dir.join(format!("tally-sidecar-{}.tar", env!("CARGO_PKG_VERSION")))
-}
 
 /// The status of condition `type_` of the collector `name`, with its reason.
 async fn condition(
@@ -63,20 +56,15 @@ struct Cluster {
     upstream: TestUpstream,
     collectors: Api<MeteringCollector>,
     controller: RunningController,
+    /// When the test started: progress lines say how long each stage took.
+    started: Instant,
 }
 
 impl Cluster {
     async fn start(prefix: &str) -> Cluster {
-        let control_plane = ControlPlane::builder()
-            .with_real_node()
-            .start()
-            .await
-            .unwrap_or_else(|e| panic!("control plane with a real node: {e}"));
+        let started = Instant::now();
+        let (control_plane, client) = real_node_with_crd().await;
         let node = control_plane.real_node().expect("a real node");
-        node.import_image(&sidecar_image())
-            .unwrap_or_else(|e| panic!("importing the sidecar image: {e}"));
-        let client = control_plane.client();
-        install_crd(&client).await;
         control_plane
             .create_host_path_volumes(&format!("{prefix}-pv"), "", 2, "10Gi")
             .await
@@ -118,6 +106,7 @@ spec:
             upstream,
             collectors,
             controller,
+            started,
         };
         cluster.wait_rolled_out(2).await;
         cluster
@@ -144,6 +133,11 @@ spec:
             },
         )
         .await;
+    }
+
+    /// A progress line with the seconds since the start, so a slow or failed run shows where the time went.
+    fn progress(&self, what: &str) {
+        eprintln!("[{:6.1}s] {what}", self.started.elapsed().as_secs_f64());
     }
 
     fn pods(&self) -> Api<Pod> {
@@ -189,20 +183,14 @@ spec:
 /// for the whole outage (unpaced senders fill it within minutes, and a full buffer rightly refuses).
 const PACE: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// A progress line with the seconds since `started`, so a slow or failed run shows where the time went.
-fn progress(started: std::time::Instant, what: &str) {
-    eprintln!("[{:6.1}s] {what}", started.elapsed().as_secs_f64());
-}
-
 fn ingest_url(host: &str) -> String {
     format!("http://{host}:4196/api/v1/events")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scale_down_during_an_outage_drains_the_removed_replicas_buffer_and_loses_nothing() {
-    let started = std::time::Instant::now();
     let cluster = Cluster::start("scale-down").await;
-    progress(started, "2 replicas ready");
+    cluster.progress("2 replicas ready");
     let Cluster {
         client,
         ns,
@@ -244,7 +232,7 @@ async fn a_scale_down_during_an_outage_drains_the_removed_replicas_buffer_and_lo
             .await;
     }
 
-    progress(started, "load on, upstream down; scaling to 1");
+    cluster.progress("load on, upstream down; scaling to 1");
     // Scale down while loaded and while the upstream is down.
     collectors
         .patch(
@@ -265,7 +253,7 @@ async fn a_scale_down_during_an_outage_drains_the_removed_replicas_buffer_and_lo
         },
     )
     .await;
-    progress(started, "the drain Job runs");
+    cluster.progress("the drain Job runs");
     let mut acked = Vec::new();
     let mut from_replica_1 = 0;
     for (senders, replica_1) in [
@@ -291,7 +279,7 @@ async fn a_scale_down_during_an_outage_drains_the_removed_replicas_buffer_and_lo
     );
     assert_eq!(upstream.delivered_ids().len(), 0);
 
-    progress(started, "load off, upstream up");
+    cluster.progress("load off, upstream up");
     // The upstream comes back: every acknowledged event is delivered, then the drained claim goes.
     upstream.up().await;
     cluster.assert_all_delivered(&acked).await;
@@ -309,7 +297,7 @@ async fn a_scale_down_during_an_outage_drains_the_removed_replicas_buffer_and_lo
         },
     )
     .await;
-    progress(started, "claim deleted, Draining False");
+    cluster.progress("claim deleted, Draining False");
     let drained = expect_event(client, ns, "meter", "Normal", "BufferDrained").await;
     assert!(
         drained
@@ -343,9 +331,8 @@ async fn a_scale_down_during_an_outage_drains_the_removed_replicas_buffer_and_lo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_nothing() {
-    let started = std::time::Instant::now();
     let cluster = Cluster::start("rollout").await;
-    progress(started, "2 replicas ready; upstream down, load on");
+    cluster.progress("2 replicas ready; upstream down, load on");
     let Cluster {
         client,
         upstream,
@@ -371,7 +358,7 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
         .await
         .expect("pipeline changed");
     cluster.wait_rolled_out(2).await;
-    progress(started, "rolled out");
+    cluster.progress("rolled out");
     let after_rollout = load.acked_count();
     load.wait_acked(
         after_rollout + 100,
@@ -396,7 +383,7 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
                 .expect("cordoning the node")
         }
     };
-    progress(started, "cordoning and evicting meter-0");
+    cluster.progress("cordoning and evicting meter-0");
     let meter_1_uid = cluster
         .pods()
         .get("meter-1")
@@ -407,13 +394,13 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
     tokio::time::timeout(WITHIN, cordon(true))
         .await
         .expect("cordon hangs");
-    progress(started, "cordoned");
+    cluster.progress("cordoned");
     let pods = cluster.pods();
     tokio::time::timeout(WITHIN, pods.evict("meter-0", &EvictParams::default()))
         .await
         .expect("evicting meter-0 hangs")
         .expect("meter-0 evicted");
-    progress(started, "meter-0 evicted");
+    cluster.progress("meter-0 evicted");
     eventually(
         "meter-0 stopped and is recreated but not scheduled (the node is cordoned)",
         || async {
@@ -423,7 +410,7 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
         },
     )
     .await;
-    progress(started, "meter-0 pending on the cordoned node");
+    cluster.progress("meter-0 pending on the cordoned node");
     // With meter-0 down (it cannot come back on the cordoned node), the budget allows no second disruption: `kubectl
     // drain` would wait here. (Asked through the status: the client retries an eviction refused with 429.)
     let budgets = Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(
@@ -447,7 +434,7 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
     )
     .await;
     // Uncordoning lets meter-0 back onto its buffer; then the budget allows meter-1's eviction.
-    progress(started, "uncordoning");
+    cluster.progress("uncordoning");
     cordon(false).await;
     cluster.wait_rolled_out(2).await;
     tokio::time::timeout(WITHIN, pods.evict("meter-1", &EvictParams::default()))
@@ -461,12 +448,12 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
     .await;
     cluster.wait_rolled_out(2).await;
 
-    progress(started, "meter-1 evicted and back; load off, upstream up");
+    cluster.progress("meter-1 evicted and back; load off, upstream up");
     let stopped = load.stop().await;
     assert!(upstream.delivered_ids().is_empty(), "the upstream was down");
     upstream.up().await;
     cluster.assert_all_delivered(&stopped.acked).await;
-    progress(started, "everything delivered");
+    cluster.progress("everything delivered");
     // Nothing was scaled away: no drain Job was needed.
     assert_eq!(
         condition(collectors, "meter", "Draining").await,

@@ -11,8 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
-use support::{RunningController, WITHIN, collector, create, eventually, install_crd};
-use tally_e2e::ControlPlane;
+use support::{RunningController, WITHIN, collector, create, eventually, real_node_with_crd};
 use tally_operator::crd::{MeteringCollector, MeteringCollectorStatus};
 
 /// The collector, with the image `make images` builds (the CRD's default).
@@ -25,14 +24,6 @@ spec:
   replicas: 1
   storage: { size: 1Gi }
 "#;
-
-/// `$TALLY_IMAGES_DIR/tally-sidecar-<version>.tar`, which `make unit` builds first.
-fn sidecar_image() -> std::path::PathBuf {
-    let dir = std::env::var_os("TALLY_IMAGES_DIR")
-        .map(std::path::PathBuf::from)
-        .expect("TALLY_IMAGES_DIR is set (run `make unit`, which builds the images)");
-    dir.join(format!("tally-sidecar-{}.tar", env!("CARGO_PKG_VERSION")))
-}
 
 /// `(Ready, Progressing, readyReplicas)` of a status, as `("True", "False", 1)`.
 fn summary(status: &MeteringCollectorStatus) -> (String, String, i32) {
@@ -57,16 +48,7 @@ fn owned(s: (&str, &str, i32)) -> (String, String, i32) {
 
 #[tokio::test]
 async fn a_collector_on_a_real_node_becomes_ready_and_follows_a_scale_up() {
-    let control_plane = ControlPlane::builder()
-        .with_real_node()
-        .start()
-        .await
-        .unwrap_or_else(|e| panic!("control plane with a real node: {e}"));
-    let node = control_plane.real_node().expect("a real node");
-    node.import_image(&sidecar_image())
-        .unwrap_or_else(|e| panic!("importing the sidecar image: {e}"));
-    let client = control_plane.client();
-    install_crd(&client).await;
+    let (control_plane, client) = real_node_with_crd().await;
     // Without a StorageClass, which the binder gives to a claim without one.
     control_plane
         .create_host_path_volumes("ready-pv", "", 2, "10Gi")

@@ -1,6 +1,6 @@
-//! Helpers shared by the operator's control-plane tests (`control_plane`, `inject`, `leader`, `ready`, `robustness`,
-//! `storage`): starting a control plane with the CRD installed, creating collectors while the new type is not served
-//! yet, running the controller in the background, polling with a deadline, reading the Events a collector has,
+//! Helpers shared by the operator's control-plane tests (`control_plane`, `inject`, `leader`, `lifecycle`, `ready`,
+//! `robustness`, `storage`): starting a control plane with the CRD installed (with a real node for `ready` and
+//! `lifecycle`), creating collectors while the new type is not served yet, running the controller in the background, polling with a deadline, reading the Events a collector has,
 //! creating PersistentVolumes for the binder, and finding a free local port.
 
 #![allow(dead_code)]
@@ -186,6 +186,30 @@ pub async fn expect_event(
         },
     )
     .await
+}
+
+/// `$TALLY_IMAGES_DIR/tally-sidecar-<version>.tar`, which `make unit` builds first.
+fn sidecar_image() -> std::path::PathBuf {
+    let dir = std::env::var_os("TALLY_IMAGES_DIR")
+        .map(std::path::PathBuf::from)
+        .expect("TALLY_IMAGES_DIR is set (run `make unit`, which builds the images)");
+    dir.join(format!("tally-sidecar-{}.tar", env!("CARGO_PKG_VERSION")))
+}
+
+/// A control plane with a real node (`tally_e2e::RealNode`) that has the tally-sidecar image of `make images`, and
+/// the CRD installed.
+pub async fn real_node_with_crd() -> (ControlPlane, Client) {
+    let control_plane = ControlPlane::builder()
+        .with_real_node()
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("control plane with a real node: {e}"));
+    let node = control_plane.real_node().expect("a real node");
+    node.import_image(&sidecar_image())
+        .unwrap_or_else(|e| panic!("importing the sidecar image: {e}"));
+    let client = control_plane.client();
+    install_crd(&client).await;
+    (control_plane, client)
 }
 
 /// Creates a 10Gi ReadWriteOnce hostPath volume `name` the binder can give to a claim of `class` (`None`: a claim
