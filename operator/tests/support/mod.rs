@@ -1,7 +1,8 @@
 //! Helpers shared by the operator's control-plane tests (`control_plane`, `inject`, `leader`, `lifecycle`, `ready`,
 //! `robustness`, `storage`): starting a control plane with the CRD installed (with a real node for `ready` and
-//! `lifecycle`), creating collectors while the new type is not served yet, running the controller in the background, polling with a deadline, reading the Events a collector has,
-//! creating PersistentVolumes for the binder, and finding a free local port.
+//! `lifecycle`), creating collectors while the new type is not served yet, running the controller in the background,
+//! polling with a deadline, reading the Events a collector has, creating PersistentVolumes for the binder, and finding a
+//! free local port.
 
 #![allow(dead_code)]
 
