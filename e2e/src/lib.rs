@@ -35,5 +35,5 @@ pub use helm::{
     Apply, FIELD_MANAGER, Helm, HelmError, Manifests, apply, chart_dir, get, gvk_of, helm_version,
     is_served, missing_metrics,
 };
-pub use node::{CLUSTER_DOMAIN, HOST_IP, NODE_IP, NODE_NAME, POD_CIDR, RealNode};
+pub use node::{CLUSTER_DOMAIN, HOST_IP, NODE_IP, NODE_NAME, PAUSE_IMAGE, POD_CIDR, RealNode};
 pub use process::set_parent_death_signal;

@@ -71,8 +71,9 @@ const NODE_IF: &str = "tallyn0";
 const BRIDGE: &str = "tallycni0";
 /// The CNI network's name; containerd's CNI result cache names its files after it.
 const CNI_NETWORK: &str = "tally-e2e";
-/// The image containerd runs each pod's sandbox from, built from the module's own pause.c.
-const PAUSE_IMAGE: &str = "localhost/tally-e2e/pause:3.10";
+/// The image containerd runs each pod's sandbox from, built from the module's own pause.c. Tests also run it as an
+/// app container that does nothing (user 65532, so the `restricted` Pod Security Standard admits it).
+pub const PAUSE_IMAGE: &str = "localhost/tally-e2e/pause:3.10";
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
 const KUBELET_PORT: u16 = 10250;
 const KUBELET_HEALTHZ_PORT: u16 = 10248;

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use tally_sidecar::config::{Config, SecretSource};
 
 use crate::crd::{MeteringCollector, MeteringCollectorSpec};
+use crate::node_agent::NodeAgentObjects;
 use crate::validate::ValidatedCollector;
 
 /// Pod-template annotation holding the SHA-256 of the rendered pipeline, so a pipeline change rolls the pods.
@@ -51,6 +52,8 @@ pub struct CollectorObjects {
     pub headless_service: Service,
     pub pod_disruption_budget: PodDisruptionBudget,
     pub stateful_set: StatefulSet,
+    /// `spec.nodeAgent`: its DaemonSet and Service, or `None` when disabled.
+    pub node_agent: Option<NodeAgentObjects>,
 }
 
 /// Labels on every child and on the collector pods.
@@ -248,6 +251,7 @@ pub fn build(validated: &ValidatedCollector) -> CollectorObjects {
         headless_service,
         pod_disruption_budget,
         stateful_set,
+        node_agent: crate::node_agent::build(validated),
     }
 }
 

@@ -73,6 +73,46 @@ pub struct MeteringCollectorSpec {
     /// Namespaces never injected and whose events the collector drops (no metering loop).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude_namespaces: Vec<String>,
+    /// A node agent on every node: where injected sidecars hand their events when the collector is unreachable, so
+    /// they outlive the pod.
+    #[serde(default)]
+    pub node_agent: NodeAgentSpec,
+}
+
+/// The node agent: a DaemonSet of tally-sidecar buffering on a node directory and forwarding to the collector's
+/// Service, reached by the injected sidecars through a node-local Service (`<name>-node`, `internalTrafficPolicy:
+/// Local`). With it, a sidecar's outputs are the collector and then this agent (the `fallback` pattern): while the
+/// collector is unreachable each batch goes to the agent on the same node, so a deleted pod's acknowledged events
+/// are on the node, not in the pod's emptyDir. Its pods use a hostPath volume, which the `baseline` and `restricted`
+/// Pod Security Standards forbid: the collector's namespace must allow `privileged` pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAgentSpec {
+    /// Whether to run the node agent and make injected sidecars fall back to it.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The node directory the agents buffer in; each collector uses `<hostPath>/<namespace>/<name>` below it.
+    #[serde(default = "default_node_agent_path")]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('..')")
+        .message("nodeAgent.hostPath must be an absolute path without `..`, such as /var/lib/tally"))]
+    pub host_path: String,
+    /// CPU and memory of the node agent container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for NodeAgentSpec {
+    fn default() -> Self {
+        NodeAgentSpec {
+            enabled: false,
+            host_path: default_node_agent_path(),
+            resources: None,
+        }
+    }
+}
+
+fn default_node_agent_path() -> String {
+    "/var/lib/tally".into()
 }
 
 /// The buffer volume of each replica (`volumeClaimTemplates`).

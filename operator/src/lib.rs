@@ -9,6 +9,7 @@ pub mod drain;
 pub mod inject;
 pub mod leader;
 pub mod metrics;
+pub mod node_agent;
 pub mod reconcile;
 pub mod status;
 pub mod storage;

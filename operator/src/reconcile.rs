@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -30,6 +30,7 @@ use crate::build::{self, CollectorObjects};
 use crate::crd::{FIELD_MANAGER, MeteringCollector, MeteringCollectorStatus};
 use crate::drain::{self, Step};
 use crate::metrics::Metrics;
+use crate::node_agent;
 use crate::status::{self, Observation};
 use crate::storage::{self, ClaimAction, StorageProblem};
 use crate::validate;
@@ -153,6 +154,7 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
         headless_service,
         pod_disruption_budget,
         mut stateful_set,
+        node_agent,
     } = build::build(&validated);
 
     // volumeClaimTemplates are immutable: keep the ones the StatefulSet was created with; size changes go to the
@@ -171,13 +173,28 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
         apply(&ctx.client, namespace, &service).await?;
         apply(&ctx.client, namespace, &headless_service).await?;
         apply(&ctx.client, namespace, &pod_disruption_budget).await?;
+        let agent = match &node_agent {
+            Some(agent) => {
+                apply(&ctx.client, namespace, &agent.service).await?;
+                Some(apply(&ctx.client, namespace, &agent.daemon_set).await?)
+            }
+            None => {
+                // Disabled: remove an agent this collector ran (its Service only along with it, so a collector that
+                // never had one costs one read).
+                let name = node_agent::name(collector);
+                if remove_owned::<DaemonSet>(ctx, collector, namespace, &name).await? {
+                    remove_owned::<Service>(ctx, collector, namespace, &name).await?;
+                }
+                None
+            }
+        };
         // Last: its pods need the ConfigMap.
-        apply(&ctx.client, namespace, &stateful_set).await
+        Ok((apply(&ctx.client, namespace, &stateful_set).await?, agent))
     }
     .await;
 
-    let stateful_set = match applied {
-        Ok(stateful_set) => stateful_set,
+    let (stateful_set, node_agent) = match applied {
+        Ok(applied) => applied,
         Err(Error::Apply {
             kind,
             source: kube::Error::Api(response),
@@ -202,6 +219,7 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
         stateful_set: &stateful_set,
         storage: storage.problem.as_ref(),
         drains: &drains,
+        node_agent: node_agent.as_ref(),
     };
     let status = status::desired_status(collector, &observation, &now);
     write_status(ctx, collector, status).await?;
@@ -406,6 +424,40 @@ struct StorageOutcome {
     waiting_for_binding: bool,
 }
 
+/// Deletes `name` if this collector owns it: a child the spec no longer asks for (the node agent once disabled).
+/// Whether it existed and was this collector's.
+async fn remove_owned<K>(
+    ctx: &Context,
+    collector: &MeteringCollector,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api = Api::<K>::namespaced(ctx.client.clone(), namespace);
+    let failed = |source| Error::Apply {
+        kind: <K as k8s_openapi::Resource>::KIND,
+        name: name.to_string(),
+        source,
+    };
+    let Some(object) = api.get_opt(name).await.map_err(failed)? else {
+        return Ok(false);
+    };
+    let ours = object
+        .owner_references()
+        .iter()
+        .any(|owner| Some(&owner.uid) == collector.metadata.uid.as_ref());
+    if ours && object.meta().deletion_timestamp.is_none() {
+        deleted(api.delete(name, &DeleteParams::background()).await).map_err(failed)?;
+    }
+    Ok(ours)
+}
+
 /// The result of a delete, where an object that is already gone counts as deleted.
 fn deleted<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
     match result {
@@ -601,6 +653,7 @@ pub async fn run(
             Api::<PodDisruptionBudget>::all(client.clone()),
             config.clone(),
         )
+        .owns(Api::<DaemonSet>::all(client.clone()), config.clone())
         .owns(Api::<Job>::all(client), config)
         .graceful_shutdown_on(shutdown)
         .run(reconcile_object, error_policy, ctx)

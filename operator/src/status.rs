@@ -3,7 +3,7 @@
 //! Conditions keep their `lastTransitionTime` while their status does not change, so the same observation always
 //! yields the same status and writing it is a no-op (no reconcile loop from status writes).
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
@@ -15,6 +15,8 @@ use crate::validate::InvalidSpec;
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// Present only with `spec.nodeAgent.enabled`: whether an agent runs, ready, on every node it should.
+pub const NODE_AGENT_READY: &str = "NodeAgentReady";
 
 /// What one reconcile found.
 #[derive(Debug)]
@@ -31,6 +33,8 @@ pub enum Observation<'a> {
         storage: Option<&'a StorageProblem>,
         /// What the drain stage did about the buffers of removed replicas.
         drains: &'a [Step],
+        /// The node agent's DaemonSet the API server returned, when enabled.
+        node_agent: Option<&'a DaemonSet>,
     },
 }
 
@@ -103,6 +107,7 @@ pub fn desired_status(
             stateful_set,
             storage,
             drains,
+            node_agent,
         } => {
             let status = stateful_set.status.clone().unwrap_or_default();
             let ready = status.ready_replicas.unwrap_or(0);
@@ -158,7 +163,9 @@ pub fn desired_status(
             };
             let (draining, reason, message) = drain::verdict(drains);
             let draining = verdict(DRAINING, draining, reason, message);
-            (vec![ready_verdict, progressing, degraded, draining], ready)
+            let mut verdicts = vec![ready_verdict, progressing, degraded, draining];
+            verdicts.extend(node_agent.map(|agent| node_agent_verdict(collector, agent)));
+            (verdicts, ready)
         }
     };
 
@@ -189,6 +196,34 @@ pub fn desired_status(
         observed_generation: generation,
         ready_replicas,
         endpoint: endpoint(collector),
+    }
+}
+
+/// Whether the node agent's pods are ready on every node the DaemonSet should run on.
+fn node_agent_verdict(collector: &MeteringCollector, agent: &DaemonSet) -> Verdict {
+    let status = agent.status.clone().unwrap_or_default();
+    let desired = status.desired_number_scheduled;
+    let ready = status.number_ready;
+    let observed = status.observed_generation == agent.metadata.generation;
+    if observed && desired > 0 && ready >= desired {
+        verdict(
+            NODE_AGENT_READY,
+            true,
+            "AgentsReady",
+            format!("{ready} of {desired} node agents are ready"),
+        )
+    } else {
+        verdict(
+            NODE_AGENT_READY,
+            false,
+            "AgentsNotReady",
+            format!(
+                "{ready} of {desired} node agents are ready; injected sidecars on the other nodes lose their \
+                 fallback. If this lasts, see the events of DaemonSet {}: a namespace enforcing the baseline or \
+                 restricted Pod Security Standard refuses the agent's hostPath volume",
+                crate::node_agent::name(collector)
+            ),
+        )
     }
 }
 

@@ -12,6 +12,7 @@ use tally_sidecar::config::{Config, SecretSource};
 
 use crate::build::{self, SECRETS_DIR, SecretMount};
 use crate::crd::MeteringCollector;
+use crate::node_agent;
 
 /// Longest collector name: pods are `<name>-<ordinal>` and carry a `controller-revision-hash` label
 /// `<name>-<10 characters>`, which must fit in 63 characters.
@@ -46,6 +47,8 @@ pub struct ValidatedCollector {
     pub config_hash: String,
     /// Secrets the pipeline reads files from.
     pub secrets: Vec<SecretMount>,
+    /// The node agent's configuration, when `spec.nodeAgent.enabled`.
+    pub rendered_node_agent: Option<String>,
 }
 
 /// Checks a collector and renders its pipeline.
@@ -88,6 +91,22 @@ pub fn validate(collector: &MeteringCollector) -> Result<ValidatedCollector, Inv
     check_listen(spec.pipeline.listen)?;
     check_data_dir(&spec.pipeline.data_dir)?;
     check_secret_sources(&spec.pipeline)?;
+    let rendered_node_agent = if spec.node_agent.enabled {
+        let host_path = &spec.node_agent.host_path;
+        if !host_path.starts_with('/') || host_path.split('/').any(|part| part == "..") {
+            return Err(invalid(
+                "spec.nodeAgent.hostPath",
+                format!(
+                    "{host_path:?} must be an absolute path without `..`, such as /var/lib/tally"
+                ),
+            ));
+        }
+        let rendered = build::render_pipeline(&node_agent::config(collector))
+            .map_err(|e| invalid("spec.nodeAgent", format!("cannot be rendered: {e}")))?;
+        Some(rendered)
+    } else {
+        None
+    };
 
     let config_hash = build::config_hash(&rendered_pipeline);
     Ok(ValidatedCollector {
@@ -97,6 +116,7 @@ pub fn validate(collector: &MeteringCollector) -> Result<ValidatedCollector, Inv
         rendered_pipeline,
         config_hash,
         secrets: build::secret_mounts(&spec.pipeline),
+        rendered_node_agent,
     })
 }
 

@@ -85,7 +85,9 @@ fn every_child_is_labelled_and_owned_by_the_collector() {
         headless_service,
         pod_disruption_budget,
         stateful_set,
+        node_agent,
     } = objects();
+    assert!(node_agent.is_none(), "no node agent unless enabled");
     let metas: [(&str, &ObjectMeta); 5] = [
         ("meter-config", &config_map.metadata),
         ("meter", &service.metadata),
@@ -469,6 +471,7 @@ fn status_reports_readiness_rollout_and_invalid_specs() {
             stateful_set: &rolling,
             storage: None,
             drains: &[],
+            node_agent: None,
         },
         &time(100),
     );
@@ -496,6 +499,7 @@ fn status_reports_readiness_rollout_and_invalid_specs() {
             stateful_set: &done,
             storage: None,
             drains: &[],
+            node_agent: None,
         },
         &time(200),
     );
@@ -523,6 +527,7 @@ fn status_reports_readiness_rollout_and_invalid_specs() {
             stateful_set: &done,
             storage: None,
             drains: &[],
+            node_agent: None,
         },
         &time(300),
     );
@@ -671,6 +676,7 @@ fn buffers_of_removed_replicas_are_drained_by_a_job_and_only_empty_ones_deleted(
             stateful_set: &stateful_set_status(2, 2),
             storage: None,
             drains: &steps,
+            node_agent: None,
         },
         &time(100),
     );
@@ -771,4 +777,246 @@ fn the_drain_report_is_read_from_the_pods_termination_message() {
     // No readable report: the claim is kept.
     assert_eq!(drain::report(&[pod(0, "not json")]), None);
     assert_eq!(drain::report(&[]), None);
+}
+
+/// [`COLLECTOR`] with its node agent enabled.
+fn with_node_agent(extra: &str) -> String {
+    COLLECTOR.replace(
+        "  replicas: 2\n",
+        &format!("  replicas: 2\n  nodeAgent:\n    enabled: true\n{extra}"),
+    )
+}
+
+#[test]
+fn the_node_agent_buffers_on_the_node_and_forwards_to_the_collector() {
+    let agent = build::build(&validated(&with_node_agent("")))
+        .node_agent
+        .expect("an enabled node agent is built");
+
+    let daemon_set = &agent.daemon_set;
+    assert_eq!(daemon_set.metadata.name.as_deref(), Some("meter-node"));
+    assert_eq!(daemon_set.metadata.namespace.as_deref(), Some("billing"));
+    let owners = daemon_set
+        .metadata
+        .owner_references
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(owners.len(), 1);
+    assert_eq!(owners[0].kind, "MeteringCollector");
+    let agent_labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "tally-node-agent".to_string(),
+        ),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            "meter".to_string(),
+        ),
+    ]);
+    assert_eq!(
+        daemon_set.spec.selector.match_labels.as_ref(),
+        Some(&agent_labels)
+    );
+    let template_labels = daemon_set
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    // Never selected by the collector's Service, never injected (one of Tally's own pods).
+    assert_eq!(
+        template_labels
+            .get("app.kubernetes.io/name")
+            .map(String::as_str),
+        Some("tally-node-agent")
+    );
+    assert_eq!(
+        template_labels
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("tally-operator")
+    );
+
+    let pod = daemon_set.spec.template.spec.as_ref().expect("pod spec");
+    let volumes = pod.volumes.clone().unwrap_or_default();
+    let host_path = volumes[0].host_path.clone().expect("a hostPath volume");
+    assert_eq!(host_path.path, "/var/lib/tally/billing/meter");
+    assert_eq!(host_path.type_.as_deref(), Some("DirectoryOrCreate"));
+    assert!(
+        pod.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "runs on tainted nodes too"
+    );
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.image.as_deref(),
+        Some("registry.example/tally-sidecar:1.2.3")
+    );
+    let security = container
+        .security_context
+        .clone()
+        .expect("security context");
+    assert_eq!(
+        security.run_as_user,
+        Some(0),
+        "writes the root-owned node directory"
+    );
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.privileged, Some(false));
+    assert_eq!(
+        security.capabilities.and_then(|c| c.drop),
+        Some(vec!["ALL".to_string()]),
+        "no capabilities, not even as root"
+    );
+    assert!(container.startup_probe.is_some() && container.readiness_probe.is_some());
+
+    // Its configuration: buffered on the node directory, synced, forwarded to the collector's Service.
+    let yaml = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "TALLY_CONFIG_YAML")
+        .and_then(|e| e.value.clone())
+        .expect("configuration in TALLY_CONFIG_YAML");
+    let config = Config::parse(&yaml, "node agent").expect("the sidecar accepts it");
+    assert_eq!(config.data_dir, std::path::PathBuf::from("/var/lib/tally"));
+    assert_eq!(config.outputs.targets.len(), 1);
+    assert_eq!(
+        config.outputs.targets[0].url.as_deref(),
+        Some("http://meter.billing.svc:8080")
+    );
+    assert!(
+        config.pod.name_from.is_none(),
+        "stamps nothing: the sidecars did"
+    );
+
+    // The Service reaches the agent on the sender's own node only.
+    let service = agent.service.spec.clone().expect("service spec");
+    assert_eq!(agent.service.metadata.name.as_deref(), Some("meter-node"));
+    assert_eq!(service.internal_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(service.selector.as_ref(), Some(&agent_labels));
+    assert_eq!(service.ports.unwrap_or_default()[0].port, 8080);
+
+    // A custom node directory; a relative or climbing one is refused.
+    let custom = build::build(&validated(&with_node_agent(
+        "    hostPath: /mnt/fast/tally/\n",
+    )))
+    .node_agent
+    .expect("node agent");
+    let volumes = custom
+        .daemon_set
+        .spec
+        .template
+        .spec
+        .and_then(|p| p.volumes)
+        .unwrap_or_default();
+    assert_eq!(
+        volumes[0].host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/mnt/fast/tally/billing/meter")
+    );
+    for bad in ["tally", "/var/lib/../etc"] {
+        let error = validate::validate(&collector(&with_node_agent(&format!(
+            "    hostPath: {bad}\n"
+        ))))
+        .expect_err(bad)
+        .to_string();
+        assert!(
+            error.contains("spec.nodeAgent.hostPath") && error.contains("absolute"),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn injected_sidecars_fall_back_to_the_node_agent_only_when_it_is_enabled() {
+    use tally_sidecar::config::BrokerPattern;
+    let plain = tally_operator::inject::sidecar_config(&collector(COLLECTOR));
+    assert_eq!(plain.outputs.pattern, BrokerPattern::FanOut);
+    assert_eq!(plain.outputs.targets.len(), 1);
+
+    let config = tally_operator::inject::sidecar_config(&collector(&with_node_agent("")));
+    assert_eq!(config.outputs.pattern, BrokerPattern::Fallback);
+    let targets: Vec<(&str, Option<&str>)> = config
+        .outputs
+        .targets
+        .iter()
+        .map(|t| (t.name.as_str(), t.url.as_deref()))
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            ("collector", Some("http://meter.billing.svc:8080")),
+            ("node-agent", Some("http://meter-node.billing.svc:8080")),
+        ]
+    );
+    let rendered = serde_yaml::to_string(&config).expect("renders");
+    Config::parse(&rendered, "sidecar").expect("the sidecar accepts it");
+}
+
+#[test]
+fn status_says_whether_the_node_agents_are_ready() {
+    let collector = collector(&with_node_agent(""));
+    let agent = |desired: i32, ready: i32| k8s_openapi::api::apps::v1::DaemonSet {
+        metadata: ObjectMeta {
+            generation: Some(1),
+            ..ObjectMeta::default()
+        },
+        status: Some(k8s_openapi::api::apps::v1::DaemonSetStatus {
+            desired_number_scheduled: desired,
+            number_ready: ready,
+            observed_generation: Some(1),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let observe = |daemon_set: &k8s_openapi::api::apps::v1::DaemonSet| {
+        status::desired_status(
+            &collector,
+            &Observation::Applied {
+                stateful_set: &stateful_set_status(2, 2),
+                storage: None,
+                drains: &[],
+                node_agent: Some(daemon_set),
+            },
+            &time(100),
+        )
+    };
+    let status = observe(&agent(3, 1));
+    let not_ready = condition(&status, "NodeAgentReady");
+    assert_eq!(
+        (not_ready.status.as_str(), not_ready.reason.as_str()),
+        ("False", "AgentsNotReady")
+    );
+    assert!(
+        not_ready.message.contains("1 of 3") && not_ready.message.contains("Pod Security"),
+        "{}",
+        not_ready.message
+    );
+    let status = observe(&agent(3, 3));
+    let ready = condition(&status, "NodeAgentReady");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "AgentsReady")
+    );
+    // Without a node agent there is no such condition.
+    let without = status::desired_status(
+        &self::collector(COLLECTOR),
+        &Observation::Applied {
+            stateful_set: &stateful_set_status(2, 2),
+            storage: None,
+            drains: &[],
+            node_agent: None,
+        },
+        &time(100),
+    );
+    assert!(
+        without
+            .conditions
+            .iter()
+            .all(|c| c.type_ != "NodeAgentReady")
+    );
 }

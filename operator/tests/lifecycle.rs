@@ -10,6 +10,10 @@
 //! Then a rolling update of the collector's spec and a `kubectl drain` of the node (cordon, evictions through the
 //! Eviction API under the collector's PodDisruptionBudget, uncordon), both under load during an outage: every
 //! acknowledged event is delivered once the upstream is back.
+//!
+//! And a pod deletion during a collector outage: an injected pod's sidecar acknowledges events while the collector is
+//! down (it hands them to the collector's node agent), the pod is deleted and gone, with its emptyDir, before the
+//! collector is back; then every event it acknowledged is delivered.
 
 mod support;
 
@@ -19,13 +23,14 @@ use std::time::Instant;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::Api;
-use kube::api::{EvictParams, Patch, PatchParams};
+use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::{
     RunningController, WITHIN, collector, create, eventually, expect_event, real_node_with_crd,
 };
-use tally_e2e::{ControlPlane, NODE_NAME};
+use tally_e2e::{ControlPlane, NODE_NAME, PAUSE_IMAGE};
 use tally_operator::crd::MeteringCollector;
+use tally_operator::inject::injection_patch;
 use tally_tests::TestUpstream;
 use tally_tests::senders::Senders;
 
@@ -61,14 +66,28 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// With 2 replicas and no node agent.
     async fn start(prefix: &str) -> Cluster {
+        Cluster::start_with(prefix, 2, false).await
+    }
+
+    /// With `replicas` replicas, and the node agent (buffering in the node's directory) when `node_agent`.
+    async fn start_with(prefix: &str, replicas: i32, node_agent: bool) -> Cluster {
         let started = Instant::now();
         let (control_plane, client) = real_node_with_crd().await;
         let node = control_plane.real_node().expect("a real node");
         control_plane
-            .create_host_path_volumes(&format!("{prefix}-pv"), "", 2, "10Gi")
+            .create_host_path_volumes(&format!("{prefix}-pv"), "", replicas as usize, "10Gi")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        let node_agent = if node_agent {
+            format!(
+                "  nodeAgent: {{ enabled: true, hostPath: {} }}\n",
+                node.dir().join("node-agent").display()
+            )
+        } else {
+            String::new()
+        };
         let ns = control_plane
             .new_namespace(prefix)
             .await
@@ -82,9 +101,9 @@ kind: MeteringCollector
 metadata:
   name: meter
 spec:
-  replicas: 2
+  replicas: {replicas}
   storage: {{ size: 1Gi }}
-  pipeline:
+{node_agent}  pipeline:
     shutdownTimeout: 2s
     outputs:
       targets:
@@ -108,7 +127,7 @@ spec:
             controller,
             started,
         };
-        cluster.wait_rolled_out(2).await;
+        cluster.wait_rolled_out(replicas).await;
         cluster
     }
 
@@ -464,6 +483,222 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
         stopped.acked.len(),
         stopped.refused,
         stopped.unavailable,
+        upstream.delivered_id_set().len()
+    );
+    cluster.stop().await;
+}
+
+/// A sample of a Prometheus exposition fetched from `http://<ip>:4196/metrics`, by its full series text
+/// (`name{labels}`); 0 when absent.
+async fn metric_at(ip: &str, series: &str) -> f64 {
+    let Ok(response) = reqwest::get(format!("http://{ip}:4196/metrics")).await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    tally_tests::metrics::Exposition::parse(&text).value(series)
+}
+
+/// The pod an injected workload runs: `app` (the pause image, doing nothing, as locked down as `restricted`
+/// demands) with tally-sidecar injected for `collector` by the webhook's own patch ([`injection_patch`], applied
+/// here rather than through the admission webhook, which `inject.rs` and the e2e tests cover). A short grace period,
+/// so the pod is gone well before the collector is back.
+fn injected_pod(collector: &MeteringCollector) -> Pod {
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "app" },
+        "spec": {
+            "terminationGracePeriodSeconds": GRACE_SECONDS,
+            "securityContext": { "runAsNonRoot": true, "seccompProfile": { "type": "RuntimeDefault" } },
+            "containers": [{
+                "name": "app",
+                "image": PAUSE_IMAGE,
+                "imagePullPolicy": "Never",
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "readOnlyRootFilesystem": true,
+                    "capabilities": { "drop": ["ALL"] }
+                }
+            }]
+        }
+    }))
+    .expect("a pod");
+    let patch = injection_patch(&pod, collector).expect("the injection patch");
+    let mut value = serde_json::to_value(&pod).expect("pod as JSON");
+    json_patch::patch(&mut value, &patch).expect("the patch applies");
+    serde_json::from_value(value).expect("the injected pod")
+}
+
+/// The app pod's grace period: its sidecar has this long after SIGTERM, far less than the collector's outage.
+const GRACE_SECONDS: i64 = 5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_pods_acknowledged_events_outlive_a_collector_outage_through_the_node_agent() {
+    let cluster = Cluster::start_with("pod-deletion", 1, true).await;
+    let Cluster {
+        client,
+        ns,
+        upstream,
+        collectors,
+        ..
+    } = &cluster;
+    eventually("the node agent is ready", || async {
+        (condition(collectors, "meter", "NodeAgentReady").await?
+            == ("True".into(), "AgentsReady".into()))
+            .then_some(())
+    })
+    .await;
+    cluster.progress("collector and node agent ready");
+
+    // An injected pod in a namespace enforcing the `restricted` Pod Security Standard.
+    let apps = format!("{ns}-apps");
+    tally_e2e::workload::create_metered_namespace(client, &apps)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let meter = collectors.get("meter").await.expect("meter");
+    let pods = Api::<Pod>::namespaced(client.clone(), &apps);
+    pods.create(&PostParams::default(), &injected_pod(&meter))
+        .await
+        .expect("the injected pod is admitted under the restricted standard");
+    eventually("the app pod runs with its sidecar ready", || async {
+        tally_e2e::workload::running_pod(client, &apps).await
+    })
+    .await;
+    let app_ip = pod_ip(&pods, "app").await;
+    cluster.progress("app pod running; load on");
+    let load = Senders::start_paced(1, 10, "app", ingest_url(&app_ip), PACE);
+    load.wait_acked(200, WITHIN, "200 events acknowledged by the sidecar")
+        .await;
+    eventually(
+        "events reach the upstream through the collector",
+        || async { (!upstream.delivered_ids().is_empty()).then_some(()) },
+    )
+    .await;
+
+    // The collector goes down and stays down: the node is cordoned and its only pod deleted, so it is recreated
+    // Pending.
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    let cordon = |unschedulable: bool| {
+        let nodes = nodes.clone();
+        async move {
+            nodes
+                .patch(
+                    NODE_NAME,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "spec": { "unschedulable": unschedulable } })),
+                )
+                .await
+                .expect("cordoning the node")
+        }
+    };
+    cordon(true).await;
+    let collector_pods = cluster.pods();
+    let meter_0 = collector_pods
+        .get("meter-0")
+        .await
+        .expect("meter-0")
+        .metadata
+        .uid;
+    collector_pods
+        .delete("meter-0", &DeleteParams::default())
+        .await
+        .expect("meter-0 deleted");
+    let collector_pending = || async {
+        let pod = collector_pods.get_opt("meter-0").await.ok()??;
+        (pod.metadata.uid != meter_0 && pod.status?.phase.as_deref() == Some("Pending"))
+            .then_some(())
+    };
+    eventually(
+        "the collector is down: meter-0 recreated, Pending",
+        collector_pending,
+    )
+    .await;
+    let down_at = Instant::now();
+    cluster.progress("collector down");
+
+    // The sidecar keeps acknowledging; its batches go to the node agent.
+    let before = load.acked_count();
+    load.wait_acked(
+        before + 300,
+        WITHIN,
+        "300 more events acknowledged while the collector is down",
+    )
+    .await;
+    let agent_ip = eventually("the node agent's pod IP", || async {
+        let agents = Api::<Pod>::namespaced(client.clone(), ns)
+            .list(&ListParams::default().labels("app.kubernetes.io/name=tally-node-agent"))
+            .await
+            .ok()?;
+        agents.items.into_iter().next()?.status?.pod_ip
+    })
+    .await;
+    eventually("the sidecar hands batches to the node agent", || async {
+        let handed = metric_at(
+            &app_ip,
+            r#"tally_output_events_sent_total{output="node-agent"}"#,
+        )
+        .await;
+        (handed > 0.0).then_some(())
+    })
+    .await;
+
+    // The pod is deleted while the collector is still down, and is gone (with its emptyDir) long before it is back.
+    let stopped = load.stop().await;
+    cluster.progress("load off; deleting the app pod");
+    pods.delete("app", &DeleteParams::default())
+        .await
+        .expect("app deleted");
+    let deleted_at = Instant::now();
+    eventually("the app pod is gone", || async {
+        pods.get_opt("app").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        collector_pending().await.is_some(),
+        "the collector stayed down until the pod was gone"
+    );
+    // The outage lasts longer than the pod's grace period: the collector stays down for a second beyond it,
+    // counted from the deletion (a scenario's length, not a wait for some state).
+    let grace = std::time::Duration::from_secs(GRACE_SECONDS as u64);
+    tokio::time::sleep_until((deleted_at + grace + std::time::Duration::from_secs(1)).into()).await;
+    assert!(
+        collector_pending().await.is_some(),
+        "the collector stayed down beyond the grace period"
+    );
+    let outage = down_at.elapsed();
+    let delivered_before = upstream.delivered_id_set();
+    let waiting = stopped
+        .acked
+        .iter()
+        .filter(|id| !delivered_before.contains(*id))
+        .count();
+    assert!(
+        waiting > 0,
+        "events acknowledged during the outage are not delivered yet"
+    );
+    let held = metric_at(&agent_ip, "tally_buffer_events").await;
+    cluster.progress(&format!(
+        "app pod gone; {waiting} acknowledged events undelivered, the node agent holds {held}"
+    ));
+
+    // The collector comes back: the node agent delivers what the deleted pod acknowledged.
+    cordon(false).await;
+    cluster.wait_rolled_out(1).await;
+    cluster.progress("collector back");
+    cluster.assert_all_delivered(&stopped.acked).await;
+    let forwarded = metric_at(
+        &agent_ip,
+        r#"tally_output_events_sent_total{output="collector"}"#,
+    )
+    .await;
+    assert!(
+        forwarded >= waiting as f64,
+        "the node agent delivered {forwarded} events, fewer than the {waiting} that waited"
+    );
+    eprintln!(
+        "acknowledged {} by the deleted pod's sidecar, {waiting} undelivered when it was deleted after a {:.1}s \
+         outage; the node agent held {held} and delivered {forwarded}; delivered {} distinct",
+        stopped.acked.len(),
+        outage.as_secs_f64(),
         upstream.delivered_id_set().len()
     );
     cluster.stop().await;

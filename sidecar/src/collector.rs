@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::buffer::{Budget, BufferOptions, DurableBuffer, SHARED_CONSUMER};
 use crate::config::{BrokerPattern, Config};
-use crate::forward::{BatchReader, Choice, Dispatcher, Forwarder, Sender};
+use crate::forward::{BatchReader, Choice, Dispatcher, Fallback, Forwarder, Sender};
 use crate::metrics::Metrics;
 use crate::output::Output;
 use crate::server::{AppState, router};
@@ -117,6 +117,10 @@ fn spawn_forwarders(
             targets[0].batching.clone(),
             None,
         );
+        if pattern == BrokerPattern::Fallback {
+            forwarders.spawn(Fallback { reader, senders }.run(draining.clone()));
+            return Ok(forwarders);
+        }
         let choice = if pattern == BrokerPattern::Greedy {
             Choice::Greedy
         } else {

@@ -268,6 +268,10 @@ pub enum BrokerPattern {
     FanOutFailFast,
     /// `fanOutSequential`, but a failed batch goes to the dead-letter store instead of being retried.
     FanOutSequentialFailFast,
+    /// Each event goes to exactly one output: the first listed that takes it. A batch an output fails to take
+    /// moves on to the next at once, and an output that failed is skipped for its retry backoff, then tried
+    /// again. Dead-lettered only when every output rejects the batch outright.
+    Fallback,
 }
 
 impl BrokerPattern {
@@ -281,7 +285,10 @@ impl BrokerPattern {
 
     /// Whether each output has its own cursor over every event (as opposed to sharing events).
     pub fn fans_out(self) -> bool {
-        !matches!(self, BrokerPattern::RoundRobin | BrokerPattern::Greedy)
+        !matches!(
+            self,
+            BrokerPattern::RoundRobin | BrokerPattern::Greedy | BrokerPattern::Fallback
+        )
     }
 
     /// Whether output i+1 waits for output i.
@@ -821,8 +828,31 @@ impl Config {
         {
             return Err((
                 format!("outputs.targets[{i}].maxLag"),
-                "maxLag applies to the fanOut patterns; with roundRobin and greedy the outputs share one position".into(),
+                "maxLag applies to the fanOut patterns; with roundRobin, greedy and fallback the outputs share one position".into(),
             ));
+        }
+        if self.outputs.pattern == BrokerPattern::Fallback {
+            if self.outputs.targets.len() < 2 {
+                return Err((
+                    "outputs.targets".into(),
+                    "the fallback pattern needs at least two outputs: the first, and where a batch goes when it \
+                     fails"
+                        .into(),
+                ));
+            }
+            if let Some(i) = self
+                .outputs
+                .targets
+                .iter()
+                .position(|t| !t.retry.max_elapsed.get().is_zero())
+            {
+                return Err((
+                    format!("outputs.targets[{i}].retry.maxElapsed"),
+                    "maxElapsed does not apply to the fallback pattern: a batch an output cannot take moves on to \
+                     the next output, and is dead-lettered only when every output rejects it; remove maxElapsed"
+                        .into(),
+                ));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, target) in self.outputs.targets.iter().enumerate() {
@@ -1468,6 +1498,16 @@ outputs:
                 "outputs: { targets: [ { name: a, type: stdout, retry: { initialInterval: 2s, maxInterval: 1s } } ] }",
                 "outputs.targets[0].retry.maxInterval",
                 "initialInterval",
+            ),
+            (
+                "outputs: { pattern: fallback, targets: [ { name: a, type: stdout } ] }",
+                "outputs.targets",
+                "at least two outputs",
+            ),
+            (
+                "outputs: { pattern: fallback, targets: [ { name: a, type: stdout }, { name: b, type: stdout, retry: { maxElapsed: 1h } } ] }",
+                "outputs.targets[1].retry.maxElapsed",
+                "every output rejects it",
             ),
         ];
         for (text, key, message) in cases {

@@ -230,28 +230,40 @@ impl Sender {
     /// `maxElapsed` is set or the pattern fails fast.
     pub async fn settle(&self, records: Vec<Record>, ticket: Ticket) -> Outcome {
         let labels = self.metrics.output(&self.name);
-        let (settlement, outcome) = match self.deliver(&records, &labels).await {
-            None => (Settlement::Delivered, Outcome::Delivered),
-            Some((reason, status)) => {
-                let events = records.len();
-                let settlement = Settlement::DeadLettered {
-                    output: self.name.clone(),
-                    records,
-                    reason: reason.clone(),
-                    status,
-                };
-                self.record(ticket.clone(), settlement).await;
-                self.metrics
-                    .output_dead_lettered
-                    .get_or_create(&labels)
-                    .inc_by(events as u64);
-                tracing::warn!(output = %self.name, events, status, %reason,
-                    "batch moved to the dead-letter store; inspect with `tally-sidecar dead-letter list`, re-send with `dead-letter replay`");
-                return Outcome::DeadLettered;
+        match self.deliver(&records, &labels).await {
+            None => {
+                self.record(ticket, Settlement::Delivered).await;
+                Outcome::Delivered
             }
+            Some((reason, status)) => {
+                self.dead_letter(records, ticket, reason, status).await;
+                Outcome::DeadLettered
+            }
+        }
+    }
+
+    /// Moves the batch to this output's dead-letter store, which settles its ticket.
+    async fn dead_letter(
+        &self,
+        records: Vec<Record>,
+        ticket: Ticket,
+        reason: String,
+        status: Option<u16>,
+    ) {
+        let events = records.len();
+        let settlement = Settlement::DeadLettered {
+            output: self.name.clone(),
+            records,
+            reason: reason.clone(),
+            status,
         };
         self.record(ticket, settlement).await;
-        outcome
+        self.metrics
+            .output_dead_lettered
+            .get_or_create(&self.metrics.output(&self.name))
+            .inc_by(events as u64);
+        tracing::warn!(output = %self.name, events, status, %reason,
+            "batch moved to the dead-letter store; inspect with `tally-sidecar dead-letter list`, re-send with `dead-letter replay`");
     }
 
     /// Settles the ticket with the buffer, retrying while the storage refuses: a dead letter
@@ -271,6 +283,30 @@ impl Sender {
         }
     }
 
+    /// One delivery attempt, timed and counted (events sent, or the error's kind).
+    async fn attempt(&self, records: &[Record], labels: &OutputLabels) -> Result<(), SendError> {
+        let sent_at = Instant::now();
+        let result = self.output.send(records).await;
+        self.metrics
+            .output_send_duration
+            .get_or_create(labels)
+            .observe(sent_at.elapsed().as_secs_f64());
+        match &result {
+            Ok(()) => {
+                self.metrics
+                    .output_events_sent
+                    .get_or_create(labels)
+                    .inc_by(records.len() as u64);
+                self.metrics.output_batches_sent.get_or_create(labels).inc();
+            }
+            Err(SendError::Permanent { .. }) => self
+                .metrics
+                .output_error(&self.name, ErrorKind::permanent_status),
+            Err(SendError::Retryable { kind, .. }) => self.metrics.output_error(&self.name, *kind),
+        }
+        result
+    }
+
     /// Sends until delivered (`None`) or given up (`Some(reason, status)`).
     async fn deliver(
         &self,
@@ -281,37 +317,21 @@ impl Sender {
         let max_elapsed = self.retry.max_elapsed.get();
         let mut attempt: u32 = 0;
         loop {
-            let sent_at = Instant::now();
-            let result = self.output.send(records).await;
-            self.metrics
-                .output_send_duration
-                .get_or_create(labels)
-                .observe(sent_at.elapsed().as_secs_f64());
-            let (kind, status, detail, retry_after) = match result {
+            let (status, detail, retry_after) = match self.attempt(records, labels).await {
                 Ok(()) => {
-                    self.metrics
-                        .output_events_sent
-                        .get_or_create(labels)
-                        .inc_by(records.len() as u64);
-                    self.metrics.output_batches_sent.get_or_create(labels).inc();
                     if attempt > 0 {
                         tracing::info!(output = %self.name, attempts = attempt + 1, "delivered after retries");
                     }
                     return None;
                 }
-                Err(SendError::Permanent { status, detail }) => {
-                    self.metrics
-                        .output_error(&self.name, ErrorKind::permanent_status);
-                    return Some((detail, status));
-                }
+                Err(SendError::Permanent { status, detail }) => return Some((detail, status)),
                 Err(SendError::Retryable {
-                    kind,
                     status,
                     detail,
                     retry_after,
-                }) => (kind, status, detail, retry_after),
+                    ..
+                }) => (status, detail, retry_after),
             };
-            self.metrics.output_error(&self.name, kind);
             if self.fail_fast {
                 return Some((
                     format!("failed, and the pattern fails fast: {detail}"),
@@ -430,6 +450,143 @@ async fn work(sender: Sender, queue: Arc<Mutex<mpsc::Receiver<Batch>>>) {
         let batch = queue.lock().await.recv().await;
         let Some(batch) = batch else { return };
         sender.settle(batch.records, batch.ticket).await;
+    }
+}
+
+/// When an output of the fallback pattern may be tried again.
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    /// Failed attempts in a row.
+    failures: u32,
+    /// Skipped until then.
+    until: Instant,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            failures: 0,
+            until: Instant::now(),
+        }
+    }
+
+    /// A failed attempt: skipped for the next backoff delay of its retry policy (or as long as the output asked).
+    fn failed(&mut self, retry: &RetryPolicy, retry_after: Option<Duration>) {
+        let mut delay = backoff_delay(retry, self.failures);
+        if let Some(after) = retry_after {
+            delay = delay.max(after.min(MAX_RETRY_AFTER));
+        }
+        self.failures = self.failures.saturating_add(1);
+        self.until = Instant::now() + delay;
+    }
+}
+
+/// The fallback pattern: reads the shared cursor and offers each batch to the outputs in order; the first that
+/// takes it settles it. An output that fails is skipped for its retry backoff, so while it is down batches go
+/// straight to the next one, and it is tried again (and preferred again) once the backoff has passed. A batch is
+/// retried until some output takes it, and dead-lettered only when every output rejected it outright.
+pub struct Fallback {
+    pub reader: BatchReader,
+    pub senders: Vec<Sender>,
+}
+
+impl Fallback {
+    pub async fn run(self, mut draining: watch::Receiver<bool>) {
+        let Fallback {
+            mut reader,
+            senders,
+        } = self;
+        let mut health = vec![Health::new(); senders.len()];
+        while let Some(batch) = reader.next(&mut draining).await {
+            settle_first(&senders, &mut health, batch).await;
+        }
+    }
+}
+
+/// Offers `batch` to the outputs in order until one takes it (or every one rejects it), then settles it.
+async fn settle_first(senders: &[Sender], health: &mut [Health], batch: Batch) {
+    let Batch { records, ticket } = batch;
+    // Outputs that rejected this batch outright (4xx): never offered it again.
+    let mut rejected: Vec<Option<(String, Option<u16>)>> = vec![None; senders.len()];
+    let mut rounds: u32 = 0;
+    loop {
+        for (i, sender) in senders.iter().enumerate() {
+            if rejected[i].is_some() || health[i].until > Instant::now() {
+                continue;
+            }
+            let labels = sender.metrics.output(&sender.name);
+            if rounds > 0 {
+                sender.metrics.output_retries.get_or_create(&labels).inc();
+            }
+            match sender.attempt(&records, &labels).await {
+                Ok(()) => {
+                    if health[i].failures > 0 {
+                        tracing::info!(output = %sender.name, "output takes batches again");
+                    }
+                    health[i] = Health::new();
+                    // The outputs before this one could not take these events.
+                    for earlier in &senders[..i] {
+                        earlier
+                            .metrics
+                            .output_fallback_events
+                            .get_or_create(&earlier.metrics.output(&earlier.name))
+                            .inc_by(records.len() as u64);
+                    }
+                    sender.record(ticket, Settlement::Delivered).await;
+                    return;
+                }
+                Err(SendError::Permanent { status, detail }) => {
+                    tracing::warn!(output = %sender.name, status, error = %detail, "output rejected the batch; offering it to the next");
+                    rejected[i] = Some((detail, status));
+                }
+                Err(SendError::Retryable {
+                    detail,
+                    retry_after,
+                    ..
+                }) => {
+                    health[i].failed(&sender.retry, retry_after);
+                    let failures = health[i].failures;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(output = %sender.name, failures, error = %detail,
+                            "delivery failed; batches go to the next output until this one is retried");
+                    }
+                }
+            }
+        }
+        if rejected.iter().all(Option::is_some) {
+            let reason = senders
+                .iter()
+                .zip(&rejected)
+                .filter_map(|(sender, r)| {
+                    r.as_ref()
+                        .map(|(detail, _)| format!("{}: {detail}", sender.name))
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let status = rejected.iter().rev().find_map(|r| r.as_ref()?.1);
+            if let Some(last) = senders.last() {
+                last.dead_letter(
+                    records,
+                    ticket,
+                    format!("rejected by every output: {reason}"),
+                    status,
+                )
+                .await;
+            }
+            return;
+        }
+        // Every output that may still take the batch is backing off: wait for the first to be due.
+        let due = senders
+            .iter()
+            .zip(health.iter())
+            .zip(&rejected)
+            .filter(|(_, r)| r.is_none())
+            .map(|((_, h), _)| h.until)
+            .min();
+        if let Some(due) = due {
+            tokio::time::sleep_until(due).await;
+        }
+        rounds = rounds.saturating_add(1);
     }
 }
 

@@ -1,8 +1,9 @@
 //! Broker patterns over several outputs (`outputs.pattern`): `fanOut` keeps a dead output from
 //! stalling the others, `fanOutSequential` never lets output i+1 get ahead of output i,
 //! `roundRobin` and `greedy` deliver each event to exactly one output, the fail-fast variants
-//! dead-letter a failed batch at once (and `dead-letter replay` re-sends it to that output), and
-//! `maxLag` lets a healthy output keep flowing while another is down.
+//! dead-letter a failed batch at once (and `dead-letter replay` re-sends it to that output),
+//! `fallback` sends each batch to the first output that takes it, and `maxLag` lets a healthy
+//! output keep flowing while another is down.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -351,6 +352,129 @@ async fn greedy_delivers_each_event_once_mostly_to_the_free_output() {
         fast_ids.len(),
         all.len()
     );
+}
+
+/// `fallback`: everything goes to the first output while it takes batches; while it is down each batch goes to
+/// the next one; once it is back (after its retry backoff) it gets the batches again; with every output down the
+/// events wait in the buffer; a batch every output rejects outright is dead-lettered. Each event is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_sends_to_the_first_output_that_takes_the_batch() {
+    let primary = TestUpstream::start().await;
+    let secondary = TestUpstream::start().await;
+    let retry = json!({ "initialInterval": "100ms", "maxInterval": "500ms" });
+    let sidecar = Sidecar::builder()
+        .pattern("fallback")
+        .openmeter_output("primary", &primary.url())
+        .openmeter_output("secondary", &secondary.url())
+        .set("outputs.targets.0.batching.count", json!(10))
+        .set("outputs.targets.0.retry", retry.clone())
+        .set("outputs.targets.1.retry", retry)
+        .start()
+        .await;
+    let mut all: Vec<String> = Vec::new();
+
+    // Both up: the first output takes everything.
+    let healthy = events("fb-healthy", 30);
+    sidecar.send_ok(&healthy).await;
+    all.extend(ids(&healthy));
+    primary
+        .wait_delivered(healthy.iter().map(id_of), DELIVERY)
+        .await;
+    assert!(
+        secondary.delivered_ids().is_empty(),
+        "the second output is only a fallback"
+    );
+
+    // The first output down: every batch goes to the second.
+    primary.down().await;
+    let outage = events("fb-outage", 50);
+    sidecar.send_ok(&outage).await;
+    all.extend(ids(&outage));
+    secondary
+        .wait_delivered(outage.iter().map(id_of), DELIVERY)
+        .await;
+    assert!(
+        metric(&sidecar, "tally_output_fallback_events_total", "primary").await >= 50.0,
+        "the events the first output could not take are counted"
+    );
+
+    // Back up: once its backoff has passed, the first output gets the batches again.
+    primary.up().await;
+    let mut n = 0;
+    poll_until(
+        DELIVERY,
+        "the first output to take batches again",
+        async || {
+            let batch = events(&format!("fb-back-{n}"), 10);
+            n += 1;
+            sidecar.send_ok(&batch).await;
+            all.extend(ids(&batch));
+            let primary_ids = primary.delivered_id_set();
+            batch
+                .iter()
+                .map(id_of)
+                .all(|id| primary_ids.contains(id))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Both down: the events wait in the buffer, and go to whichever output comes back.
+    primary.down().await;
+    secondary.down().await;
+    let both_down = events("fb-both-down", 20);
+    sidecar.send_ok(&both_down).await;
+    all.extend(ids(&both_down));
+    secondary.up().await;
+    secondary
+        .wait_delivered(both_down.iter().map(id_of), DELIVERY)
+        .await;
+    primary.up().await;
+
+    // Each event delivered exactly once, to one of the outputs.
+    let primary_counts = delivery_counts(&primary);
+    let secondary_counts = delivery_counts(&secondary);
+    for id in &all {
+        let times = primary_counts.get(id).copied().unwrap_or(0)
+            + secondary_counts.get(id).copied().unwrap_or(0);
+        assert_eq!(times, 1, "{id} delivered {times} times");
+    }
+    println!(
+        "fallback: {} events, {} to the first output, {} to the second",
+        all.len(),
+        primary_counts.len(),
+        secondary_counts.len()
+    );
+
+    // Rejected outright by both: dead-lettered, with both reasons, under the last output.
+    primary.reject();
+    secondary.reject();
+    let refused = events("fb-refused", 3);
+    sidecar.send_ok(&refused).await;
+    poll_until(
+        DELIVERY,
+        "the batch every output rejects to be dead-lettered",
+        async || {
+            let dead = metric(
+                &sidecar,
+                "tally_output_dead_lettered_events_total",
+                "secondary",
+            )
+            .await;
+            (dead >= 3.0).then_some(())
+        },
+    )
+    .await;
+    let letters = dead_letters(&sidecar, "secondary").await;
+    assert_eq!(letters.len(), 3, "{letters:#?}");
+    let reason = letters[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("rejected by every output")
+            && reason.contains("primary:")
+            && reason.contains("secondary:"),
+        "{letters:#?}"
+    );
+    assert_eq!(letters[0]["status"], 400);
 }
 
 /// A fail-fast pattern: an output answering 503 (then refusing connections) gets the batch

@@ -69,6 +69,8 @@ pub const CONFIG_ENV: &str = "TALLY_CONFIG_YAML";
 pub const OPENMETER_URL_ENV: &str = "OPENMETER_URL";
 /// Namespaces that are never injected, whatever the flags and collectors say.
 pub const ALWAYS_EXCLUDED: &str = "kube-system";
+/// The injected sidecar's output to the collector's node agent (`spec.nodeAgent`), after the collector itself.
+pub const NODE_AGENT_OUTPUT: &str = "node-agent";
 /// The unprivileged user and group the sidecar runs as (distroless `nonroot`).
 const RUN_AS: i64 = 65532;
 
@@ -266,8 +268,27 @@ pub fn select_collector<'a>(
 }
 
 /// The configuration of an injected sidecar: it listens on the pod's port 4196, buffers on the emptyDir, stamps
-/// events with its pod (downward API), and forwards everything to the collector's Service.
+/// events with its pod (downward API), and forwards everything to the collector's Service. With the collector's node
+/// agent enabled, a batch the collector cannot take goes to the agent on the pod's node (the `fallback` pattern), so
+/// the events outlive the pod even while the collector is unreachable.
 pub fn sidecar_config(collector: &MeteringCollector) -> Config {
+    let mut targets = vec![OutputConfig {
+        name: "collector".into(),
+        kind: OutputKind::Collector,
+        url: Some(collector_url(collector)),
+        ..OutputConfig::default()
+    }];
+    let pattern = if collector.spec.node_agent.enabled {
+        targets.push(OutputConfig {
+            name: NODE_AGENT_OUTPUT.into(),
+            kind: OutputKind::Collector,
+            url: Some(crate::node_agent::url(collector)),
+            ..OutputConfig::default()
+        });
+        BrokerPattern::Fallback
+    } else {
+        BrokerPattern::FanOut
+    };
     Config {
         listen: SocketAddr::from(([0, 0, 0, 0], SIDECAR_PORT)),
         data_dir: PathBuf::from(SIDECAR_DATA_DIR),
@@ -284,21 +305,13 @@ pub fn sidecar_config(collector: &MeteringCollector) -> Config {
             namespace_from: Some(SecretSource::env("POD_NAMESPACE")),
             name_from: Some(SecretSource::env("POD_NAME")),
         },
-        outputs: OutputsConfig {
-            pattern: BrokerPattern::FanOut,
-            targets: vec![OutputConfig {
-                name: "collector".into(),
-                kind: OutputKind::Collector,
-                url: Some(collector_url(collector)),
-                ..OutputConfig::default()
-            }],
-        },
+        outputs: OutputsConfig { pattern, targets },
         ..Config::default()
     }
 }
 
 /// The collector Service's in-cluster URL.
-fn collector_url(collector: &MeteringCollector) -> String {
+pub fn collector_url(collector: &MeteringCollector) -> String {
     format!(
         "http://{}.{}.svc:{}",
         collector.name_any(),
