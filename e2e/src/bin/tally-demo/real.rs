@@ -86,7 +86,7 @@ pub async fn demo(seconds: u64) -> anyhow::Result<()> {
 
     step(
         "Applying the README's MeteringCollector (config/meteringcollector.yaml), its output pointed at a local \
-         OpenMeter-compatible upstream",
+         OpenMeter-compatible upstream and its node agent's directory inside the node's",
     );
     let upstream = TestUpstream::start_on(node.host_ip().into()).await;
     println!("    upstream recording events at {}", upstream.url());
@@ -111,6 +111,9 @@ pub async fn demo(seconds: u64) -> anyhow::Result<()> {
         .get_mut(0)
         .ok_or_else(|| anyhow!("the example has no output target"))?;
     target["url"] = json!(upstream.url());
+    // The node agent buffers in the demo node's directory, not in the host's /var/lib/tally.
+    collector.data["spec"]["nodeAgent"]["hostPath"] =
+        json!(node.dir().join("node-agent").display().to_string());
     apply(&client, &collector, Apply::Persist).await?;
     let status = wait_for(
         "the collector Ready from the kubelet's readiness probes",
