@@ -548,7 +548,7 @@ async fn settle_first(senders: &[Sender], health: &mut [Health], batch: Batch) {
                     let failures = health[i].failures;
                     if failures == 1 || failures.is_power_of_two() {
                         tracing::warn!(output = %sender.name, failures, error = %detail,
-                            "delivery failed; batches go to the next output until this one is retried");
+                            "delivery failed; the output is skipped until its retry is due, batches go to the outputs after it");
                     }
                 }
             }
@@ -576,12 +576,11 @@ async fn settle_first(senders: &[Sender], health: &mut [Health], batch: Batch) {
             return;
         }
         // Every output that may still take the batch is backing off: wait for the first to be due.
-        let due = senders
+        let due = health
             .iter()
-            .zip(health.iter())
             .zip(&rejected)
             .filter(|(_, r)| r.is_none())
-            .map(|((_, h), _)| h.until)
+            .map(|(h, _)| h.until)
             .min();
         if let Some(due) = due {
             tokio::time::sleep_until(due).await;
