@@ -107,7 +107,14 @@ fn spawn_forwarders(
             let gate = (pattern.sequential() && i > 0).then(|| targets[i - 1].name.clone());
             let reader =
                 BatchReader::new(buffer.clone(), &target.name, target.batching.clone(), gate);
-            forwarders.spawn(Forwarder { reader, sender }.run(draining.clone()));
+            forwarders.spawn(
+                Forwarder {
+                    reader,
+                    sender,
+                    max_in_flight: target.max_in_flight,
+                }
+                .run(draining.clone()),
+            );
         }
     } else {
         // One batching policy for all: batches are formed before an output is chosen.
@@ -126,6 +133,11 @@ fn spawn_forwarders(
         } else {
             Choice::RoundRobin
         };
+        let senders = senders
+            .into_iter()
+            .zip(targets)
+            .map(|(sender, target)| (sender, target.max_in_flight))
+            .collect();
         forwarders.spawn(
             Dispatcher {
                 reader,

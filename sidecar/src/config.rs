@@ -358,6 +358,11 @@ pub struct OutputConfig {
     /// dead-letter store (counted), so one dead output cannot fill the shared buffer.
     #[serde(default)]
     pub max_lag: Option<u64>,
+    /// How many batches this output may have sent and not yet settled: batches are sent without waiting for the
+    /// ones before (each settled in order through the buffer's acknowledgement tracker), and reading stops while
+    /// this many are in flight. `1` sends one batch at a time. The `fallback` pattern always sends one at a time.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
 }
 
 impl Default for OutputConfig {
@@ -383,6 +388,7 @@ impl Default for OutputConfig {
             batching: BatchPolicy::default(),
             retry: RetryPolicy::default(),
             max_lag: None,
+            max_in_flight: default_max_in_flight(),
         }
     }
 }
@@ -405,6 +411,13 @@ fn default_table() -> String {
 
 fn default_true() -> bool {
     true
+}
+
+/// The upper bound of `maxInFlight`: each batch in flight holds its events in memory.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+fn default_max_in_flight() -> usize {
+    8
 }
 
 fn default_output_timeout() -> HumanDuration {
@@ -887,6 +900,14 @@ impl Config {
             }
             if target.batching.byte_size.get() == 0 {
                 return Err((at("batching.byteSize"), "must be at least 1".into()));
+            }
+            if !(1..=MAX_IN_FLIGHT).contains(&target.max_in_flight) {
+                return Err((
+                    at("maxInFlight"),
+                    format!(
+                        "must be between 1 and {MAX_IN_FLIGHT} (each batch in flight holds its events in memory)"
+                    ),
+                ));
             }
             if target.retry.initial_interval.get().is_zero() {
                 return Err((
@@ -1508,6 +1529,16 @@ outputs:
                 "outputs: { pattern: fallback, targets: [ { name: a, type: stdout }, { name: b, type: stdout, retry: { maxElapsed: 1h } } ] }",
                 "outputs.targets[1].retry.maxElapsed",
                 "every output rejects it",
+            ),
+            (
+                "outputs: { targets: [ { name: a, type: stdout, maxInFlight: 0 } ] }",
+                "outputs.targets[0].maxInFlight",
+                "between 1 and 256",
+            ),
+            (
+                "outputs: { targets: [ { name: a, type: stdout, maxInFlight: 257 } ] }",
+                "outputs.targets[0].maxInFlight",
+                "between 1 and 256",
             ),
         ];
         for (text, key, message) in cases {

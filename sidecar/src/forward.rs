@@ -6,17 +6,20 @@
 //!   patterns output i+1 reads no further than output i's cursor.
 //! - Shared patterns (`roundRobin`, `greedy`): one [`Dispatcher`] reads from a shared cursor and
 //!   hands each batch to one output, taking turns or to whichever is free first.
+//! - `fallback`: one [`Fallback`] reads from a shared cursor and offers each batch to the outputs
+//!   in order, one batch at a time.
 //!
 //! Batches are formed by count, bytes and period ([`BatchReader`]); a [`Sender`] retries with
-//! backoff and moves permanently failed batches to the output's dead-letter store. Every batch
-//! carries the buffer's [`Ticket`] for its range; the buffer moves the cursor once the batch
-//! and every batch before it are settled, so nothing here moves a cursor.
+//! backoff and moves permanently failed batches to the output's dead-letter store. Each output
+//! has up to `maxInFlight` batches sent and not yet settled. Every batch carries the buffer's
+//! [`Ticket`] for its range; the buffer moves the cursor once the batch and every batch before it
+//! are settled, so batches may settle in any order and nothing here moves a cursor.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -230,7 +233,13 @@ impl Sender {
     /// `maxElapsed` is set or the pattern fails fast.
     pub async fn settle(&self, records: Vec<Record>, ticket: Ticket) -> Outcome {
         let labels = self.metrics.output(&self.name);
-        match self.deliver(&records, &labels).await {
+        let in_flight = self
+            .metrics
+            .output_batches_in_flight
+            .get_or_create(&labels)
+            .clone();
+        in_flight.inc();
+        let outcome = match self.deliver(&records, &labels).await {
             None => {
                 self.record(ticket, Settlement::Delivered).await;
                 Outcome::Delivered
@@ -239,7 +248,9 @@ impl Sender {
                 self.dead_letter(records, ticket, reason, status).await;
                 Outcome::DeadLettered
             }
-        }
+        };
+        in_flight.dec();
+        outcome
     }
 
     /// Moves the batch to this output's dead-letter store, which settles its ticket.
@@ -366,15 +377,41 @@ impl Sender {
 pub struct Forwarder {
     pub reader: BatchReader,
     pub sender: Sender,
+    /// Batches sent and not yet settled, at most (`maxInFlight`).
+    pub max_in_flight: usize,
 }
 
 impl Forwarder {
-    /// Runs until `draining` turns true and everything buffered for this output is settled.
-    /// Dropping the future at any point loses nothing: the cursor only moves after delivery.
-    pub async fn run(mut self, mut draining: watch::Receiver<bool>) {
-        while let Some(batch) = self.reader.next(&mut draining).await {
-            self.sender.settle(batch.records, batch.ticket).await;
+    /// Runs until `draining` turns true and everything buffered for this output is settled. Up to
+    /// `max_in_flight` batches are sent at once; each settles its own ticket, and the buffer moves the cursor over
+    /// the settled ones in order. Reading waits while that many are in flight (backpressure). Dropping the future
+    /// at any point loses nothing: the cursor only moves after delivery, and the batches in flight are dropped
+    /// with it.
+    pub async fn run(self, mut draining: watch::Receiver<bool>) {
+        let Forwarder {
+            mut reader,
+            sender,
+            max_in_flight,
+        } = self;
+        let sender = Arc::new(sender);
+        let slots = Arc::new(Semaphore::new(max_in_flight.max(1)));
+        let mut in_flight = JoinSet::new();
+        loop {
+            // Never closed, so acquiring only waits for a batch in flight to settle.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let Some(batch) = reader.next(&mut draining).await else {
+                break;
+            };
+            let sender = sender.clone();
+            in_flight.spawn(async move {
+                sender.settle(batch.records, batch.ticket).await;
+                drop(slot);
+            });
+            while in_flight.try_join_next().is_some() {}
         }
+        while in_flight.join_next().await.is_some() {}
     }
 }
 
@@ -392,7 +429,8 @@ pub enum Choice {
 /// crash resends only unsettled batches.
 pub struct Dispatcher {
     pub reader: BatchReader,
-    pub senders: Vec<Sender>,
+    /// Each output with its `maxInFlight`: that many batches it may hold at once.
+    pub senders: Vec<(Sender, usize)>,
     pub choice: Choice,
 }
 
@@ -409,16 +447,19 @@ impl Dispatcher {
         let mut workers = JoinSet::new();
         let (greedy_tx, greedy_rx) = mpsc::channel::<Batch>(1);
         let shared = Arc::new(Mutex::new(greedy_rx));
-        for sender in senders {
-            match choice {
+        // One worker per batch an output may hold at once, each settling one batch at a time.
+        for (sender, max_in_flight) in senders {
+            let sender = Arc::new(sender);
+            let queue = match choice {
                 Choice::RoundRobin => {
                     let (tx, rx) = mpsc::channel::<Batch>(1);
                     queues.push(tx);
-                    workers.spawn(work(sender, Arc::new(Mutex::new(rx))));
+                    Arc::new(Mutex::new(rx))
                 }
-                Choice::Greedy => {
-                    workers.spawn(work(sender, shared.clone()));
-                }
+                Choice::Greedy => shared.clone(),
+            };
+            for _ in 0..max_in_flight.max(1) {
+                workers.spawn(work(sender.clone(), queue.clone()));
             }
         }
         drop(shared);
@@ -445,7 +486,7 @@ impl Dispatcher {
 }
 
 /// One output of a shared pattern: settles each batch it takes.
-async fn work(sender: Sender, queue: Arc<Mutex<mpsc::Receiver<Batch>>>) {
+async fn work(sender: Arc<Sender>, queue: Arc<Mutex<mpsc::Receiver<Batch>>>) {
     loop {
         let batch = queue.lock().await.recv().await;
         let Some(batch) = batch else { return };

@@ -141,6 +141,7 @@ pub struct Metrics {
     pub output_retries: Family<OutputLabels, Counter>,
     pub output_dead_lettered: Family<OutputLabels, Counter>,
     pub output_fallback_events: Family<OutputLabels, Counter>,
+    pub output_batches_in_flight: Family<OutputLabels, Gauge>,
     pub output_send_duration: Family<OutputLabels, Histogram>,
     pub output_lag: Family<OutputLabels, Gauge>,
     pub dead_letter_events: Family<OutputLabels, Gauge>,
@@ -186,6 +187,7 @@ impl Metrics {
             output_retries: Family::default(),
             output_dead_lettered: Family::default(),
             output_fallback_events: Family::default(),
+            output_batches_in_flight: Family::default(),
             output_send_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
@@ -318,6 +320,11 @@ impl Metrics {
             m.output_fallback_events.clone(),
         );
         registry.register(
+            "output_batches_in_flight",
+            "Batches sent to this output and not yet settled (at most maxInFlight)",
+            m.output_batches_in_flight.clone(),
+        );
+        registry.register(
             "output_send_duration_seconds",
             "Duration of one delivery attempt",
             m.output_send_duration.clone(),
@@ -385,6 +392,7 @@ impl Metrics {
         let _ = self.output_retries.get_or_create(&labels);
         let _ = self.output_dead_lettered.get_or_create(&labels);
         let _ = self.output_fallback_events.get_or_create(&labels);
+        let _ = self.output_batches_in_flight.get_or_create(&labels);
         let _ = self.output_send_duration.get_or_create(&labels);
         let _ = self.output_lag.get_or_create(&labels);
         let _ = self.dead_letter_events.get_or_create(&labels);

@@ -9,6 +9,7 @@
 
 mod events;
 mod fanout;
+mod keepup;
 mod load;
 mod machine;
 mod outage;
@@ -108,6 +109,7 @@ struct Results {
     drain: Option<Drain>,
     idle: Option<Idle>,
     fan_out: Option<FanOut>,
+    keep_up: Vec<keepup::KeepUp>,
     errors: Vec<String>,
 }
 
@@ -176,6 +178,7 @@ async fn run() -> anyhow::Result<bool> {
     let binary = sidecar_binary();
     let (mut ingest, mut half_rate, mut drain, mut idle) = (None, None, None, None);
     let mut fan_out = None;
+    let mut keep_up = Vec::new();
     match &binary {
         Err(e) => failed("sidecar", anyhow::anyhow!("{e:#}")),
         Ok(binary) => {
@@ -233,6 +236,23 @@ async fn run() -> anyhow::Result<bool> {
                 }
                 Err(e) => failed("idle", e),
             }
+            for run in &keepup::RUNS {
+                let dir = root.path().join(run.key);
+                match keepup::measure(binary, &dir, measured, run).await {
+                    Ok(r) => {
+                        println!(
+                            "keep up, {}: acked {:.0} events/s, delivered {:.0}/s during the load, everything {:.2} s \
+                             after it",
+                            run.label,
+                            r.acked_events_per_second,
+                            r.delivered_during_load_per_second,
+                            r.catch_up_seconds
+                        );
+                        keep_up.push(r);
+                    }
+                    Err(e) => failed("keep up", e),
+                }
+            }
             // Last, so PostgreSQL's writes cannot disturb the figures above.
             match fanout::measure_fan_out(
                 binary,
@@ -262,7 +282,7 @@ async fn run() -> anyhow::Result<bool> {
         }
     }
 
-    let figures = figures(
+    let figures: Vec<Figure> = figures(
         machine.cpus,
         &ceilings,
         ingest.as_ref(),
@@ -270,7 +290,10 @@ async fn run() -> anyhow::Result<bool> {
         drain.as_ref(),
         idle.as_ref(),
         fan_out.as_ref(),
-    );
+    )
+    .into_iter()
+    .chain(keepup::figures(&keep_up))
+    .collect();
     println!();
     print!("{}", report::table(&figures));
     let results = Results {
@@ -287,6 +310,7 @@ async fn run() -> anyhow::Result<bool> {
         drain,
         idle,
         fan_out,
+        keep_up,
         errors,
     };
     let path = results_path()?;

@@ -1,0 +1,91 @@
+//! Pipelined delivery (`maxInFlight`): an output has up to that many batches sent and not yet answered, each
+//! settled through the buffer's acknowledgement tracker, so a slow upstream does not make delivery one round trip
+//! per batch; `maxInFlight: 1` sends one batch at a time. Each event is delivered once either way.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tally_tests::events::id_of;
+use tally_tests::{Sidecar, TestUpstream, event, poll_until};
+
+const DELIVERY: Duration = Duration::from_secs(30);
+/// How long the upstream holds every answer back.
+const DELAY: Duration = Duration::from_millis(400);
+
+/// The most requests that arrived within less than one answer delay of each other: how many were in flight at
+/// once (a request can only follow one whose answer came back, at least `DELAY` after it arrived).
+fn most_at_once(arrivals: &[Instant]) -> usize {
+    let window = DELAY - Duration::from_millis(100);
+    arrivals
+        .iter()
+        .map(|start| {
+            arrivals
+                .iter()
+                .filter(|at| **at >= *start && at.duration_since(*start) < window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Sends `batches` batches' worth of events at once to a sidecar whose only output (batches of 10) answers after
+/// [`DELAY`]; returns the most requests the upstream had at once, once every event arrived exactly once.
+async fn deliver_through_slow_upstream(max_in_flight: usize, batches: usize) -> usize {
+    let upstream = TestUpstream::start().await;
+    upstream.set_delay(DELAY);
+    let sidecar = Sidecar::builder()
+        .openmeter_output("slow", &upstream.url())
+        .set(
+            "outputs.targets.0.batching",
+            json!({ "count": 10, "period": "50ms" }),
+        )
+        .set("outputs.targets.0.maxInFlight", json!(max_in_flight))
+        .start()
+        .await;
+    let events: Vec<_> = (0..batches * 10)
+        .map(|i| event(&format!("in-flight-{max_in_flight}-{i}")))
+        .collect();
+    sidecar.send_ok(&events).await;
+    if max_in_flight > 1 {
+        poll_until(
+            DELIVERY,
+            "the in-flight gauge to reach maxInFlight",
+            async || {
+                let held = sidecar
+                    .metric(r#"tally_output_batches_in_flight{output="slow"}"#)
+                    .await;
+                (held == max_in_flight as f64).then_some(())
+            },
+        )
+        .await;
+    }
+    upstream
+        .wait_delivered(events.iter().map(id_of), DELIVERY)
+        .await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for id in upstream.delivered_ids() {
+        *counts.entry(id).or_default() += 1;
+    }
+    for e in &events {
+        assert_eq!(
+            counts.get(id_of(e)),
+            Some(&1),
+            "{} delivered once",
+            id_of(e)
+        );
+    }
+    most_at_once(&upstream.attempt_times())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_keeps_up_to_max_in_flight_batches_outstanding() {
+    let at_once = deliver_through_slow_upstream(4, 12).await;
+    assert_eq!(at_once, 4, "4 batches in flight at once, never more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_1_sends_one_batch_at_a_time() {
+    let at_once = deliver_through_slow_upstream(1, 4).await;
+    assert_eq!(at_once, 1, "one batch at a time");
+}
