@@ -40,6 +40,9 @@ const RUN_AS_ROOT: i64 = 0;
 /// The longest pause between the agent's attempts to reach the collector: it is back within seconds of the
 /// collector, and one agent per node retrying costs little.
 const RETRY_MAX_SECONDS: u64 = 5;
+/// Batches the agent has in flight to the collector: enough to deliver a node's backlog quickly, few enough that
+/// the agents of many nodes stay well inside the collector's `ingest.maxConnections`.
+const MAX_IN_FLIGHT: usize = 16;
 /// How long the agent delivers after SIGTERM before it stops; what it still holds stays on the node directory for
 /// the next agent on that node.
 const SHUTDOWN_SECONDS: u64 = 10;
@@ -107,6 +110,7 @@ pub fn config(collector: &MeteringCollector) -> Config {
                     max_interval: HumanDuration(Duration::from_secs(RETRY_MAX_SECONDS)),
                     ..RetryPolicy::default()
                 },
+                max_in_flight: MAX_IN_FLIGHT,
                 ..OutputConfig::default()
             }],
         },

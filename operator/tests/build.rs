@@ -937,6 +937,8 @@ fn injected_sidecars_fall_back_to_the_node_agent_only_when_it_is_enabled() {
     let plain = tally_operator::inject::sidecar_config(&collector(COLLECTOR));
     assert_eq!(plain.outputs.pattern, BrokerPattern::FanOut);
     assert_eq!(plain.outputs.targets.len(), 1);
+    // Every sidecar shares the collector's connections: a few batches in flight each.
+    assert_eq!(plain.outputs.targets[0].max_in_flight, 4);
 
     let config = tally_operator::inject::sidecar_config(&collector(&with_node_agent("")));
     assert_eq!(config.outputs.pattern, BrokerPattern::Fallback);

@@ -416,8 +416,10 @@ fn default_true() -> bool {
 /// The upper bound of `maxInFlight`: each batch in flight holds its events in memory.
 pub const MAX_IN_FLIGHT: usize = 256;
 
+/// As Benthos's `http_client` output: enough batches in flight that the round trip, not the upstream, bounds a
+/// distant output, and few enough (64 × `batching.byteSize` at most) to bound the memory they hold.
 fn default_max_in_flight() -> usize {
-    8
+    64
 }
 
 fn default_output_timeout() -> HumanDuration {

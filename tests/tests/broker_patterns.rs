@@ -297,13 +297,17 @@ async fn greedy_delivers_each_event_once_mostly_to_the_free_output() {
     let slow = TestUpstream::start().await;
     let fast = TestUpstream::start().await;
     slow.set_delay(Duration::from_millis(300));
-    // The slow output is listed first, so "first output" is not what greedy means.
+    // The slow output is listed first, so "first output" is not what greedy means. One batch in
+    // flight each: "free" means an output with a free slot, and the slow one would otherwise have
+    // 64 of them, more than this test's 40 batches.
     let sidecar = Sidecar::builder()
         .pattern("greedy")
         .openmeter_output("slow", &slow.url())
         .openmeter_output("fast", &fast.url())
         .set("outputs.targets.0.batching.count", json!(10))
         .set("outputs.targets.1.batching.count", json!(10))
+        .set("outputs.targets.0.maxInFlight", json!(1))
+        .set("outputs.targets.1.maxInFlight", json!(1))
         .start()
         .await;
 

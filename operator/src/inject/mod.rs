@@ -69,6 +69,9 @@ pub const CONFIG_ENV: &str = "TALLY_CONFIG_YAML";
 pub const OPENMETER_URL_ENV: &str = "OPENMETER_URL";
 /// Namespaces that are never injected, whatever the flags and collectors say.
 pub const ALWAYS_EXCLUDED: &str = "kube-system";
+/// Batches an injected sidecar has in flight to the collector: a pod's usage is light, and every sidecar of the
+/// cluster shares the collector's `ingest.maxConnections` (one connection per batch in flight).
+const SIDECAR_MAX_IN_FLIGHT: usize = 4;
 /// The injected sidecar's output to the collector's node agent (`spec.nodeAgent`), after the collector itself.
 pub const NODE_AGENT_OUTPUT: &str = "node-agent";
 /// The unprivileged user and group the sidecar runs as (distroless `nonroot`).
@@ -276,6 +279,7 @@ pub fn sidecar_config(collector: &MeteringCollector) -> Config {
         name: "collector".into(),
         kind: OutputKind::Collector,
         url: Some(collector_url(collector)),
+        max_in_flight: SIDECAR_MAX_IN_FLIGHT,
         ..OutputConfig::default()
     }];
     let pattern = if collector.spec.node_agent.enabled {

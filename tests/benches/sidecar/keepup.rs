@@ -86,7 +86,7 @@ fn config(dir: &Path, port: u16, run: &Run) -> String {
     let count = run.count;
     let max_in_flight = run
         .max_in_flight
-        .map_or(String::new(), |n| format!(", maxInFlight: {n}"));
+        .map_or(String::new(), |n| format!("      maxInFlight: {n}\n"));
     format!(
         "listen: 127.0.0.1:0\n\
          dataDir: {data}\n\
@@ -98,7 +98,7 @@ fn config(dir: &Path, port: u16, run: &Run) -> String {
              - name: upstream\n      \
                type: openmeter\n      \
                url: http://127.0.0.1:{port}\n      \
-               batching: {{ count: {count}, period: 200ms }}{max_in_flight}\n",
+               batching: {{ count: {count}, period: 200ms }}\n{max_in_flight}",
         data = dir.join("data").display(),
     )
 }
