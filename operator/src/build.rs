@@ -317,16 +317,6 @@ fn stateful_set_spec(
         });
     }
 
-    let probe = |path: &str, period: i32| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::String(HTTP_PORT_NAME.into()),
-            ..HTTPGetAction::default()
-        }),
-        period_seconds: Some(period),
-        failure_threshold: Some(3),
-        ..Probe::default()
-    };
     let container = Container {
         name: CONTAINER_NAME.into(),
         image: Some(spec.image.clone()),
@@ -338,8 +328,8 @@ fn stateful_set_spec(
             ..ContainerPort::default()
         }]),
         startup_probe: Some(startup_probe(HTTP_PORT_NAME)),
-        liveness_probe: Some(probe("/healthz", 10)),
-        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(http_probe("/healthz", 10)),
+        readiness_probe: Some(http_probe("/readyz", 5)),
         resources: spec.resources.clone(),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -452,6 +442,21 @@ pub fn startup_probe(port_name: &str) -> Probe {
         }),
         period_seconds: Some(STARTUP_PERIOD_SECONDS),
         failure_threshold: Some(STARTUP_ALLOWANCE_SECONDS / STARTUP_PERIOD_SECONDS),
+        ..Probe::default()
+    }
+}
+
+/// A probe of a tally-sidecar container's `path` on its [`HTTP_PORT_NAME`] port, every `period` seconds, failing
+/// after 3 misses.
+pub fn http_probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(HTTP_PORT_NAME.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
         ..Probe::default()
     }
 }

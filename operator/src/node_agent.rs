@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, HostPathVolumeSource, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount,
+    Container, ContainerPort, EnvVar, HostPathVolumeSource, PodSpec, PodTemplateSpec, Service,
+    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -24,7 +23,7 @@ use tally_sidecar::config::{
     OutputKind, OutputsConfig, RetryPolicy,
 };
 
-use crate::build::{HTTP_PORT_NAME, startup_probe};
+use crate::build::{HTTP_PORT_NAME, http_probe, startup_probe};
 use crate::crd::MeteringCollector;
 use crate::inject::CONFIG_ENV;
 use crate::validate::ValidatedCollector;
@@ -149,26 +148,9 @@ pub fn build(validated: &ValidatedCollector) -> Option<NodeAgentObjects> {
         ..Service::default()
     };
 
-    let probe = |path: &str, period: i32| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::String(HTTP_PORT_NAME.into()),
-            ..HTTPGetAction::default()
-        }),
-        period_seconds: Some(period),
-        failure_threshold: Some(3),
-        ..Probe::default()
-    };
     let container = Container {
         name: CONTAINER_NAME.into(),
-        image: Some(
-            collector
-                .spec
-                .injection
-                .sidecar_image
-                .clone()
-                .unwrap_or_else(|| collector.spec.image.clone()),
-        ),
+        image: Some(crate::inject::sidecar_image(collector)),
         env: Some(vec![EnvVar {
             name: CONFIG_ENV.into(),
             value: Some(rendered),
@@ -181,26 +163,10 @@ pub fn build(validated: &ValidatedCollector) -> Option<NodeAgentObjects> {
             ..ContainerPort::default()
         }]),
         startup_probe: Some(startup_probe(HTTP_PORT_NAME)),
-        liveness_probe: Some(probe("/healthz", 10)),
-        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(http_probe("/healthz", 10)),
+        readiness_probe: Some(http_probe("/readyz", 5)),
         resources: collector.spec.node_agent.resources.clone(),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(RUN_AS_ROOT),
-            run_as_group: Some(RUN_AS_ROOT),
-            run_as_non_root: Some(false),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(crate::inject::locked_down(RUN_AS_ROOT)),
         volume_mounts: Some(vec![VolumeMount {
             name: "buffer".into(),
             mount_path: DATA_DIR.into(),

@@ -159,6 +159,18 @@ spec:
         eprintln!("[{:6.1}s] {what}", self.started.elapsed().as_secs_f64());
     }
 
+    /// Marks the node unschedulable (`kubectl cordon`) or schedulable again.
+    async fn cordon(&self, unschedulable: bool) {
+        Api::<k8s_openapi::api::core::v1::Node>::all(self.client.clone())
+            .patch(
+                NODE_NAME,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "unschedulable": unschedulable } })),
+            )
+            .await
+            .expect("cordoning the node");
+    }
+
     fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.client.clone(), &self.ns)
     }
@@ -353,7 +365,6 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
     let cluster = Cluster::start("rollout").await;
     cluster.progress("2 replicas ready; upstream down, load on");
     let Cluster {
-        client,
         upstream,
         collectors,
         ..
@@ -388,20 +399,6 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
 
     // `kubectl drain`: cordon, then evict through the Eviction API, which honours the PodDisruptionBudget
     // (maxUnavailable 1).
-    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
-    let cordon = |unschedulable: bool| {
-        let nodes = nodes.clone();
-        async move {
-            nodes
-                .patch(
-                    NODE_NAME,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({ "spec": { "unschedulable": unschedulable } })),
-                )
-                .await
-                .expect("cordoning the node")
-        }
-    };
     cluster.progress("cordoning and evicting meter-0");
     let meter_1_uid = cluster
         .pods()
@@ -410,7 +407,7 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
         .expect("meter-1")
         .metadata
         .uid;
-    tokio::time::timeout(WITHIN, cordon(true))
+    tokio::time::timeout(WITHIN, cluster.cordon(true))
         .await
         .expect("cordon hangs");
     cluster.progress("cordoned");
@@ -454,7 +451,7 @@ async fn a_rolling_update_and_a_node_drain_under_load_during_an_outage_lose_noth
     .await;
     // Uncordoning lets meter-0 back onto its buffer; then the budget allows meter-1's eviction.
     cluster.progress("uncordoning");
-    cordon(false).await;
+    cluster.cordon(false).await;
     cluster.wait_rolled_out(2).await;
     tokio::time::timeout(WITHIN, pods.evict("meter-1", &EvictParams::default()))
         .await
@@ -576,21 +573,7 @@ async fn a_deleted_pods_acknowledged_events_outlive_a_collector_outage_through_t
 
     // The collector goes down and stays down: the node is cordoned and its only pod deleted, so it is recreated
     // Pending.
-    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
-    let cordon = |unschedulable: bool| {
-        let nodes = nodes.clone();
-        async move {
-            nodes
-                .patch(
-                    NODE_NAME,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({ "spec": { "unschedulable": unschedulable } })),
-                )
-                .await
-                .expect("cordoning the node")
-        }
-    };
-    cordon(true).await;
+    cluster.cordon(true).await;
     let collector_pods = cluster.pods();
     let meter_0 = collector_pods
         .get("meter-0")
@@ -681,7 +664,7 @@ async fn a_deleted_pods_acknowledged_events_outlive_a_collector_outage_through_t
     ));
 
     // The collector comes back: the node agent delivers what the deleted pod acknowledged.
-    cordon(false).await;
+    cluster.cordon(false).await;
     cluster.wait_rolled_out(1).await;
     cluster.progress("collector back");
     cluster.assert_all_delivered(&stopped.acked).await;

@@ -324,6 +324,38 @@ pub fn collector_url(collector: &MeteringCollector) -> String {
     )
 }
 
+/// The image of the injected sidecar (and of the node agent): `injection.sidecarImage`, else the collector's.
+pub fn sidecar_image(collector: &MeteringCollector) -> String {
+    collector
+        .spec
+        .injection
+        .sidecar_image
+        .clone()
+        .unwrap_or_else(|| collector.spec.image.clone())
+}
+
+/// A container that runs as `user` (and group) and can do nothing more: no capabilities, no privilege escalation,
+/// a read-only root filesystem, the runtime's default seccomp profile. Non-root unless `user` is 0.
+pub fn locked_down(user: i64) -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(user != 0),
+        run_as_user: Some(user),
+        run_as_group: Some(user),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
 /// The injected native sidecar container.
 pub fn sidecar_container(collector: &MeteringCollector) -> Result<Container, InjectError> {
     let rendered = serde_yaml::to_string(&sidecar_config(collector)).map_err(|source| {
@@ -350,14 +382,7 @@ pub fn sidecar_container(collector: &MeteringCollector) -> Result<Container, Inj
     };
     Ok(Container {
         name: SIDECAR_NAME.into(),
-        image: Some(
-            collector
-                .spec
-                .injection
-                .sidecar_image
-                .clone()
-                .unwrap_or_else(|| collector.spec.image.clone()),
-        ),
+        image: Some(sidecar_image(collector)),
         restart_policy: Some("Always".into()),
         env: Some(vec![
             EnvVar {
@@ -388,23 +413,7 @@ pub fn sidecar_container(collector: &MeteringCollector) -> Result<Container, Inj
         liveness_probe: Some(probe("/healthz")),
         readiness_probe: Some(probe("/readyz")),
         resources: collector.spec.injection.resources.clone(),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUN_AS),
-            run_as_group: Some(RUN_AS),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(locked_down(RUN_AS)),
         volume_mounts: Some(vec![VolumeMount {
             name: BUFFER_VOLUME.into(),
             mount_path: SIDECAR_DATA_DIR.into(),
