@@ -54,6 +54,10 @@ $(IMAGES_DIR)/%-$(VERSION).tar: $(CARGO_TARGET_DIR)/release/% images/oci_image.p
 bench-outage: deps build ## the data directory during a 10-minute upstream outage at 5k events/s, beside buffer.maxBytes
 	$(CARGO_RELEASE) bench -p tally-tests --bench sidecar -- --outage
 
+.PHONY: bench-keep-up
+bench-keep-up: deps build ## only the keep-up runs: delivery against full-speed ingest at output batch counts 10, 100, 1000
+	$(CARGO_RELEASE) bench -p tally-tests --bench sidecar -- --keep-up
+
 build:
 	$(CARGO_RELEASE) build --release --workspace --bins
 

@@ -15,6 +15,7 @@
 //! [`Ticket`] for its range; the buffer moves the cursor once the batch and every batch before it
 //! are settled, so batches may settle in any order and nothing here moves a cursor.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +49,14 @@ pub fn backoff_delay(policy: &RetryPolicy, attempt: u32) -> Duration {
     initial + Duration::from_nanos(rand::rng().random_range(0..=spread))
 }
 
+/// A reader reads at least this many events at once (or [`READ_AHEAD_BYTES`]) when they are
+/// there, and cuts batches from what it holds: one RocksDB iterator per read is the dominant cost
+/// of a small batch, and reading a block once instead of once per batch keeps small batch counts
+/// on pace with ingest.
+const READ_AHEAD_EVENTS: usize = 1024;
+/// See [`READ_AHEAD_EVENTS`]; bounds the memory a reader holds beyond the batch it forms.
+const READ_AHEAD_BYTES: usize = 256 << 10;
+
 /// Forms batches from one consumer's position in the log.
 pub struct BatchReader {
     buffer: DurableBuffer,
@@ -62,7 +71,8 @@ pub struct BatchReader {
     read_pos: u64,
     /// Everything up to here has been handed out with a ticket.
     issued: u64,
-    pending: Vec<Record>,
+    /// Read and not handed out yet, in sequence order: the next batch and what was read ahead.
+    pending: VecDeque<Record>,
     pending_bytes: usize,
     deadline: Option<Instant>,
 }
@@ -90,7 +100,7 @@ impl BatchReader {
             gate,
             read_pos,
             issued: read_pos,
-            pending: Vec::new(),
+            pending: VecDeque::new(),
             pending_bytes: 0,
             deadline: None,
         }
@@ -112,19 +122,19 @@ impl BatchReader {
                 self.pending.retain(|r| r.seq > cursor);
                 self.pending_bytes = self.pending.iter().map(|r| r.json.len()).sum();
             }
-            if self.pending.len() < count && self.pending_bytes < max_bytes {
+            if !self.next_batch_len(count, max_bytes).1 {
                 let ceiling = self
                     .gate
                     .as_ref()
                     .map_or(u64::MAX, |gate| self.buffer.cursor(gate));
-                match self
-                    .read(
-                        ceiling,
-                        count - self.pending.len(),
-                        max_bytes - self.pending_bytes,
-                    )
-                    .await
-                {
+                // Not a full batch held, so both are below what is read ahead.
+                let events = count
+                    .max(READ_AHEAD_EVENTS)
+                    .saturating_sub(self.pending.len());
+                let bytes = max_bytes
+                    .max(READ_AHEAD_BYTES)
+                    .saturating_sub(self.pending_bytes);
+                match self.read(ceiling, events, bytes).await {
                     Ok(batch) => {
                         self.read_pos = self.read_pos.max(batch.last_scanned);
                         self.pending_bytes += batch.bytes;
@@ -162,7 +172,7 @@ impl BatchReader {
                 Some(due) => due,
                 None => *self.deadline.insert(now + self.period()),
             };
-            let full = self.pending.len() >= count || self.pending_bytes >= max_bytes;
+            let (len, full) = self.next_batch_len(count, max_bytes);
             if !full && !stopping && now < due {
                 tokio::select! {
                     _ = self.new_events.changed() => {}
@@ -173,13 +183,33 @@ impl BatchReader {
                 continue;
             }
             self.deadline = None;
-            self.pending_bytes = 0;
-            self.issued = self.read_pos;
+            let records: Vec<Record> = self.pending.drain(..len).collect();
+            self.pending_bytes -= records.iter().map(|r| r.json.len()).sum::<usize>();
+            // The ticket covers what lies before the next record held, skipped records included.
+            self.issued = self
+                .pending
+                .front()
+                .map_or(self.read_pos, |next| next.seq - 1);
             return Some(Batch {
-                records: std::mem::take(&mut self.pending),
-                ticket: self.buffer.issue(&self.consumer, self.read_pos),
+                records,
+                ticket: self.buffer.issue(&self.consumer, self.issued),
             });
         }
+    }
+
+    /// How many held records the next batch takes (at most `count`, and no more than
+    /// `max_bytes` unless one record alone is larger), and whether a limit ends it rather than
+    /// the end of what is held.
+    fn next_batch_len(&self, count: usize, max_bytes: usize) -> (usize, bool) {
+        let mut bytes = 0;
+        for (i, record) in self.pending.iter().enumerate() {
+            if i == count || (i > 0 && bytes + record.json.len() > max_bytes) {
+                return (i, true);
+            }
+            bytes += record.json.len();
+        }
+        let len = self.pending.len();
+        (len, len >= count || bytes >= max_bytes)
     }
 
     fn period(&self) -> Duration {
@@ -633,7 +663,96 @@ async fn settle_first(senders: &[Sender], health: &mut [Health], batch: Batch) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HumanDuration;
+    use crate::buffer::{Budget, BufferOptions};
+    use crate::config::{ByteSize, Durability, HumanDuration, WhenFull};
+    use crate::event::Event;
+
+    fn event(i: usize) -> Event {
+        Event {
+            source: "reader".into(),
+            id: format!("{i:04}"),
+            namespace: None,
+            has_namespace: false,
+            has_pod: false,
+            json: format!(r#"{{"id":"{i:04}"}}"#).into_bytes(),
+        }
+    }
+
+    /// Batches cut from what was read ahead: `count` and `byteSize` hold, and each ticket
+    /// covers its own records only, so settling one batch moves the cursor past it and no
+    /// further.
+    #[tokio::test]
+    async fn batches_cut_from_a_read_ahead_keep_their_limits_and_tickets() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (buffer, writer) = DurableBuffer::open(
+            BufferOptions {
+                dir: dir.path().to_path_buf(),
+                durability: Durability::None,
+                budget: Budget::new(1 << 30, None, None).expect("valid budget"),
+                when_full: WhenFull::Reject,
+                dedup_window_ms: 0,
+                outputs: vec!["out".into()],
+                shared: false,
+                max_lag: Vec::new(),
+                dead_letter_max_age_ms: 0,
+            },
+            Arc::new(Metrics::new()),
+        )
+        .expect("buffer opens");
+        buffer
+            .append((1..=25).map(event).collect())
+            .await
+            .expect("appended");
+        let (_stop, mut draining) = watch::channel(false);
+        let policy = BatchPolicy {
+            count: 10,
+            byte_size: ByteSize(1 << 20),
+            period: HumanDuration(Duration::from_millis(10)),
+            jitter: HumanDuration(Duration::ZERO),
+        };
+        let mut reader = BatchReader::new(buffer.clone(), "out", policy, None);
+        let mut batches = Vec::new();
+        for _ in 0..3 {
+            batches.push(reader.next(&mut draining).await.expect("a batch"));
+        }
+        let seqs: Vec<Vec<u64>> = batches
+            .iter()
+            .map(|b| b.records.iter().map(|r| r.seq).collect())
+            .collect();
+        assert_eq!(seqs[0], (1..=10).collect::<Vec<_>>());
+        assert_eq!(seqs[1], (11..=20).collect::<Vec<_>>());
+        assert_eq!(
+            seqs[2],
+            (21..=25).collect::<Vec<_>>(),
+            "the rest after the period"
+        );
+        let uptos: Vec<u64> = batches.iter().map(|b| b.ticket.upto()).collect();
+        assert_eq!(uptos, [10, 20, 25]);
+        let mut tickets = batches.into_iter().map(|b| b.ticket);
+        let first = tickets.next().expect("first ticket");
+        buffer
+            .settle(first, Settlement::Delivered)
+            .await
+            .expect("settled");
+        assert_eq!(buffer.cursor("out"), 10, "the first batch only");
+        drop((reader, tickets));
+
+        // byteSize: each record is 13 bytes, so 40 bytes take three.
+        let policy = BatchPolicy {
+            count: 10,
+            byte_size: ByteSize(40),
+            period: HumanDuration(Duration::from_millis(10)),
+            jitter: HumanDuration(Duration::ZERO),
+        };
+        let mut reader = BatchReader::new(buffer.clone(), "out", policy, None);
+        let batch = reader.next(&mut draining).await.expect("a batch");
+        let seqs: Vec<u64> = batch.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [11, 12, 13]);
+        assert_eq!(batch.ticket.upto(), 13);
+        drop((reader, batch));
+        drop(buffer);
+        writer.join();
+    }
 
     #[test]
     fn backoff_grows_within_bounds() {

@@ -82,6 +82,8 @@ fn main() -> ExitCode {
     };
     let phase = if std::env::args().any(|a| a == "--outage") {
         runtime.block_on(run_outage())
+    } else if std::env::args().any(|a| a == "--keep-up") {
+        runtime.block_on(run_keep_up())
     } else {
         runtime.block_on(run())
     };
@@ -125,16 +127,7 @@ struct Workload {
 
 /// Returns whether every phase ran (missed targets do not fail the run; failed phases do).
 async fn run() -> anyhow::Result<bool> {
-    let seconds = match std::env::var("TALLY_BENCH_SECONDS") {
-        Ok(s) => s
-            .parse::<f64>()
-            .ok()
-            .filter(|s| *s > 0.0 && *s <= 600.0)
-            .with_context(|| {
-                format!("TALLY_BENCH_SECONDS={s} is not a number of seconds in (0, 600]")
-            })?,
-        Err(_) => 10.0,
-    };
+    let seconds = measured_seconds()?;
     let measured = Duration::from_secs_f64(seconds);
     let root = bench_root()?;
     let machine = Machine::describe(root.path());
@@ -343,6 +336,48 @@ async fn run_outage() -> anyhow::Result<bool> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("\nresults: {}", path.display());
     Ok(outage.delivered >= outage.acknowledged)
+}
+
+/// How long each measured load runs: `TALLY_BENCH_SECONDS`, 10 by default.
+fn measured_seconds() -> anyhow::Result<f64> {
+    match std::env::var("TALLY_BENCH_SECONDS") {
+        Ok(s) => s
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s > 0.0 && *s <= 600.0)
+            .with_context(|| {
+                format!("TALLY_BENCH_SECONDS={s} is not a number of seconds in (0, 600]")
+            }),
+        Err(_) => Ok(10.0),
+    }
+}
+
+/// `make bench-keep-up`: only the keep-up runs (see [`keepup`]), for iterating on the delivery path;
+/// results go to `bench-keep-up-results.json` beside `bench-results.json`.
+async fn run_keep_up() -> anyhow::Result<bool> {
+    let root = bench_root()?;
+    let binary = sidecar_binary()?;
+    let measured = Duration::from_secs_f64(measured_seconds()?);
+    let mut runs = Vec::new();
+    for run in &keepup::RUNS {
+        let r = keepup::measure(&binary, &root.path().join(run.key), measured, run).await?;
+        println!(
+            "keep up, {}: acked {:.0} events/s, delivered {:.0}/s during the load, everything {:.2} s after it",
+            run.label,
+            r.acked_events_per_second,
+            r.delivered_during_load_per_second,
+            r.catch_up_seconds
+        );
+        runs.push(r);
+    }
+    println!();
+    print!("{}", report::table(&keepup::figures(&runs)));
+    let path = results_path()?.with_file_name("bench-keep-up-results.json");
+    let json = serde_json::to_string_pretty(&runs).context("cannot serialize the results")?;
+    std::fs::write(&path, json + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("\nresults: {}", path.display());
+    Ok(true)
 }
 
 /// A fresh directory for the run's data, under `TALLY_BENCH_DIR` or the temp dir.
