@@ -228,15 +228,18 @@ pub async fn drain(config: Config) -> anyhow::Result<DrainReport> {
     })
 }
 
-/// Runs the collector until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the collector until SIGTERM or SIGINT. The HTTP API runs on `ingest`, delivery on the
+/// current runtime (see `cli::ingest_runtime`).
+pub async fn run(config: Config, ingest: tokio::runtime::Handle) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let metrics = Arc::new(Metrics::new());
     let auth_token = config.ingest_token()?;
     let pod = config.pod_identity()?;
     let (buffer, writer) = DurableBuffer::open(buffer_options(&config), metrics.clone())?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    // Bound on the ingest runtime, so its connections are driven there.
+    let listener = ingest
+        .spawn(tokio::net::TcpListener::bind(config.listen))
+        .await?
         .with_context(|| format!("cannot listen on {} (config key `listen`)", config.listen))?;
     let local = listener.local_addr()?;
 
@@ -274,7 +277,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The server keeps answering (503 to ingest) while the outputs drain, so clients see a
     // clear refusal rather than a refused connection, and probes keep working.
     let (stop_server_tx, mut stop_server_rx) = watch::channel(false);
-    let mut server = tokio::spawn(crate::listener::serve(
+    let mut server = ingest.spawn(crate::listener::serve(
         listener,
         router(state.clone()),
         crate::listener::Limits::from_config(&config.ingest),
