@@ -58,6 +58,10 @@ bench-outage: deps build ## the data directory during a 10-minute upstream outag
 bench-keep-up: deps build ## only the keep-up runs: delivery against full-speed ingest at output batch counts 10, 100, 1000
 	$(CARGO_RELEASE) bench -p tally-tests --bench sidecar -- --keep-up
 
+.PHONY: bench-profiles
+bench-profiles: deps build ## only the footprints by buffer.profile: idle, 50k events/s, draining a 1 GiB backlog
+	$(CARGO_RELEASE) bench -p tally-tests --bench sidecar -- --profiles
+
 build:
 	$(CARGO_RELEASE) build --release --workspace --bins
 

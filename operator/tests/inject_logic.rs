@@ -436,6 +436,10 @@ fn the_sidecar_configuration_forwards_to_the_collector_service() {
     let yaml = serde_yaml::to_string(&config).expect("YAML");
     assert!(yaml.contains("format: json"), "{yaml}");
     assert!(yaml.contains("durability: sync"), "{yaml}");
+    assert!(
+        yaml.contains("profile: sidecar"),
+        "sized for a sidecar: {yaml}"
+    );
     assert_eq!(Config::parse(&yaml, "rendered").expect("valid"), config);
 }
 

@@ -36,6 +36,7 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
             )
         }),
         when_full: config.buffer.when_full,
+        profile: config.buffer.profile,
         dedup_window_ms: config.dedup.window.get().as_millis() as u64,
         outputs: config
             .outputs

@@ -193,6 +193,8 @@ pub struct BufferConfig {
     /// log and RocksDB's own files. At least 16Mi.
     pub max_bytes: ByteSize,
     pub when_full: WhenFull,
+    /// How much memory the buffer's storage may use: `collector` (the default) or `sidecar`.
+    pub profile: BufferProfile,
 }
 
 impl Default for BufferConfig {
@@ -200,8 +202,27 @@ impl Default for BufferConfig {
         BufferConfig {
             max_bytes: ByteSize(1024 * 1024 * 1024),
             when_full: WhenFull::Reject,
+            profile: BufferProfile::Collector,
         }
     }
+}
+
+/// How the buffer's storage (RocksDB's write buffers and block cache) is sized in memory. The
+/// operator chooses: `sidecar` for injected sidecars, `collector` for the collector StatefulSet
+/// and the node agents.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum BufferProfile {
+    /// Write buffers grow with `maxBytes` up to 32 MiB for the events, and an 8 MiB block
+    /// cache: the fewest flushes and compactions per event, for a process that serves many
+    /// senders.
+    #[default]
+    Collector,
+    /// Write buffers of at most 4 MiB and a 1 MiB block cache, for a process next to every
+    /// pod: more, smaller flushes in exchange for a footprint of tens of MiB.
+    Sidecar,
 }
 
 /// Retention of the dead-letter store: the oldest dead letters beyond either bound are deleted
@@ -1457,7 +1478,7 @@ dataDir: ./data
 durability: none
 ingest: { maxBodyBytes: 2Mi, authToken: secret }
 dedup: { window: 1h }
-buffer: { maxBytes: 64Mi, whenFull: dropOldest }
+buffer: { maxBytes: 64Mi, whenFull: dropOldest, profile: sidecar }
 outputs:
   pattern: fanOut
   targets:
@@ -1472,6 +1493,7 @@ outputs:
         assert_eq!(config.durability, Durability::None);
         assert_eq!(config.ingest.max_body_bytes, ByteSize(2 << 20));
         assert_eq!(config.buffer.when_full, WhenFull::DropOldest);
+        assert_eq!(config.buffer.profile, BufferProfile::Sidecar);
         let target = &config.outputs.targets[0];
         assert_eq!(target.batching.byte_size, ByteSize(512 << 10));
         assert_eq!(target.retry.max_elapsed.get(), Duration::from_secs(3600));

@@ -664,7 +664,7 @@ async fn settle_first(senders: &[Sender], health: &mut [Health], batch: Batch) {
 mod tests {
     use super::*;
     use crate::buffer::{Budget, BufferOptions};
-    use crate::config::{ByteSize, Durability, HumanDuration, WhenFull};
+    use crate::config::{BufferProfile, ByteSize, Durability, HumanDuration, WhenFull};
     use crate::event::Event;
 
     fn event(i: usize) -> Event {
@@ -690,6 +690,7 @@ mod tests {
                 durability: Durability::None,
                 budget: Budget::new(1 << 30, None, None).expect("valid budget"),
                 when_full: WhenFull::Reject,
+                profile: BufferProfile::Collector,
                 dedup_window_ms: 0,
                 outputs: vec!["out".into()],
                 shared: false,

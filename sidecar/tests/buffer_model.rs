@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use tally_sidecar::buffer::{
     Budget, BufferOptions, DurableBuffer, Settlement, Ticket, WriterThread,
 };
-use tally_sidecar::config::{Durability, WhenFull};
+use tally_sidecar::config::{BufferProfile, Durability, WhenFull};
 use tally_sidecar::event::Event;
 use tally_sidecar::metrics::Metrics;
 
@@ -73,6 +73,7 @@ fn open(dir: &std::path::Path) -> (DurableBuffer, WriterThread) {
             durability: Durability::None,
             budget: Budget::new(1 << 30, None, None).expect("valid budget"),
             when_full: WhenFull::Reject,
+            profile: BufferProfile::Collector,
             dedup_window_ms: 3_600_000,
             outputs: OUTPUTS.iter().map(|s| s.to_string()).collect(),
             shared: false,
@@ -348,6 +349,7 @@ fn open_shared(
             durability: Durability::Sync,
             budget: events_budget(max_bytes),
             when_full,
+            profile: BufferProfile::Sidecar,
             dedup_window_ms: 3_600_000,
             outputs: OUTPUTS.iter().map(|s| s.to_string()).collect(),
             shared: true,

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use tally_sidecar::buffer::{Budget, BufferOptions, DurableBuffer};
-use tally_sidecar::config::{Durability, WhenFull};
+use tally_sidecar::config::{BufferProfile, Durability, WhenFull};
 use tally_sidecar::event::Event;
 use tally_sidecar::metrics::Metrics;
 
@@ -20,6 +20,7 @@ fn options(dir: &Path) -> BufferOptions {
         durability: Durability::Sync,
         budget: Budget::new(1 << 30, None, None).expect("valid budget"),
         when_full: WhenFull::Reject,
+        profile: BufferProfile::Collector,
         dedup_window_ms: 0,
         outputs: vec!["up".into()],
         shared: false,

@@ -29,8 +29,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 use tally_sidecar::config::{
-    BrokerPattern, BufferConfig, ByteSize, Config, Durability, LogConfig, LogFormat, OutputConfig,
-    OutputKind, OutputsConfig, PodConfig, SecretSource,
+    BrokerPattern, BufferConfig, BufferProfile, ByteSize, Config, Durability, LogConfig, LogFormat,
+    OutputConfig, OutputKind, OutputsConfig, PodConfig, SecretSource,
 };
 
 use crate::crd::MeteringCollector;
@@ -303,6 +303,7 @@ pub fn sidecar_config(collector: &MeteringCollector) -> Config {
         },
         buffer: BufferConfig {
             max_bytes: ByteSize(BUFFER_MAX_BYTES),
+            profile: BufferProfile::Sidecar,
             ..BufferConfig::default()
         },
         pod: PodConfig {

@@ -16,6 +16,8 @@
 //! kubelet's emptyDir accounting sees): while it is over `maxBytes`, ingest is refused and
 //! space is reclaimed by compaction, so a mis-estimate cannot grow the directory unbounded.
 
+use crate::config::BufferProfile;
+
 /// The smallest `buffer.maxBytes` a buffer runs with.
 pub const MIN_MAX_BYTES: u64 = 16 << 20;
 /// The least room kept for the WAL and RocksDB's own files.
@@ -114,6 +116,53 @@ impl Budget {
     pub fn dedup_write_buffer(&self) -> u64 {
         (self.dedup / 8).clamp(1 << 20, 8 << 20)
     }
+
+    /// RocksDB's memory under `profile`. Each column family keeps at most two memtables (the
+    /// one written and the one being flushed).
+    pub fn memory(&self, profile: BufferProfile) -> Memory {
+        match profile {
+            BufferProfile::Collector => Memory {
+                events_write_buffer: self.events_write_buffer(),
+                dedup_write_buffer: self.dedup_write_buffer(),
+                dedup_file_size: 16 << 20,
+                small_write_buffer: 1 << 20,
+                compaction_readahead: 2 << 20,
+                block_cache: 8 << 20,
+                index_and_filters_in_cache: false,
+            },
+            BufferProfile::Sidecar => Memory {
+                events_write_buffer: self.events_write_buffer().min(SIDECAR_EVENTS_WRITE_BUFFER),
+                dedup_write_buffer: 1 << 20,
+                dedup_file_size: 2 << 20,
+                small_write_buffer: 256 << 10,
+                compaction_readahead: 256 << 10,
+                block_cache: 1 << 20,
+                index_and_filters_in_cache: true,
+            },
+        }
+    }
+}
+
+/// The events' largest memtable under the `sidecar` profile.
+const SIDECAR_EVENTS_WRITE_BUFFER: u64 = 4 << 20;
+
+/// RocksDB's memory sizes, in bytes; see [`Budget::memory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    pub events_write_buffer: u64,
+    pub dedup_write_buffer: u64,
+    /// The dedup index's largest file: a compaction holds 8 bytes per key of the file it
+    /// writes (for its filter), so this bounds that.
+    pub dedup_file_size: u64,
+    /// The memtable of the cursors, dead letters and quarantine.
+    pub small_write_buffer: u64,
+    /// What a compaction reads ahead of each input file (RocksDB's default is 2 MiB).
+    pub compaction_readahead: u64,
+    /// Shared by every column family.
+    pub block_cache: u64,
+    /// Files' index and filter blocks live in the block cache, bounded by it, rather than in
+    /// memory beside it for as long as the file is open.
+    pub index_and_filters_in_cache: bool,
 }
 
 #[cfg(test)]

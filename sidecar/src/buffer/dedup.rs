@@ -5,6 +5,7 @@
 
 use rocksdb::{BlockBasedOptions, DB, DBCompressionType, Options, compaction_filter::Decision};
 
+use super::budget::Memory;
 use super::codec::{dedup_key, u64_value};
 use super::open::{CF_DEDUP, cf};
 use super::space::{DedupFilter, Removal};
@@ -16,10 +17,13 @@ use crate::event::Event;
 pub(super) fn options(
     filter: Option<&DedupFilter>,
     table: &BlockBasedOptions,
-    write_buffer: usize,
+    memory: &Memory,
 ) -> Options {
     let mut dedup = Options::default();
-    dedup.set_write_buffer_size(write_buffer);
+    dedup.set_write_buffer_size(memory.dedup_write_buffer as usize);
+    // A compaction holds every key's hash of the file it writes until the file's filter is
+    // built: the file size bounds that memory.
+    dedup.set_target_file_size_base(memory.dedup_file_size);
     dedup.set_compression_type(DBCompressionType::Lz4);
     dedup.set_block_based_table_factory(table);
     if let Some(filter) = filter.filter(|f| f.window_ms > 0).cloned() {

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Durability, WhenFull};
+use crate::config::{BufferProfile, Durability, WhenFull};
 use crate::event::Event;
 use crate::metrics::Metrics;
 
@@ -98,6 +98,8 @@ pub struct BufferOptions {
     /// How `buffer.maxBytes` is shared out; see [`budget`].
     pub budget: Budget,
     pub when_full: WhenFull,
+    /// How RocksDB is sized in memory.
+    pub profile: BufferProfile,
     /// Dedup window in milliseconds; 0 disables dedup.
     pub dedup_window_ms: u64,
     /// The configured outputs.

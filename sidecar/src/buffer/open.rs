@@ -25,7 +25,7 @@ use super::budget::Budget;
 use super::codec::{Damage, cursor_key, decode_record, key_seq, seq_key, u64_value};
 use super::space::{DedupFilter, Space};
 use super::{BufferError, BufferOptions, Inner, ReadBatch, Record, SHARED_CONSUMER, dead_letter};
-use crate::config::Durability;
+use crate::config::{BufferProfile, Durability};
 use crate::metrics::Metrics;
 
 pub(super) const CF_EVENTS: &str = "events";
@@ -46,11 +46,16 @@ pub(super) fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, BufferE
     })
 }
 
+/// The events' data block size.
+const EVENTS_BLOCK_SIZE: usize = 32 << 10;
+
 /// RocksDB's options, sized by the budget (see [`super::budget`]).
 pub(super) fn db_options(
     budget: &Budget,
+    profile: BufferProfile,
     dedup_filter: Option<&DedupFilter>,
 ) -> Result<(Options, Vec<ColumnFamilyDescriptor>), BufferError> {
+    let memory = budget.memory(profile);
     let mut db_opts = Options::default();
     // On a small node, compactions must not take CPU or disk time from acknowledging writes:
     // run them at lower priority, and write SST files back incrementally so a flush does not
@@ -63,6 +68,7 @@ pub(super) fn db_options(
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
     db_opts.set_max_background_jobs(2);
+    db_opts.set_compaction_readahead_size(memory.compaction_readahead as usize);
     // RocksDB's info log counts against maxBytes too: two files of at most 1 MiB.
     db_opts.set_keep_log_file_num(2);
     db_opts.set_max_log_file_size(1 << 20);
@@ -71,20 +77,35 @@ pub(super) fn db_options(
     // RocksDB preallocates each WAL file by the default column family's write buffer size;
     // that family is unused, and a small size lets the buffer open on a nearly full disk.
     db_opts.set_write_buffer_size(1 << 20);
-    let cache = Cache::new_lru_cache(8 << 20);
-    let mut table = BlockBasedOptions::default();
-    table.set_block_cache(&cache);
+    let cache = Cache::new_lru_cache(memory.block_cache as usize);
+    let table_options = || {
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        if memory.index_and_filters_in_cache {
+            // Bounded by the cache instead of growing with the files; the newest files'
+            // blocks stay, so reads of recent events and dedup lookups do not go to disk.
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        }
+        table
+    };
+    // Dedup lookups are point reads: a bloom filter saves reading a file's blocks.
+    let mut table = table_options();
     table.set_bloom_filter(10.0, false);
 
+    // Events are only ever scanned in order: no filter, and large blocks, so the index (one
+    // entry per block) stays small and compression sees more at once.
+    let mut events_table = table_options();
+    events_table.set_block_size(EVENTS_BLOCK_SIZE);
     let mut events = Options::default();
-    events.set_write_buffer_size(budget.events_write_buffer() as usize);
+    events.set_write_buffer_size(memory.events_write_buffer as usize);
     events.set_compression_type(DBCompressionType::Lz4);
-    events.set_block_based_table_factory(&table);
+    events.set_block_based_table_factory(&events_table);
 
-    let dedup = super::dedup::options(dedup_filter, &table, budget.dedup_write_buffer() as usize);
+    let dedup = super::dedup::options(dedup_filter, &table, &memory);
 
     let mut small = Options::default();
-    small.set_write_buffer_size(1 << 20);
+    small.set_write_buffer_size(memory.small_write_buffer as usize);
     small.set_block_based_table_factory(&table);
 
     let cfs = vec![
@@ -170,7 +191,7 @@ pub(super) fn open_db(
     dedup_filter: Option<&DedupFilter>,
 ) -> Result<DB, BufferError> {
     let dir = &options.dir;
-    let (db_opts, cfs) = db_options(&options.budget, dedup_filter)?;
+    let (db_opts, cfs) = db_options(&options.budget, options.profile, dedup_filter)?;
     match DB::open_cf_descriptors(&db_opts, dir, cfs) {
         Ok(db) => Ok(db),
         Err(e) if is_corruption(&e) => {
@@ -180,7 +201,7 @@ pub(super) fn open_db(
                 dir: dir.clone(),
                 source,
             })?;
-            let (db_opts, cfs) = db_options(&options.budget, dedup_filter)?;
+            let (db_opts, cfs) = db_options(&options.budget, options.profile, dedup_filter)?;
             DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| BufferError::Open {
                 dir: dir.clone(),
                 source,
@@ -261,7 +282,7 @@ pub(super) fn open_read_only(options: BufferOptions) -> Result<Inner, BufferErro
     // Read again from the newer MANIFEST a few times before believing it.
     let mut attempt = 0;
     let db = loop {
-        let (db_opts, mut cfs) = db_options(&options.budget, None)?;
+        let (db_opts, mut cfs) = db_options(&options.budget, options.profile, None)?;
         let existing = DB::list_cf(&Options::default(), &dir).unwrap_or_default();
         cfs.retain(|c| existing.iter().any(|name| name == c.name()));
         match DB::open_cf_descriptors_read_only(&db_opts, &dir, cfs, false) {
@@ -536,7 +557,7 @@ pub fn repair(options: BufferOptions) -> Result<u64, BufferError> {
             found: "nothing: the directory is missing or empty".into(),
         });
     }
-    let (db_opts, _) = db_options(&options.budget, None)?;
+    let (db_opts, _) = db_options(&options.budget, options.profile, None)?;
     DB::repair(&db_opts, &options.dir).map_err(|source| BufferError::Open {
         dir: options.dir.clone(),
         source,

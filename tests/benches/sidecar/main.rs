@@ -14,6 +14,7 @@ mod load;
 mod machine;
 mod outage;
 mod process;
+mod profile;
 mod report;
 mod sink;
 
@@ -84,6 +85,8 @@ fn main() -> ExitCode {
         runtime.block_on(run_outage())
     } else if std::env::args().any(|a| a == "--keep-up") {
         runtime.block_on(run_keep_up())
+    } else if std::env::args().any(|a| a == "--profiles") {
+        runtime.block_on(run_profiles())
     } else {
         runtime.block_on(run())
     };
@@ -112,6 +115,7 @@ struct Results {
     idle: Option<Idle>,
     fan_out: Option<FanOut>,
     keep_up: Vec<keepup::KeepUp>,
+    footprints: Vec<profile::Footprint>,
     errors: Vec<String>,
 }
 
@@ -172,6 +176,7 @@ async fn run() -> anyhow::Result<bool> {
     let (mut ingest, mut half_rate, mut drain, mut idle) = (None, None, None, None);
     let mut fan_out = None;
     let mut keep_up = Vec::new();
+    let mut footprints = Vec::new();
     match &binary {
         Err(e) => failed("sidecar", anyhow::anyhow!("{e:#}")),
         Ok(binary) => {
@@ -246,6 +251,15 @@ async fn run() -> anyhow::Result<bool> {
                     Err(e) => failed("keep up", e),
                 }
             }
+            for p in &profile::PROFILES {
+                match profile::measure(binary, &root.path().join(p.name), measured, p).await {
+                    Ok(r) => {
+                        print_footprint(&r);
+                        footprints.push(r);
+                    }
+                    Err(e) => failed("profile", e),
+                }
+            }
             // Last, so PostgreSQL's writes cannot disturb the figures above.
             match fanout::measure_fan_out(
                 binary,
@@ -286,6 +300,7 @@ async fn run() -> anyhow::Result<bool> {
     )
     .into_iter()
     .chain(keepup::figures(&keep_up))
+    .chain(profile::figures(&footprints))
     .collect();
     println!();
     print!("{}", report::table(&figures));
@@ -304,6 +319,7 @@ async fn run() -> anyhow::Result<bool> {
         idle,
         fan_out,
         keep_up,
+        footprints,
         errors,
     };
     let path = results_path()?;
@@ -378,6 +394,45 @@ async fn run_keep_up() -> anyhow::Result<bool> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("\nresults: {}", path.display());
     Ok(true)
+}
+
+/// `make bench-profiles`: only the footprints by `buffer.profile` (see [`profile`]); results go to
+/// `bench-profiles-results.json` beside `bench-results.json`.
+async fn run_profiles() -> anyhow::Result<bool> {
+    let root = bench_root()?;
+    let binary = sidecar_binary()?;
+    let measured = Duration::from_secs_f64(measured_seconds()?);
+    let mut runs = Vec::new();
+    for p in &profile::PROFILES {
+        let r = profile::measure(&binary, &root.path().join(p.name), measured, p).await?;
+        print_footprint(&r);
+        runs.push(r);
+    }
+    println!();
+    print!("{}", report::table(&profile::figures(&runs)));
+    let path = results_path()?.with_file_name("bench-profiles-results.json");
+    let json = serde_json::to_string_pretty(&runs).context("cannot serialize the results")?;
+    std::fs::write(&path, json + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("\nresults: {}", path.display());
+    Ok(true)
+}
+
+fn print_footprint(r: &profile::Footprint) {
+    println!(
+        "profile {}: idle {:.1} MiB; at {:.0} events/s peak {:.1} MiB, {:.1} CPU-s per 1M events; 1 GiB backlog \
+         ({} events) filled in {:.1} s (peak {:.1} MiB), drained in {:.1} s at most {:.1} MiB",
+        r.profile,
+        r.idle_rss_mib,
+        r.paced_acked_events_per_second,
+        r.paced_peak_rss_mib,
+        r.paced_cpu_seconds_per_million_events,
+        r.backlog_events,
+        r.backlog_fill_seconds,
+        r.backlog_fill_peak_rss_mib,
+        r.backlog_drain_seconds,
+        r.backlog_drain_peak_rss_mib
+    );
 }
 
 /// A fresh directory for the run's data, under `TALLY_BENCH_DIR` or the temp dir.
