@@ -114,11 +114,13 @@ impl BatchReader {
         loop {
             self.new_events.borrow_and_update();
             self.cursor_moves.borrow_and_update();
-            // Another task (maxLag) may have moved the cursor past what this reader holds.
+            // Another task (maxLag) may have moved the cursor past what this reader handed out,
+            // into or past what it read ahead: those events went to the dead-letter store, so
+            // they are not sent. (Settles alone never move the cursor past `issued`.)
             let cursor = self.buffer.cursor(&self.consumer);
-            if cursor > self.read_pos {
-                self.read_pos = cursor;
-                self.issued = self.issued.max(cursor);
+            if cursor > self.issued {
+                self.read_pos = self.read_pos.max(cursor);
+                self.issued = cursor;
                 self.pending.retain(|r| r.seq > cursor);
                 self.pending_bytes = self.pending.iter().map(|r| r.json.len()).sum();
             }
@@ -663,7 +665,7 @@ async fn settle_first(senders: &[Sender], health: &mut [Health], batch: Batch) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::{Budget, BufferOptions};
+    use crate::buffer::{Budget, BufferOptions, WriterThread};
     use crate::config::{BufferProfile, ByteSize, Durability, HumanDuration, WhenFull};
     use crate::event::Event;
 
@@ -678,15 +680,13 @@ mod tests {
         }
     }
 
-    /// Batches cut from what was read ahead: `count` and `byteSize` hold, and each ticket
-    /// covers its own records only, so settling one batch moves the cursor past it and no
-    /// further.
-    #[tokio::test]
-    async fn batches_cut_from_a_read_ahead_keep_their_limits_and_tickets() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (buffer, writer) = DurableBuffer::open(
+    fn open_buffer(
+        dir: &std::path::Path,
+        max_lag: Vec<(String, u64)>,
+    ) -> (DurableBuffer, WriterThread) {
+        DurableBuffer::open(
             BufferOptions {
-                dir: dir.path().to_path_buf(),
+                dir: dir.to_path_buf(),
                 durability: Durability::None,
                 budget: Budget::new(1 << 30, None, None).expect("valid budget"),
                 when_full: WhenFull::Reject,
@@ -694,24 +694,69 @@ mod tests {
                 dedup_window_ms: 0,
                 outputs: vec!["out".into()],
                 shared: false,
-                max_lag: Vec::new(),
+                max_lag,
                 dead_letter_max_age_ms: 0,
             },
             Arc::new(Metrics::new()),
         )
-        .expect("buffer opens");
+        .expect("buffer opens")
+    }
+
+    fn policy(count: usize, byte_size: u64) -> BatchPolicy {
+        BatchPolicy {
+            count,
+            byte_size: ByteSize(byte_size),
+            period: HumanDuration(Duration::from_millis(10)),
+            jitter: HumanDuration(Duration::ZERO),
+        }
+    }
+
+    /// `maxLag` moves events the reader already read ahead to the dead-letter store: the reader
+    /// drops them instead of sending them too.
+    #[tokio::test]
+    async fn events_max_lag_moved_out_of_a_read_ahead_are_not_sent() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (buffer, writer) = open_buffer(dir.path(), vec![("out".into(), 30)]);
         buffer
             .append((1..=25).map(event).collect())
             .await
             .expect("appended");
         let (_stop, mut draining) = watch::channel(false);
-        let policy = BatchPolicy {
-            count: 10,
-            byte_size: ByteSize(1 << 20),
-            period: HumanDuration(Duration::from_millis(10)),
-            jitter: HumanDuration(Duration::ZERO),
-        };
-        let mut reader = BatchReader::new(buffer.clone(), "out", policy, None);
+        let mut reader = BatchReader::new(buffer.clone(), "out", policy(10, 1 << 20), None);
+        let first = reader.next(&mut draining).await.expect("a batch");
+        assert_eq!(first.ticket.upto(), 10, "11..=25 are held, read ahead");
+        // 45 buffered, then one more append finds the output 45 behind, over its maxLag of 30.
+        buffer
+            .append((26..=45).map(event).collect())
+            .await
+            .expect("appended");
+        buffer.append(vec![event(46)]).await.expect("appended");
+        let cursor = buffer.cursor("out");
+        assert!(
+            cursor > 10,
+            "maxLag moved the cursor into the read-ahead: {cursor}"
+        );
+        let next = reader.next(&mut draining).await.expect("a batch");
+        let seqs: Vec<u64> = next.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs.first(), Some(&(cursor + 1)), "{seqs:?}");
+        drop((reader, first, next));
+        drop(buffer);
+        writer.join();
+    }
+
+    /// Batches cut from what was read ahead: `count` and `byteSize` hold, and each ticket
+    /// covers its own records only, so settling one batch moves the cursor past it and no
+    /// further.
+    #[tokio::test]
+    async fn batches_cut_from_a_read_ahead_keep_their_limits_and_tickets() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (buffer, writer) = open_buffer(dir.path(), Vec::new());
+        buffer
+            .append((1..=25).map(event).collect())
+            .await
+            .expect("appended");
+        let (_stop, mut draining) = watch::channel(false);
+        let mut reader = BatchReader::new(buffer.clone(), "out", policy(10, 1 << 20), None);
         let mut batches = Vec::new();
         for _ in 0..3 {
             batches.push(reader.next(&mut draining).await.expect("a batch"));
@@ -739,13 +784,7 @@ mod tests {
         drop((reader, tickets));
 
         // byteSize: each record is 13 bytes, so 40 bytes take three.
-        let policy = BatchPolicy {
-            count: 10,
-            byte_size: ByteSize(40),
-            period: HumanDuration(Duration::from_millis(10)),
-            jitter: HumanDuration(Duration::ZERO),
-        };
-        let mut reader = BatchReader::new(buffer.clone(), "out", policy, None);
+        let mut reader = BatchReader::new(buffer.clone(), "out", policy(10, 40), None);
         let batch = reader.next(&mut draining).await.expect("a batch");
         let seqs: Vec<u64> = batch.records.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [11, 12, 13]);
