@@ -234,32 +234,37 @@ const INGEST_NICENESS: libc::c_int = 10;
 /// on a saturated CPU the sidecar spends its time getting events out before taking more in:
 /// full-speed ingest would otherwise starve delivery and grow the buffer without end. Ingest
 /// still gets every cycle delivery leaves (an outage, a slow upstream).
+fn lower_priority() {
+    // Linux applies a thread id's niceness to that thread only; raising it needs no privilege.
+    // If it fails, ingest merely keeps an equal share.
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority and gettid only read their integer arguments.
+        let done = unsafe {
+            libc::setpriority(
+                libc::PRIO_PROCESS,
+                libc::gettid() as libc::id_t,
+                INGEST_NICENESS,
+            )
+        };
+        if done != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the ingest threads' priority");
+        }
+    }
+}
+
 fn ingest_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tally-ingest")
         .max_blocking_threads(16)
-        .on_thread_start(|| {
-            // Linux applies a thread id's niceness to that thread only; raising it needs no
-            // privilege. If it fails, ingest merely keeps an equal share.
-            // SAFETY: setpriority and gettid only read their integer arguments.
-            let done = unsafe {
-                libc::setpriority(
-                    libc::PRIO_PROCESS,
-                    libc::gettid() as libc::id_t,
-                    INGEST_NICENESS,
-                )
-            };
-            if done != 0 {
-                tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the ingest threads' priority");
-            }
-        })
+        .on_thread_start(lower_priority)
         .build()
         .context("cannot start the ingest runtime")
 }
 
 /// Under `buffer.profile: sidecar`, glibc's malloc is held to a small footprint. Must run before
-/// any thread starts.
+/// any other thread starts (logging starts none).
 /// - At most two arenas instead of one per allocating thread (up to eight per core): memory
 ///   freed by one thread is reused by the others instead of sitting in its own arena.
 /// - Blocks of 256 KiB and more (memtable arena blocks, read-ahead buffers) are mapped on their
@@ -285,8 +290,8 @@ fn limit_malloc(config: &Config) {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    limit_malloc(&config);
     init_logging(&config);
+    limit_malloc(&config);
     let ingest = ingest_runtime()?;
     let result = runtime()?.block_on(collector::run(config, ingest.handle().clone()));
     // Connections still open hold nothing acknowledged: their requests were answered or failed.

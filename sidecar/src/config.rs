@@ -194,6 +194,9 @@ pub struct BufferConfig {
     pub max_bytes: ByteSize,
     pub when_full: WhenFull,
     /// How much memory the buffer's storage may use: `collector` (the default) or `sidecar`.
+    /// Left out when rendered at its default, so a rendered collector configuration still
+    /// reads in a sidecar older than the key.
+    #[serde(skip_serializing_if = "BufferProfile::is_collector")]
     pub profile: BufferProfile,
 }
 
@@ -217,12 +220,19 @@ impl Default for BufferConfig {
 pub enum BufferProfile {
     /// Write buffers grow with `maxBytes` up to 32 MiB for the events, and an 8 MiB block
     /// cache: the fewest flushes and compactions per event, for a process that serves many
-    /// senders.
+    /// senders. (In both profiles the events are stored in 32 KiB blocks without a bloom
+    /// filter, since they are only scanned, and dedup index files are kept small: 16 MiB here.)
     #[default]
     Collector,
     /// Write buffers of at most 4 MiB and a 1 MiB block cache, for a process next to every
     /// pod: more, smaller flushes in exchange for a footprint of tens of MiB.
     Sidecar,
+}
+
+impl BufferProfile {
+    fn is_collector(&self) -> bool {
+        *self == BufferProfile::Collector
+    }
 }
 
 /// Retention of the dead-letter store: the oldest dead letters beyond either bound are deleted

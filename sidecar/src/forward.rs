@@ -49,12 +49,13 @@ pub fn backoff_delay(policy: &RetryPolicy, attempt: u32) -> Duration {
     initial + Duration::from_nanos(rand::rng().random_range(0..=spread))
 }
 
-/// A reader reads at least this many events at once (or [`READ_AHEAD_BYTES`]) when they are
-/// there, and cuts batches from what it holds: one RocksDB iterator per read is the dominant cost
-/// of a small batch, and reading a block once instead of once per batch keeps small batch counts
-/// on pace with ingest.
+/// A reader holds up to a batch or this many events, whichever is more (and up to a batch's
+/// `byteSize` or [`READ_AHEAD_BYTES`], whichever is more), reading them at once when they are
+/// there, and cuts batches from what it holds: one RocksDB iterator per read was the dominant
+/// cost of a small batch, and reading a block once instead of once per batch keeps small batch
+/// counts on pace with ingest.
 const READ_AHEAD_EVENTS: usize = 1024;
-/// See [`READ_AHEAD_EVENTS`]; bounds the memory a reader holds beyond the batch it forms.
+/// See [`READ_AHEAD_EVENTS`].
 const READ_AHEAD_BYTES: usize = 256 << 10;
 
 /// Forms batches from one consumer's position in the log.
@@ -114,16 +115,7 @@ impl BatchReader {
         loop {
             self.new_events.borrow_and_update();
             self.cursor_moves.borrow_and_update();
-            // Another task (maxLag) may have moved the cursor past what this reader handed out,
-            // into or past what it read ahead: those events went to the dead-letter store, so
-            // they are not sent. (Settles alone never move the cursor past `issued`.)
-            let cursor = self.buffer.cursor(&self.consumer);
-            if cursor > self.issued {
-                self.read_pos = self.read_pos.max(cursor);
-                self.issued = cursor;
-                self.pending.retain(|r| r.seq > cursor);
-                self.pending_bytes = self.pending.iter().map(|r| r.json.len()).sum();
-            }
+            self.drop_skipped();
             if !self.next_batch_len(count, max_bytes).1 {
                 let ceiling = self
                     .gate
@@ -141,6 +133,8 @@ impl BatchReader {
                         self.read_pos = self.read_pos.max(batch.last_scanned);
                         self.pending_bytes += batch.bytes;
                         self.pending.extend(batch.records);
+                        // The writer may have skipped while the read ran.
+                        self.drop_skipped();
                     }
                     Err(e) => {
                         tracing::error!(consumer = %self.consumer, error = %e, "cannot read the buffer; retrying in 1s");
@@ -196,6 +190,24 @@ impl BatchReader {
                 records,
                 ticket: self.buffer.issue(&self.consumer, self.issued),
             });
+        }
+    }
+
+    /// Another task (`maxLag`) may have moved the cursor past what this reader handed out, into
+    /// or past what it read ahead: those events went to the dead-letter store, so they are
+    /// dropped here rather than sent too. Settles alone never move the cursor past `issued`. A
+    /// batch handed out before the skip is still sent, as are batches in flight.
+    fn drop_skipped(&mut self) {
+        let cursor = self.buffer.cursor(&self.consumer);
+        if cursor > self.issued {
+            self.read_pos = self.read_pos.max(cursor);
+            self.issued = cursor;
+            self.pending.retain(|r| r.seq > cursor);
+            self.pending_bytes = self.pending.iter().map(|r| r.json.len()).sum();
+            if self.pending.is_empty() {
+                // The period runs from the first event of a batch, not of one that is gone.
+                self.deadline = None;
+            }
         }
     }
 
@@ -781,15 +793,30 @@ mod tests {
             .await
             .expect("settled");
         assert_eq!(buffer.cursor("out"), 10, "the first batch only");
-        drop((reader, tickets));
+        for ticket in tickets {
+            buffer
+                .settle(ticket, Settlement::Delivered)
+                .await
+                .expect("settled");
+        }
+        assert_eq!(buffer.cursor("out"), 25);
+        drop(reader);
+        buffer
+            .append((26..=35).map(event).collect())
+            .await
+            .expect("appended");
 
         // byteSize: each record is 13 bytes, so 40 bytes take three.
         let mut reader = BatchReader::new(buffer.clone(), "out", policy(10, 40), None);
         let batch = reader.next(&mut draining).await.expect("a batch");
         let seqs: Vec<u64> = batch.records.iter().map(|r| r.seq).collect();
-        assert_eq!(seqs, [11, 12, 13]);
-        assert_eq!(batch.ticket.upto(), 13);
-        drop((reader, batch));
+        assert_eq!(seqs, [26, 27, 28]);
+        buffer
+            .settle(batch.ticket, Settlement::Delivered)
+            .await
+            .expect("settled");
+        assert_eq!(buffer.cursor("out"), 28, "the three records only");
+        drop(reader);
         drop(buffer);
         writer.join();
     }

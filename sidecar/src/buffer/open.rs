@@ -82,8 +82,9 @@ pub(super) fn db_options(
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);
         if memory.index_and_filters_in_cache {
-            // Bounded by the cache instead of growing with the files; the newest files'
-            // blocks stay, so reads of recent events and dedup lookups do not go to disk.
+            // Held in the cache instead of beside it for as long as a file is open, so they
+            // do not grow with the files; the newest (level-0) files' blocks are pinned there,
+            // so reads of recent events and dedup lookups do not go to disk.
             table.set_cache_index_and_filter_blocks(true);
             table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         }
