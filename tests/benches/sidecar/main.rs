@@ -238,14 +238,7 @@ async fn run() -> anyhow::Result<bool> {
                 let dir = root.path().join(run.key);
                 match keepup::measure(binary, &dir, measured, run).await {
                     Ok(r) => {
-                        println!(
-                            "keep up, {}: acked {:.0} events/s, delivered {:.0}/s during the load, everything {:.2} s \
-                             after it",
-                            run.label,
-                            r.acked_events_per_second,
-                            r.delivered_during_load_per_second,
-                            r.catch_up_seconds
-                        );
+                        print_keep_up(run, &r);
                         keep_up.push(r);
                     }
                     Err(e) => failed("keep up", e),
@@ -346,11 +339,7 @@ async fn run_outage() -> anyhow::Result<bool> {
     println!();
     print!("{}", report::table(&figures));
     let outage = result?;
-    let path = results_path()?.with_file_name("bench-outage-results.json");
-    let json = serde_json::to_string_pretty(&outage).context("cannot serialize the results")?;
-    std::fs::write(&path, json + "\n")
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("\nresults: {}", path.display());
+    write_results("bench-outage-results.json", &outage)?;
     Ok(outage.delivered >= outage.acknowledged)
 }
 
@@ -377,23 +366,33 @@ async fn run_keep_up() -> anyhow::Result<bool> {
     let mut runs = Vec::new();
     for run in &keepup::RUNS {
         let r = keepup::measure(&binary, &root.path().join(run.key), measured, run).await?;
-        println!(
-            "keep up, {}: acked {:.0} events/s, delivered {:.0}/s during the load, everything {:.2} s after it",
-            run.label,
-            r.acked_events_per_second,
-            r.delivered_during_load_per_second,
-            r.catch_up_seconds
-        );
+        print_keep_up(run, &r);
         runs.push(r);
     }
     println!();
     print!("{}", report::table(&keepup::figures(&runs)));
-    let path = results_path()?.with_file_name("bench-keep-up-results.json");
-    let json = serde_json::to_string_pretty(&runs).context("cannot serialize the results")?;
+    write_results("bench-keep-up-results.json", &runs)?;
+    Ok(true)
+}
+
+fn print_keep_up(run: &keepup::Run, r: &keepup::KeepUp) {
+    println!(
+        "keep up, {}: acked {:.0} events/s, delivered {:.0}/s during the load, everything {:.2} s after it",
+        run.label,
+        r.acked_events_per_second,
+        r.delivered_during_load_per_second,
+        r.catch_up_seconds
+    );
+}
+
+/// Writes `results` as JSON to `file_name` beside `bench-results.json`, and says where.
+fn write_results(file_name: &str, results: &impl Serialize) -> anyhow::Result<()> {
+    let path = results_path()?.with_file_name(file_name);
+    let json = serde_json::to_string_pretty(results).context("cannot serialize the results")?;
     std::fs::write(&path, json + "\n")
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("\nresults: {}", path.display());
-    Ok(true)
+    Ok(())
 }
 
 /// `make bench-profiles`: only the footprints by `buffer.profile` (see [`profile`]); results go to
@@ -410,11 +409,7 @@ async fn run_profiles() -> anyhow::Result<bool> {
     }
     println!();
     print!("{}", report::table(&profile::figures(&runs)));
-    let path = results_path()?.with_file_name("bench-profiles-results.json");
-    let json = serde_json::to_string_pretty(&runs).context("cannot serialize the results")?;
-    std::fs::write(&path, json + "\n")
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("\nresults: {}", path.display());
+    write_results("bench-profiles-results.json", &runs)?;
     Ok(true)
 }
 
