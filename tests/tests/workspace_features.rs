@@ -13,7 +13,10 @@ use tally_tests::checkout::workspace_root;
 const SELECTIONS: &[(&[&str], &str)] = &[
     (&["--workspace"], "normal,build"),
     (&["--workspace"], "normal,build,dev"),
-    (&["-p", "tally-sidecar", "-p", "tally-operator"], "normal,build,dev"),
+    (
+        &["-p", "tally-sidecar", "-p", "tally-operator"],
+        "normal,build,dev",
+    ),
     (&["-p", "tally-tests"], "normal,build,dev"),
     (&["-p", "tally-e2e"], "normal,build,dev"),
     (&["-p", "tally-operator"], "normal,build,dev"),
