@@ -2,13 +2,16 @@
 //! and OpenMeter's validation rules. An accepted event is kept as its compact JSON text, with its
 //! attributes (extensions included) in the order the sender wrote them.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
+
 use http::HeaderMap;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::config::PodIdentity;
-use time::format_description::well_known::Rfc3339;
 
 /// A validated event, ready to be buffered.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +60,25 @@ pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, Inv
         message: format!("not valid JSON: {e}"),
         events: 1,
     };
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    if first == Some(b'[') && shape != BodyShape::Single {
+        // The common case, in one pass over the body: the array's items as text, then each item.
+        let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(not_json)?;
+        if items.is_empty() {
+            return Err(InvalidEvent {
+                location: "body".into(),
+                message: "the batch is empty; send at least one event".into(),
+                events: 1,
+            });
+        }
+        let count = items.len();
+        return items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| validate_text(item.get(), &format!("events[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| InvalidEvent { events: count, ..e });
+    }
     let raw: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
     let text = raw.get().trim();
     let body_error = |message: String, events: usize| InvalidEvent {
@@ -64,27 +86,11 @@ pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, Inv
         message,
         events,
     };
-    match (text.as_bytes().first(), shape) {
-        (Some(b'['), BodyShape::Batch | BodyShape::Either) => {
-            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(not_json)?;
-            if items.is_empty() {
-                return Err(body_error(
-                    "the batch is empty; send at least one event".into(),
-                    1,
-                ));
-            }
-            let count = items.len();
-            items
-                .into_iter()
-                .enumerate()
-                .map(|(i, item)| validate_raw(item.get(), &format!("events[{i}]")))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| InvalidEvent { events: count, ..e })
-        }
+    match (first, shape) {
         (Some(b'{'), BodyShape::Single | BodyShape::Either) => {
-            Ok(vec![validate_raw(text, "event")?])
+            Ok(vec![validate_text(text, "event")?])
         }
-        (Some(b'['), BodyShape::Single) => {
+        (Some(b'['), _) => {
             let items: Vec<&RawValue> = serde_json::from_str(text).map_err(not_json)?;
             Err(body_error(
                 "application/cloudevents+json carries one event, but the body is an array; \
@@ -112,27 +118,25 @@ pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, Inv
     }
 }
 
-/// Validates one event given as JSON text, keeping that text.
-fn validate_raw(text: &str, at: &str) -> Result<Event, InvalidEvent> {
-    let value = parse_unique(text, at, "not valid JSON")?;
-    validate(value, at, text.trim())
-}
-
-/// Parses JSON text into a value, refusing an object that has a key twice. serde_json would
-/// keep the last one, while the text, forwarded as is, still holds both; receivers differ on
-/// which one counts (two `id`s could be deduplicated under one and billed under the other), so
-/// such an event is not accepted at all. `at` names the node in errors (`events[3]`).
-fn parse_unique(text: &str, at: &str, not_json: &str) -> Result<Value, InvalidEvent> {
+/// Validates one event given as JSON text, keeping that text. One pass over the text, which
+/// builds nothing but the event: the attributes the rules need are borrowed from the text, and
+/// the rest is only checked (valid JSON, no key twice in any object).
+///
+/// An object with a key twice is refused: serde_json would keep the last one, while the text,
+/// forwarded as is, still holds both; receivers differ on which one counts (two `id`s could be
+/// deduplicated under one and billed under the other). `at` names the event in errors
+/// (`events[3]`).
+fn validate_text(text: &str, at: &str) -> Result<Event, InvalidEvent> {
     use serde::de::DeserializeSeed;
-    let repeated = std::cell::RefCell::new(None);
+    let text = text.trim();
+    let repeated = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_str(text);
-    let result = UniqueValue {
-        path: Path::Root,
+    let scanned = EventSeed {
         repeated: &repeated,
     }
     .deserialize(&mut de)
-    .and_then(|value| de.end().map(|()| value));
-    result.map_err(|e| match repeated.into_inner() {
+    .and_then(|event| de.end().map(|()| event));
+    let attributes = scanned.map_err(|e| match repeated.into_inner() {
         Some((path, key)) => InvalidEvent {
             location: format!("{at}{path}"),
             message: format!(
@@ -142,10 +146,11 @@ fn parse_unique(text: &str, at: &str, not_json: &str) -> Result<Value, InvalidEv
         },
         None => InvalidEvent {
             location: at.to_string(),
-            message: format!("{not_json}: {e}"),
+            message: format!("not valid JSON: {e}"),
             events: 1,
         },
-    })
+    })?;
+    validate(attributes, at, text)
 }
 
 /// Where a JSON node is, built only when an error names it.
@@ -166,78 +171,282 @@ impl std::fmt::Display for Path<'_> {
     }
 }
 
-/// A [`Value`] deserialiser that records the first repeated key (the object's path and the
-/// key) and fails there.
-struct UniqueValue<'a> {
-    path: Path<'a>,
-    repeated: &'a std::cell::RefCell<Option<(String, String)>>,
+/// The first repeated key met: the path of its object, and the key.
+type Repeated = RefCell<Option<(String, String)>>;
+
+/// A JSON value as the rules see it: its kind, and a string's text (borrowed from the event's
+/// text unless it holds escapes).
+enum Scanned<'de> {
+    Null,
+    Bool,
+    Number,
+    Str(Cow<'de, str>),
+    Array,
+    Object,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for UniqueValue<'_> {
-    type Value = Value;
+impl Scanned<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Scanned::Null => "null",
+            Scanned::Bool => "a boolean",
+            Scanned::Number => "a number",
+            Scanned::Str(_) => "a string",
+            Scanned::Array => "an array",
+            Scanned::Object => "an object",
+        }
+    }
+}
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+/// Walks one JSON value without building it, failing at the first object that has a key twice.
+struct Scan<'a> {
+    path: Path<'a>,
+    repeated: &'a Repeated,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Scan<'_> {
+    type Value = Scanned<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Scanned<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for UniqueValue<'_> {
-    type Value = Value;
+impl<'de> serde::de::Visitor<'de> for Scan<'_> {
+    type Value = Scanned<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
+    fn visit_bool<E>(self, _: bool) -> Result<Scanned<'de>, E> {
+        Ok(Scanned::Bool)
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_i64<E>(self, _: i64) -> Result<Scanned<'de>, E> {
+        Ok(Scanned::Number)
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_u64<E>(self, _: u64) -> Result<Scanned<'de>, E> {
+        Ok(Scanned::Number)
     }
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    fn visit_f64<E>(self, _: f64) -> Result<Scanned<'de>, E> {
+        Ok(Scanned::Number)
     }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_string()))
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Scanned<'de>, E> {
+        Ok(Scanned::Str(Cow::Borrowed(v)))
     }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+    fn visit_str<E>(self, v: &str) -> Result<Scanned<'de>, E> {
+        Ok(Scanned::Str(Cow::Owned(v.to_string())))
     }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_string<E>(self, v: String) -> Result<Scanned<'de>, E> {
+        Ok(Scanned::Str(Cow::Owned(v)))
     }
-    fn visit_none<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_unit<E>(self) -> Result<Scanned<'de>, E> {
+        Ok(Scanned::Null)
+    }
+    fn visit_none<E>(self) -> Result<Scanned<'de>, E> {
+        Ok(Scanned::Null)
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element_seed(UniqueValue {
-            path: Path::Index(&self.path, items.len()),
-            repeated: self.repeated,
-        })? {
-            items.push(item);
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Scanned<'de>, A::Error> {
+        let mut index = 0;
+        while seq
+            .next_element_seed(Scan {
+                path: Path::Index(&self.path, index),
+                repeated: self.repeated,
+            })?
+            .is_some()
+        {
+            index += 1;
         }
-        Ok(Value::Array(items))
+        Ok(Scanned::Array)
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut object = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if object.contains_key(&key) {
-                *self.repeated.borrow_mut() = Some((self.path.to_string(), key.clone()));
-                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
-            }
-            let value = map.next_value_seed(UniqueValue {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Scanned<'de>, A::Error> {
+        let mut keys = Keys::default();
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            keys.insert::<A::Error>(key.clone(), &self.path, self.repeated)?;
+            map.next_value_seed(Scan {
                 path: Path::Key(&self.path, &key),
                 repeated: self.repeated,
             })?;
-            object.insert(key, value);
         }
-        Ok(Value::Object(object))
+        Ok(Scanned::Object)
+    }
+}
+
+/// An object's key, borrowed from the text unless it holds escapes.
+struct KeySeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_string()))
+    }
+}
+
+/// The keys of one object seen so far: a short list while the object is small (events have about
+/// ten attributes), a hash set beyond, so that a huge object costs linear time.
+#[derive(Default)]
+struct Keys<'de> {
+    few: Vec<Cow<'de, str>>,
+    many: std::collections::HashSet<Cow<'de, str>>,
+}
+
+impl<'de> Keys<'de> {
+    const FEW: usize = 16;
+
+    /// Records `key`, or fails (recording where) when the object already had it.
+    fn insert<E: serde::de::Error>(
+        &mut self,
+        key: Cow<'de, str>,
+        path: &Path<'_>,
+        repeated: &Repeated,
+    ) -> Result<(), E> {
+        let seen = if self.many.is_empty() && self.few.len() < Self::FEW {
+            self.few.contains(&key)
+        } else {
+            if self.many.is_empty() {
+                self.many.extend(self.few.drain(..));
+            }
+            self.many.contains(&key)
+        };
+        if seen {
+            *repeated.borrow_mut() = Some((path.to_string(), key.to_string()));
+            return Err(E::custom(format!("duplicate key {key:?}")));
+        }
+        if self.many.is_empty() {
+            self.few.push(key);
+        } else {
+            self.many.insert(key);
+        }
+        Ok(())
+    }
+}
+
+/// The attributes the rules read, as scanned.
+#[derive(Default)]
+struct Attributes<'de> {
+    id: Option<Scanned<'de>>,
+    source: Option<Scanned<'de>>,
+    specversion: Option<Scanned<'de>>,
+    kind: Option<Scanned<'de>>,
+    subject: Option<Scanned<'de>>,
+    time: Option<Scanned<'de>>,
+    data: Option<Scanned<'de>>,
+    datacontenttype: Option<Scanned<'de>>,
+    dataschema: Option<Scanned<'de>>,
+    k8snamespace: Option<Scanned<'de>>,
+    has_pod: bool,
+}
+
+/// An event: its attributes when it is an object, or what it is instead.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once per event and read at once; boxing it would cost an allocation per event"
+)]
+enum ScannedEvent<'de> {
+    Object(Attributes<'de>),
+    Other(&'static str),
+}
+
+/// Scans an event's text into [`Attributes`], checking all of it like [`Scan`].
+struct EventSeed<'a> {
+    repeated: &'a Repeated,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EventSeed<'_> {
+    type Value = ScannedEvent<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<ScannedEvent<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EventSeed<'_> {
+    type Value = ScannedEvent<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an event")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<ScannedEvent<'de>, E> {
+        Ok(ScannedEvent::Other("a boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<ScannedEvent<'de>, E> {
+        Ok(ScannedEvent::Other("a number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<ScannedEvent<'de>, E> {
+        Ok(ScannedEvent::Other("a number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<ScannedEvent<'de>, E> {
+        Ok(ScannedEvent::Other("a number"))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<ScannedEvent<'de>, E> {
+        Ok(ScannedEvent::Other("a string"))
+    }
+    fn visit_unit<E>(self) -> Result<ScannedEvent<'de>, E> {
+        Ok(ScannedEvent::Other("null"))
+    }
+    /// An array is walked like any value (a key twice inside it is named first), then refused.
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        seq: A,
+    ) -> Result<ScannedEvent<'de>, A::Error> {
+        Scan {
+            path: Path::Root,
+            repeated: self.repeated,
+        }
+        .visit_seq(seq)
+        .map(|_| ScannedEvent::Other("an array"))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<ScannedEvent<'de>, A::Error> {
+        let mut attributes = Attributes::default();
+        let mut keys = Keys::default();
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            keys.insert::<A::Error>(key.clone(), &Path::Root, self.repeated)?;
+            let value = map.next_value_seed(Scan {
+                path: Path::Key(&Path::Root, &key),
+                repeated: self.repeated,
+            })?;
+            let slot = match key.as_ref() {
+                "id" => &mut attributes.id,
+                "source" => &mut attributes.source,
+                "specversion" => &mut attributes.specversion,
+                "type" => &mut attributes.kind,
+                "subject" => &mut attributes.subject,
+                "time" => &mut attributes.time,
+                "data" => &mut attributes.data,
+                "datacontenttype" => &mut attributes.datacontenttype,
+                "dataschema" => &mut attributes.dataschema,
+                "k8snamespace" => &mut attributes.k8snamespace,
+                "k8spod" => {
+                    attributes.has_pod = true;
+                    continue;
+                }
+                _ => continue,
+            };
+            *slot = Some(value);
+        }
+        Ok(ScannedEvent::Object(attributes))
     }
 }
 
@@ -270,7 +479,7 @@ pub fn parse_binary(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, Inva
         "datacontenttype".into(),
         Value::String("application/json".into()),
     );
-    let mut text = Value::Object(map.clone()).to_string();
+    let mut text = Value::Object(map).to_string();
     if !body.iter().all(u8::is_ascii_whitespace) {
         let data: &RawValue = serde_json::from_slice(body).map_err(|e| InvalidEvent {
             location: "event.data".into(),
@@ -282,14 +491,10 @@ pub fn parse_binary(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, Inva
         text.push_str(",\"data\":");
         text.push_str(data.get().trim());
         text.push('}');
-        let parsed = parse_unique(
-            data.get(),
-            "event.data",
-            "the body (the event's data) is not valid JSON",
-        )?;
-        map.insert("data".into(), parsed);
     }
-    Ok(vec![validate(Value::Object(map), "event", &text)?])
+    // The same rules as a structured event's, on the text that is stored: a key twice in the
+    // data is named as `event.data...`, and a `ce-data` header beside a body is `data` twice.
+    Ok(vec![validate_text(&text, "event")?])
 }
 
 /// The attribute value of a `ce-*` header. The CloudEvents HTTP binding (3.1.3.2) has senders
@@ -346,19 +551,8 @@ fn header_text(headers: &HeaderMap, name: &str, attr: &str) -> Result<String, In
     })
 }
 
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// Applies OpenMeter's rules to one event, whose JSON text is `text`.
-fn validate(value: Value, at: &str, text: &str) -> Result<Event, InvalidEvent> {
+/// Applies OpenMeter's rules to one scanned event, whose JSON text is `text`.
+fn validate(event: ScannedEvent<'_>, at: &str, text: &str) -> Result<Event, InvalidEvent> {
     let fail = |field: &str, message: String| InvalidEvent {
         location: if field.is_empty() {
             at.to_string()
@@ -368,40 +562,47 @@ fn validate(value: Value, at: &str, text: &str) -> Result<Event, InvalidEvent> {
         message,
         events: 1,
     };
-    let Value::Object(map) = value else {
-        return Err(fail(
-            "",
-            format!("an event must be a JSON object, got {}", json_kind(&value)),
-        ));
+    let attributes = match event {
+        ScannedEvent::Object(attributes) => attributes,
+        ScannedEvent::Other(kind) => {
+            return Err(fail(
+                "",
+                format!("an event must be a JSON object, got {kind}"),
+            ));
+        }
     };
-    let required = |field: &str| -> Result<&str, InvalidEvent> {
-        match map.get(field) {
-            Some(Value::String(s)) if !s.is_empty() => Ok(s),
-            Some(Value::String(_)) => Err(fail(field, "must be a non-empty string".into())),
-            None | Some(Value::Null) => Err(fail(
+    fn required<'v>(
+        value: &'v Option<Scanned<'_>>,
+        field: &str,
+        fail: impl Fn(&str, String) -> InvalidEvent,
+    ) -> Result<&'v str, InvalidEvent> {
+        match value {
+            Some(Scanned::Str(s)) if !s.is_empty() => Ok(s),
+            Some(Scanned::Str(_)) => Err(fail(field, "must be a non-empty string".into())),
+            None | Some(Scanned::Null) => Err(fail(
                 field,
                 "is required and must be a non-empty string".into(),
             )),
             Some(other) => Err(fail(
                 field,
-                format!("must be a non-empty string, got {}", json_kind(other)),
+                format!("must be a non-empty string, got {}", other.kind()),
             )),
         }
-    };
-    let id = required("id")?;
-    let source = required("source")?;
-    let specversion = required("specversion")?;
+    }
+    let id = required(&attributes.id, "id", fail)?;
+    let source = required(&attributes.source, "source", fail)?;
+    let specversion = required(&attributes.specversion, "specversion", fail)?;
     if specversion != "1.0" {
         return Err(fail(
             "specversion",
             format!("must be \"1.0\", got {specversion:?}"),
         ));
     }
-    required("type")?;
-    required("subject")?;
-    match map.get("time") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(t)) => {
+    required(&attributes.kind, "type", fail)?;
+    required(&attributes.subject, "subject", fail)?;
+    match &attributes.time {
+        None | Some(Scanned::Null) => {}
+        Some(Scanned::Str(t)) => {
             OffsetDateTime::parse(t, &Rfc3339).map_err(|e| {
                 fail(
                     "time",
@@ -412,35 +613,41 @@ fn validate(value: Value, at: &str, text: &str) -> Result<Event, InvalidEvent> {
         Some(other) => {
             return Err(fail(
                 "time",
-                format!(
-                    "must be an RFC 3339 timestamp string, got {}",
-                    json_kind(other)
-                ),
+                format!("must be an RFC 3339 timestamp string, got {}", other.kind()),
             ));
         }
     }
-    match map.get("data") {
-        None | Some(Value::Null) | Some(Value::Object(_)) => {}
+    match &attributes.data {
+        None | Some(Scanned::Null) | Some(Scanned::Object) => {}
         Some(other) => {
             return Err(fail(
                 "data",
-                format!("must be a JSON object or null, got {}", json_kind(other)),
+                format!("must be a JSON object or null, got {}", other.kind()),
             ));
         }
     }
-    match map.get("datacontenttype") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s == "application/json" => {}
+    match &attributes.datacontenttype {
+        None | Some(Scanned::Null) => {}
+        Some(Scanned::Str(s)) if s == "application/json" => {}
+        Some(Scanned::Str(s)) => {
+            return Err(fail(
+                "datacontenttype",
+                format!(
+                    "only \"application/json\" is allowed, got {}",
+                    Value::String(s.to_string())
+                ),
+            ));
+        }
         Some(other) => {
             return Err(fail(
                 "datacontenttype",
-                format!("only \"application/json\" is allowed, got {other}"),
+                format!("only \"application/json\" is allowed, got {}", other.kind()),
             ));
         }
     }
-    match map.get("dataschema") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if !s.is_empty() => {}
+    match &attributes.dataschema {
+        None | Some(Scanned::Null) => {}
+        Some(Scanned::Str(s)) if !s.is_empty() => {}
         Some(_) => {
             return Err(fail(
                 "dataschema",
@@ -448,16 +655,16 @@ fn validate(value: Value, at: &str, text: &str) -> Result<Event, InvalidEvent> {
             ));
         }
     }
-    let namespace = match map.get("k8snamespace") {
-        Some(Value::String(ns)) => Some(ns.clone()),
+    let namespace = match &attributes.k8snamespace {
+        Some(Scanned::Str(ns)) => Some(ns.to_string()),
         _ => None,
     };
     Ok(Event {
         source: source.to_string(),
         id: id.to_string(),
         namespace,
-        has_namespace: map.contains_key("k8snamespace"),
-        has_pod: map.contains_key("k8spod"),
+        has_namespace: attributes.k8snamespace.is_some(),
+        has_pod: attributes.has_pod,
         json: text.as_bytes().to_vec(),
     })
 }
@@ -646,6 +853,94 @@ mod tests {
         // The same key in different objects is fine.
         let apart = r#"{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","data":{"id":1,"o":{"id":2}}}"#;
         assert!(parse_structured(apart.as_bytes(), BodyShape::Single).is_ok());
+    }
+
+    #[test]
+    fn a_repeated_key_is_found_in_large_objects_and_behind_escapes() {
+        let many: String = (0..40).map(|i| format!("\"k{i}\":{i},")).collect();
+        let wide = format!(
+            r#"{{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","data":{{{many}"k33":0}}}}"#
+        );
+        let err = parse_structured(wide.as_bytes(), BodyShape::Single).expect_err("k33 twice");
+        assert_eq!(err.location, "event.data");
+        assert!(err.message.contains(r#""k33" twice"#), "{}", err.message);
+        let fine = format!(
+            r#"{{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","data":{{{many}"k40":0}}}}"#
+        );
+        assert!(parse_structured(fine.as_bytes(), BodyShape::Single).is_ok());
+
+        // `\u0069d` is `id`: the same key, however it is written.
+        let escaped =
+            r#"{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","\u0069d":"b"}"#;
+        let err = parse_structured(escaped.as_bytes(), BodyShape::Single).expect_err("id twice");
+        assert_eq!(err.location, "event");
+        assert!(err.message.contains(r#""id" twice"#), "{}", err.message);
+    }
+
+    #[test]
+    fn escaped_attributes_are_read_unescaped_and_kept_as_sent() {
+        let sent = r#"{"specversion":"1.0","id":"a\"1","source":"s\u00e9","type":"t","subject":"c","k8snamespace":"t\u0065am"}"#;
+        let events = parse_structured(sent.as_bytes(), BodyShape::Single).expect("valid");
+        assert_eq!(events[0].id, "a\"1");
+        assert_eq!(events[0].source, "s\u{e9}");
+        assert_eq!(events[0].namespace.as_deref(), Some("team"));
+        assert_eq!(String::from_utf8_lossy(&events[0].json), sent);
+    }
+
+    #[test]
+    fn an_event_that_is_not_an_object_is_named_by_its_kind() {
+        for (body, kind) in [
+            ("[1]", "a number"),
+            ("[\"x\"]", "a string"),
+            ("[null]", "null"),
+            ("[[1]]", "an array"),
+            ("[true]", "a boolean"),
+        ] {
+            let err = parse_structured(body.as_bytes(), BodyShape::Batch).expect_err(body);
+            assert_eq!(err.location, "events[0]", "{body}");
+            assert_eq!(
+                err.message,
+                format!("an event must be a JSON object, got {kind}"),
+                "{body}"
+            );
+        }
+        let err = parse_structured(b"[[{\"a\":1,\"a\":2}]]", BodyShape::Batch).expect_err("dup");
+        assert_eq!(err.location, "events[0][0]");
+    }
+
+    #[test]
+    fn datacontenttype_errors_show_what_was_sent() {
+        let with = |value: &str| {
+            format!(
+                r#"{{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","datacontenttype":{value}}}"#
+            )
+        };
+        let err = parse_structured(with("\"text/plain\"").as_bytes(), BodyShape::Single)
+            .expect_err("text/plain");
+        assert_eq!(
+            err.message,
+            r#"only "application/json" is allowed, got "text/plain""#
+        );
+        let err = parse_structured(with("5").as_bytes(), BodyShape::Single).expect_err("a number");
+        assert_eq!(
+            err.message,
+            r#"only "application/json" is allowed, got a number"#
+        );
+        assert!(
+            parse_structured(with("null").as_bytes(), BodyShape::Single).is_ok(),
+            "null is allowed"
+        );
+    }
+
+    #[test]
+    fn a_broken_batch_is_refused_as_a_body() {
+        let err = parse_structured(br#"[{"id":1},"#, BodyShape::Batch).expect_err("cut short");
+        assert_eq!(err.location, "body");
+        assert!(
+            err.message.starts_with("not valid JSON: "),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -263,7 +263,7 @@ async fn ingest_inner(state: &AppState, request: Request) -> Result<(), Rejectio
         // Too large even to drain: answer at once.
         return Err(too_large(limit).because(RejectReason::too_large, 1));
     }
-    let bytes = tokio::time::timeout(state.read_timeout, read_body(body, limit))
+    let bytes = tokio::time::timeout(state.read_timeout, read_body(body, limit, declared))
         .await
         .map_err(|_| {
             Problem::new(
@@ -391,8 +391,16 @@ fn drain_cap(limit: usize) -> usize {
 }
 
 /// Reads the body up to `limit` bytes; past it, discards up to [`drain_cap`] and answers 413.
-async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, Problem> {
+/// Reads the body, up to `limit` bytes. A body that arrives in one frame (the usual case on
+/// loopback and for small requests) is returned as it is, without a copy; `declared` (the
+/// Content-Length, when sent) sizes the buffer of one that arrives in several.
+async fn read_body(
+    mut body: Body,
+    limit: usize,
+    declared: Option<u64>,
+) -> Result<bytes::Bytes, Problem> {
     use http_body_util::BodyExt;
+    let mut first: Option<bytes::Bytes> = None;
     let mut buffer = bytes::BytesMut::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
@@ -409,6 +417,15 @@ async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, Problem
         };
         seen = seen.saturating_add(data.len());
         if seen <= limit {
+            if first.is_none() && buffer.is_empty() {
+                first = Some(data);
+                continue;
+            }
+            if let Some(first) = first.take() {
+                let expected = declared.map_or(0, |n| n.min(limit as u64) as usize);
+                buffer.reserve(expected.max(seen));
+                buffer.extend_from_slice(&first);
+            }
             buffer.extend_from_slice(&data);
         } else if seen > drain_cap(limit) {
             break;
@@ -416,6 +433,8 @@ async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, Problem
     }
     if seen > limit {
         Err(too_large(limit))
+    } else if let Some(first) = first {
+        Ok(first)
     } else {
         Ok(buffer.freeze())
     }

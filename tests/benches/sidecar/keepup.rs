@@ -80,6 +80,9 @@ pub struct KeepUp {
     pub catch_up_seconds: f64,
     pub duplicates: u64,
     pub peak_rss_mib: f64,
+    /// The sidecar's CPU time (user + system) from the start of the load until the output had
+    /// everything, per million acknowledged events: ingest and forwarding together.
+    pub cpu_seconds_per_million: f64,
 }
 
 fn config(dir: &Path, port: u16, run: &Run) -> String {
@@ -115,6 +118,7 @@ pub async fn measure(
     let mut sidecar =
         SidecarProcess::start(binary, dir, &config(dir, sink.addr().port(), run)).await?;
     sidecar.wait_ready(READY_LIMIT).await?;
+    let cpu_before = sidecar.cpu_time()?;
     let factory = Arc::new(EventFactory::new(format!("keepup-{count}-{}", nonce())));
     let spec = LoadSpec {
         connections: CONNECTIONS,
@@ -138,6 +142,7 @@ pub async fn measure(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let catch_up = last_ack.elapsed();
+    let cpu = sidecar.cpu_time()?.saturating_sub(cpu_before);
     let memory = sidecar.memory()?;
     let elapsed = report.elapsed.as_secs_f64();
     let result = KeepUp {
@@ -150,6 +155,7 @@ pub async fn measure(
         catch_up_seconds: catch_up.as_secs_f64(),
         duplicates: ids.duplicates(),
         peak_rss_mib: memory.peak_rss as f64 / MIB,
+        cpu_seconds_per_million: cpu.as_secs_f64() * 1e6 / acked.max(1) as f64,
     };
     sidecar.stop(STOP_LIMIT).await?;
     drop(sink);
@@ -169,8 +175,11 @@ pub fn figures(runs: &[KeepUp]) -> Vec<Figure> {
                 )
                 .note(match run {
                     Some(r) => format!(
-                        "acked {:.0} events/s, delivered {:.0}/s during the load; {} duplicates",
-                        r.acked_events_per_second, r.delivered_during_load_per_second, r.duplicates
+                        "acked {:.0} events/s, delivered {:.0}/s during the load; {} duplicates; {:.1} CPU-s per 1M events",
+                        r.acked_events_per_second,
+                        r.delivered_during_load_per_second,
+                        r.duplicates,
+                        r.cpu_seconds_per_million
                     ),
                     None => String::new(),
                 })

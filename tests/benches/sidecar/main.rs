@@ -377,11 +377,12 @@ async fn run_keep_up() -> anyhow::Result<bool> {
 
 fn print_keep_up(run: &keepup::Run, r: &keepup::KeepUp) {
     println!(
-        "keep up, {}: acked {:.0} events/s, delivered {:.0}/s during the load, everything {:.2} s after it",
+        "keep up, {}: acked {:.0} events/s, delivered {:.0}/s during the load, everything {:.2} s after it; {:.1} CPU-s per 1M events",
         run.label,
         r.acked_events_per_second,
         r.delivered_during_load_per_second,
-        r.catch_up_seconds
+        r.catch_up_seconds,
+        r.cpu_seconds_per_million
     );
 }
 
