@@ -41,7 +41,7 @@ use tally_tests::report::number;
 use crate::events::EventFactory;
 use crate::load::{self, LoadSpec};
 use crate::machine::{self, Machine};
-use crate::process::{Memory, SidecarProcess, Watched, sidecar_binary};
+use crate::process::{Memory, SidecarProcess, Watched, cpu_time_of, sidecar_binary};
 use crate::report::{self, Bound, Figure};
 use crate::sink::{HttpSink, IdTally, SinkMode};
 use crate::{
@@ -118,6 +118,10 @@ pub struct Run {
     /// From the last acknowledgement until the upstream had every acknowledged event.
     pub catch_up_seconds: f64,
     pub duplicates: u64,
+    /// CPU of the system under test and of this process (load generator and upstream) during the
+    /// measured load, in cores: the two share the machine's.
+    pub cpu_cores: f64,
+    pub bench_cpu_cores: f64,
 }
 
 /// The loss test of one system.
@@ -213,12 +217,15 @@ pub async fn run() -> anyhow::Result<bool> {
                 Ok(r) => {
                     println!(
                         "round {round}/{rounds}, {}: acked {} events/s (p99 {} ms), {} CPU-s per 1M events \
-                         ({} during the load), peak RSS {} MiB, everything upstream {:.2} s after the last ack",
+                         ({} during the load; {:.2} cores, load generator and upstream {:.2}), peak RSS {} MiB, \
+                         everything upstream {:.2} s after the last ack",
                         system.name(),
                         number(r.acked_events_per_second),
                         r.p99_ms.map_or_else(|| "n/a".to_owned(), number),
                         number(r.cpu_seconds_per_million_events),
                         number(r.cpu_seconds_per_million_events_during_load),
+                        r.cpu_cores,
+                        r.bench_cpu_cores,
                         number(r.peak_rss_mib),
                         r.catch_up_seconds
                     );
@@ -530,9 +537,11 @@ async fn measure_running(
     wait_for_delivery(ids, warm_up_events, "the warm-up's events").await?;
 
     let cpu_before = running.cpu_time()?;
+    let bench_cpu_before = cpu_time_of(std::process::id())?;
     spec.duration = measured;
     let report = load::run(running.addr(), &spec, factory).await;
     let cpu_during_load = running.cpu_time()?.saturating_sub(cpu_before);
+    let bench_cpu = cpu_time_of(std::process::id())?.saturating_sub(bench_cpu_before);
     ensure_clean(&report, "measured load")?;
     let acked = report.acked_events(EVENTS_PER_REQUEST);
     wait_for_delivery(ids, warm_up_events + acked, "every acknowledged event").await?;
@@ -556,6 +565,8 @@ async fn measure_running(
         peak_rss_mib: memory.peak_rss as f64 / MIB,
         catch_up_seconds: catch_up.as_secs_f64(),
         duplicates: ids.duplicates(),
+        cpu_cores: cpu_during_load.as_secs_f64() / seconds,
+        bench_cpu_cores: bench_cpu.as_secs_f64() / seconds,
     })
 }
 
