@@ -62,6 +62,13 @@ bench-keep-up: deps build ## only the keep-up runs: delivery against full-speed 
 bench-profiles: deps build ## only the footprints by buffer.profile: idle, 50k events/s, draining a 1 GiB backlog
 	$(CARGO_RELEASE) bench -p tally-tests --bench sidecar -- --profiles
 
+.PHONY: bench-peers benthos
+bench-peers: deps build benthos ## tally-sidecar beside its peer (the OpenMeter collector's http-server preset on core Benthos), alternating on one workload: ack rate, CPU per event, peak RSS, delivery and kill -9 loss as ratios
+	$(CARGO_RELEASE) bench -p tally-tests --bench sidecar -- --peers
+
+benthos: ## build the peer of bench-peers from the github.com/redpanda-data/benthos/v4 Go module (cached by version)
+	tests/benches/peers/benthos/build.sh
+
 build:
 	$(CARGO_RELEASE) build --release --workspace --bins
 

@@ -52,6 +52,9 @@ pub struct LoadReport {
     /// For each connection that got an acknowledgement: the sequence number of the last event of
     /// its last acknowledged request. Every acknowledged event was sent before one of these.
     pub last_acked: Vec<u64>,
+    /// The sequence number of the first event of every acknowledged request (each request's events
+    /// are numbered on from it), for telling which events were acknowledged.
+    pub acked_firsts: Vec<u64>,
 }
 
 impl LoadReport {
@@ -120,6 +123,7 @@ pub async fn run(addr: SocketAddr, spec: &LoadSpec, factory: Arc<EventFactory>) 
                 report.first_ack_at = earliest(report.first_ack_at, part.first_ack_at);
                 report.last_ack_at = report.last_ack_at.max(part.last_ack_at);
                 report.last_acked.extend(part.last_acked);
+                report.acked_firsts.extend(part.acked_firsts);
             }
             Err(_) => report.transport_errors += 1,
         }
@@ -199,6 +203,7 @@ impl Connection {
                     report.first_ack_at.get_or_insert(now);
                     report.last_ack_at = Some(now);
                     last_acked = Some(first + self.spec.events_per_request as u64 - 1);
+                    report.acked_firsts.push(first);
                 }
                 Ok(status) => {
                     consecutive_errors = 0;

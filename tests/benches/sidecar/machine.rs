@@ -70,6 +70,14 @@ impl Machine {
     }
 }
 
+/// The load averages over 1, 5 and 15 minutes (/proc/loadavg): how busy the machine was around a
+/// run, other processes included.
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
+}
+
 /// Small appends, each followed by fdatasync, for `duration`: syncs per second. This is the most
 /// group commits per second a durable buffer on this disk can do.
 pub fn fsync_ceiling(dir: &Path, duration: Duration) -> anyhow::Result<f64> {

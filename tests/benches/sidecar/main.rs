@@ -6,6 +6,12 @@
 //! Environment: `TALLY_SIDECAR_BIN` (the binary), `TALLY_BENCH_SECONDS` (length of each measured
 //! load, default 10), `TALLY_BENCH_DIR` (where the data directories go; default the temp dir),
 //! `TALLY_POSTGRES_BINDIR` (PostgreSQL's server binaries; default Debian's newest).
+//!
+//! Modes that run one part alone, each writing its own results file beside `bench-results.json`:
+//! `--outage` (`make bench-outage`, [`outage`]), `--keep-up` (`make bench-keep-up`, [`keepup`]),
+//! `--profiles` (`make bench-profiles`, [`profile`]) and `--peers` (`make bench-peers`, [`peers`]:
+//! tally-sidecar beside the OpenMeter collector's http-server preset on core Benthos, alternating on
+//! the same workload, as ratios to that peer).
 
 mod events;
 mod fanout;
@@ -13,6 +19,7 @@ mod keepup;
 mod load;
 mod machine;
 mod outage;
+mod peers;
 mod process;
 mod profile;
 mod report;
@@ -87,6 +94,8 @@ fn main() -> ExitCode {
         runtime.block_on(run_keep_up())
     } else if std::env::args().any(|a| a == "--profiles") {
         runtime.block_on(run_profiles())
+    } else if std::env::args().any(|a| a == "--peers") {
+        runtime.block_on(peers::run())
     } else {
         runtime.block_on(run())
     };
@@ -298,9 +307,7 @@ async fn run() -> anyhow::Result<bool> {
     println!();
     print!("{}", report::table(&figures));
     let results = Results {
-        generated_at: time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
+        generated_at: generated_at(),
         sidecar_binary: binary.ok().map(|b| b.display().to_string()),
         machine,
         workload,
@@ -341,6 +348,13 @@ async fn run_outage() -> anyhow::Result<bool> {
     let outage = result?;
     write_results("bench-outage-results.json", &outage)?;
     Ok(outage.delivered >= outage.acknowledged)
+}
+
+/// Now, in RFC 3339, for a results file.
+fn generated_at() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// How long each measured load runs: `TALLY_BENCH_SECONDS`, 10 by default.
@@ -705,8 +719,9 @@ struct Ingest {
     disk: Option<DiskUse>,
 }
 
-/// The YAML of a sidecar with durable acks forwarding to `upstream_port` in batches of 1000.
-fn upstream_config(dir: &Path, upstream_port: u16, retry: &str) -> String {
+/// The YAML of a sidecar with durable acks forwarding to `upstream_port` with `batching` (a YAML
+/// flow mapping, as [`BATCH_1000`]).
+fn upstream_config(dir: &Path, upstream_port: u16, batching: &str, retry: &str) -> String {
     format!(
         "listen: 127.0.0.1:0\n\
          dataDir: {data}\n\
@@ -718,13 +733,15 @@ fn upstream_config(dir: &Path, upstream_port: u16, retry: &str) -> String {
              - name: upstream\n      \
                type: openmeter\n      \
                url: http://127.0.0.1:{upstream_port}\n      \
-               batching: {{ count: 1000 }}\n      \
+               batching: {batching}\n      \
                retry: {retry}\n",
         data = dir.join("data").display(),
     )
 }
 
 const DEFAULT_RETRY: &str = "{ initialInterval: 500ms, maxInterval: 30s }";
+/// The output batching of the ingest, half-rate and drain runs.
+const BATCH_1000: &str = "{ count: 1000 }";
 
 async fn start_ready(binary: &Path, dir: &Path, config: &str) -> anyhow::Result<SidecarProcess> {
     let mut sidecar = SidecarProcess::start(binary, dir, config).await?;
@@ -739,7 +756,7 @@ async fn measure_ingest(
     device: Option<&str>,
 ) -> anyhow::Result<Ingest> {
     let blackhole = HttpSink::bind(0, SinkMode::Discard).await?;
-    let config = upstream_config(dir, blackhole.addr().port(), DEFAULT_RETRY);
+    let config = upstream_config(dir, blackhole.addr().port(), BATCH_1000, DEFAULT_RETRY);
     let sidecar = start_ready(binary, dir, &config).await?;
     let factory = Arc::new(EventFactory::new(format!("ingest-{}", nonce())));
     let mut spec = LoadSpec {
@@ -812,7 +829,7 @@ async fn measure_half_rate(
     events_per_second: f64,
 ) -> anyhow::Result<HalfRate> {
     let blackhole = HttpSink::bind(0, SinkMode::Discard).await?;
-    let config = upstream_config(dir, blackhole.addr().port(), DEFAULT_RETRY);
+    let config = upstream_config(dir, blackhole.addr().port(), BATCH_1000, DEFAULT_RETRY);
     let sidecar = start_ready(binary, dir, &config).await?;
     let factory = Arc::new(EventFactory::new(format!("paced-{}", nonce())));
     let mut spec = LoadSpec {
@@ -867,7 +884,12 @@ async fn measure_drain(binary: &Path, dir: &Path) -> anyhow::Result<Drain> {
         .port();
     // Short retry intervals, so the first delivery attempt after the upstream is back comes
     // within 100 ms and the figure measures delivery, not backoff.
-    let config = upstream_config(dir, port, "{ initialInterval: 10ms, maxInterval: 100ms }");
+    let config = upstream_config(
+        dir,
+        port,
+        BATCH_1000,
+        "{ initialInterval: 10ms, maxInterval: 100ms }",
+    );
     let sidecar = start_ready(binary, dir, &config).await?;
 
     let fill_started = Instant::now();

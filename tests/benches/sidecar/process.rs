@@ -1,11 +1,13 @@
 //! A tally-sidecar process started from the release binary with a configuration written for the
 //! run: its address (from the `listening on` log line), memory from /proc, metrics from /metrics.
+//! Under it, [`Watched`]: any child process whose stderr is kept, with its CPU time and memory, for
+//! the sidecar and for the peers of `make bench-peers`.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,12 +53,168 @@ pub fn release_dir() -> anyhow::Result<PathBuf> {
 /// How many stderr lines are kept to explain a failure.
 const STDERR_TAIL: usize = 40;
 
+/// A child process whose stderr is drained into a tail of its last lines; dropping it kills the
+/// process.
+pub struct Watched {
+    child: Child,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Watched {
+    /// Spawns `command` with stderr piped (stdin and stdout are the caller's to set) and calls
+    /// `on_line` with every line it writes there. A stdout the caller piped is kept in the same
+    /// tail (for programs that log there).
+    pub fn spawn(
+        command: &mut Command,
+        on_line: impl FnMut(&str) + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        let mut child = command.stderr(Stdio::piped()).spawn().with_context(|| {
+            format!(
+                "cannot start {}",
+                Path::new(command.get_program()).display()
+            )
+        })?;
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        if let Some(pipe) = child.stderr.take() {
+            drain_into(pipe, stderr.clone(), on_line);
+        }
+        if let Some(pipe) = child.stdout.take() {
+            drain_into(pipe, stderr.clone(), |_| {});
+        }
+        Ok(Watched { child, stderr })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory now (`VmRSS`) and its peak so far (`VmHWM`).
+    pub fn memory(&self) -> anyhow::Result<Memory> {
+        memory_of(self.pid())
+    }
+
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        cpu_time_of(self.pid())
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Checks `ready` every millisecond until it holds; fails, naming the process `name`, when the
+    /// process exits first or `timeout` passes.
+    pub async fn wait_until(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        mut ready: impl AsyncFnMut() -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ready().await {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "{name} exited ({status}) before it was ready; its stderr:\n{}",
+                    self.stderr_tail()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{name} not ready within {timeout:?}; its stderr:\n{}",
+                    self.stderr_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a clean exit (the process is killed when dropped
+    /// after a failure).
+    pub async fn terminate(mut self, name: &str, timeout: Duration) -> anyhow::Result<()> {
+        // SAFETY: kill(2) with a pid this process spawned and has not reaped yet.
+        unsafe {
+            libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if status.success() {
+                    return Ok(());
+                }
+                bail!(
+                    "{name} exited with {status} after SIGTERM; its stderr:\n{}",
+                    self.stderr_tail()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} did not exit within {timeout:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// SIGKILL, as a crash or the OOM killer ends a process: no chance to flush anything. Returns
+    /// once the process is gone.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        // Child::kill sends SIGKILL on Unix.
+        self.child
+            .kill()
+            .with_context(|| format!("cannot send SIGKILL to {}", self.pid()))?;
+        self.child
+            .wait()
+            .with_context(|| format!("cannot reap {}", self.pid()))?;
+        Ok(())
+    }
+
+    /// The last lines the process wrote to stderr.
+    pub fn stderr_tail(&self) -> String {
+        self.stderr
+            .lock()
+            .map(|tail| tail.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+}
+
+/// Keeps the last [`STDERR_TAIL`] lines of `pipe` in `tail`, calling `on_line` with each.
+fn drain_into(
+    pipe: impl std::io::Read + Send + 'static,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) {
+    // A thread, not a task: it blocks on the pipe, and it must keep draining it for the whole life
+    // of the process or the process would block on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            on_line(&line);
+            if let Ok(mut tail) = tail.lock() {
+                if tail.len() == STDERR_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        }
+    });
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// A running sidecar; dropping it kills the process.
 pub struct SidecarProcess {
-    child: Child,
+    process: Watched,
     addr: SocketAddr,
     spawned_at: Instant,
-    stderr: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl SidecarProcess {
@@ -68,44 +226,27 @@ impl SidecarProcess {
         std::fs::write(&config_path, config)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
         let spawned_at = Instant::now();
-        let mut child = Command::new(binary)
-            .arg("--config")
-            .arg(&config_path)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let stderr = Arc::new(Mutex::new(VecDeque::new()));
         let (addr_tx, addr_rx) = oneshot::channel();
-        if let Some(pipe) = child.stderr.take() {
-            let tail = stderr.clone();
-            // A thread, not a task: it blocks on the pipe, and it must keep draining it for the
-            // whole life of the process or the sidecar would block on a full pipe.
-            std::thread::spawn(move || {
-                let mut addr_tx = Some(addr_tx);
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(addr) = listening_addr(&line)
-                        && let Some(tx) = addr_tx.take()
-                    {
-                        let _ = tx.send(addr);
-                    }
-                    if let Ok(mut tail) = tail.lock() {
-                        if tail.len() == STDERR_TAIL {
-                            tail.pop_front();
-                        }
-                        tail.push_back(line);
-                    }
+        let mut addr_tx = Some(addr_tx);
+        let process = Watched::spawn(
+            Command::new(binary)
+                .arg("--config")
+                .arg(&config_path)
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+            move |line| {
+                if let Some(addr) = listening_addr(line)
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(addr);
                 }
-            });
-        }
+            },
+        )?;
         let mut process = SidecarProcess {
-            child,
+            process,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             spawned_at,
-            stderr,
         };
         match tokio::time::timeout(Duration::from_secs(30), addr_rx).await {
             Ok(Ok(addr)) => {
@@ -114,7 +255,7 @@ impl SidecarProcess {
             }
             _ => bail!(
                 "tally-sidecar did not log `listening on ADDR` within 30s (exit: {:?}); its stderr:\n{}",
-                process.child.try_wait().ok().flatten(),
+                process.process.try_wait().ok().flatten(),
                 process.stderr_tail()
             ),
         }
@@ -124,62 +265,26 @@ impl SidecarProcess {
         self.addr
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Polls `GET /readyz` every millisecond until 200; returns the time since the process was
     /// spawned.
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Duration> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok((StatusCode::OK, _)) = get(self.addr, "/readyz").await {
-                return Ok(self.spawned_at.elapsed());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!(
-                    "tally-sidecar exited ({status}) before it was ready; its stderr:\n{}",
-                    self.stderr_tail()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "tally-sidecar not ready within {timeout:?}; its stderr:\n{}",
-                    self.stderr_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let addr = self.addr;
+        self.process
+            .wait_until("tally-sidecar", timeout, async || {
+                matches!(get(addr, "/readyz").await, Ok((StatusCode::OK, _)))
+            })
+            .await?;
+        Ok(self.spawned_at.elapsed())
     }
 
     /// Resident memory now (`VmRSS`) and its peak so far (`VmHWM`), in bytes.
     pub fn memory(&self) -> anyhow::Result<Memory> {
-        let path = format!("/proc/{}/status", self.pid());
-        let status =
-            std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-        let field = |name: &str| -> anyhow::Result<u64> {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-                .map(|kib| kib * 1024)
-                .with_context(|| format!("{path} has no {name} line"))
-        };
-        Ok(Memory {
-            rss: field("VmRSS:")?,
-            peak_rss: field("VmHWM:")?,
-        })
+        self.process.memory()
     }
 
     /// CPU time (user + system) the sidecar has used so far.
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
-        cpu_time_of(self.pid())
+        self.process.cpu_time()
     }
 
     /// The `/metrics` exposition.
@@ -192,45 +297,44 @@ impl SidecarProcess {
     }
 
     /// SIGTERM, then waits up to `timeout` for a clean exit before killing it.
-    pub async fn stop(mut self, timeout: Duration) -> anyhow::Result<()> {
-        // SAFETY: kill(2) with a pid this process spawned and has not reaped yet.
-        unsafe {
-            libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                if status.success() {
-                    return Ok(());
-                }
-                bail!(
-                    "tally-sidecar exited with {status} after SIGTERM; its stderr:\n{}",
-                    self.stderr_tail()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!("tally-sidecar did not exit within {timeout:?} of SIGTERM");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    pub async fn stop(self, timeout: Duration) -> anyhow::Result<()> {
+        self.process.terminate("tally-sidecar", timeout).await
+    }
+
+    /// SIGKILL: the sidecar gets no chance to flush or to finish a request.
+    pub fn kill(self) -> anyhow::Result<()> {
+        self.process.kill()
     }
 
     /// The last lines the sidecar wrote to stderr.
     pub fn stderr_tail(&self) -> String {
-        self.stderr
-            .lock()
-            .map(|tail| tail.iter().cloned().collect::<Vec<_>>().join("\n"))
-            .unwrap_or_default()
+        self.process.stderr_tail()
     }
 }
 
-impl Drop for SidecarProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Resident memory now (`VmRSS`) and its peak so far (`VmHWM`) of process `pid`, in bytes, from
+/// /proc/<pid>/status.
+pub fn memory_of(pid: u32) -> anyhow::Result<Memory> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib * 1024)
+            .with_context(|| format!("{path} has no {name} line"))
+    };
+    Ok(Memory {
+        rss: field("VmRSS:")?,
+        peak_rss: field("VmHWM:")?,
+    })
 }
 
 /// CPU time (user + system) process `pid` has used so far, from /proc/<pid>/stat.

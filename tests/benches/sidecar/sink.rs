@@ -177,6 +177,26 @@ impl IdTally {
         self.unreadable.fetch_add(bad, Ordering::Relaxed);
     }
 
+    /// How many of the events numbered `first .. first + count`, for each `first` of `firsts`,
+    /// were never received.
+    pub fn missing(&self, firsts: &[u64], count: usize) -> u64 {
+        let Ok(seen) = self.seen.lock() else {
+            return firsts.len() as u64 * count as u64;
+        };
+        let mut missing = 0;
+        for first in firsts {
+            for n in *first..first + count as u64 {
+                let received = seen
+                    .get((n / 64) as usize)
+                    .is_some_and(|word| word & (1u64 << (n % 64)) != 0);
+                if !received {
+                    missing += 1;
+                }
+            }
+        }
+        missing
+    }
+
     /// Distinct events received.
     pub fn unique(&self) -> u64 {
         self.unique.load(Ordering::Relaxed)
