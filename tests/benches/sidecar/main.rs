@@ -721,13 +721,19 @@ struct Ingest {
 
 /// The YAML of a sidecar with durable acks forwarding to `upstream_port` with `batching` (a YAML
 /// flow mapping, as [`BATCH_1000`]).
-fn upstream_config(dir: &Path, upstream_port: u16, batching: &str, retry: &str) -> String {
+fn upstream_config(
+    dir: &Path,
+    upstream_port: u16,
+    batching: &str,
+    retry: &str,
+    profile: &str,
+) -> String {
     format!(
         "listen: 127.0.0.1:0\n\
          dataDir: {data}\n\
          durability: sync\n\
          shutdownTimeout: 5s\n\
-         buffer: {{ maxBytes: 4Gi, whenFull: reject }}\n\
+         buffer: {{ maxBytes: 4Gi, whenFull: reject, profile: {profile} }}\n\
          outputs:\n  \
            targets:\n    \
              - name: upstream\n      \
@@ -740,6 +746,8 @@ fn upstream_config(dir: &Path, upstream_port: u16, batching: &str, retry: &str) 
 }
 
 const DEFAULT_RETRY: &str = "{ initialInterval: 500ms, maxInterval: 30s }";
+/// The default `buffer.profile`, the collector StatefulSet's.
+const COLLECTOR: &str = "collector";
 /// The output batching of the ingest, half-rate and drain runs.
 const BATCH_1000: &str = "{ count: 1000 }";
 
@@ -756,7 +764,13 @@ async fn measure_ingest(
     device: Option<&str>,
 ) -> anyhow::Result<Ingest> {
     let blackhole = HttpSink::bind(0, SinkMode::Discard).await?;
-    let config = upstream_config(dir, blackhole.addr().port(), BATCH_1000, DEFAULT_RETRY);
+    let config = upstream_config(
+        dir,
+        blackhole.addr().port(),
+        BATCH_1000,
+        DEFAULT_RETRY,
+        COLLECTOR,
+    );
     let sidecar = start_ready(binary, dir, &config).await?;
     let factory = Arc::new(EventFactory::new(format!("ingest-{}", nonce())));
     let mut spec = LoadSpec {
@@ -829,7 +843,13 @@ async fn measure_half_rate(
     events_per_second: f64,
 ) -> anyhow::Result<HalfRate> {
     let blackhole = HttpSink::bind(0, SinkMode::Discard).await?;
-    let config = upstream_config(dir, blackhole.addr().port(), BATCH_1000, DEFAULT_RETRY);
+    let config = upstream_config(
+        dir,
+        blackhole.addr().port(),
+        BATCH_1000,
+        DEFAULT_RETRY,
+        COLLECTOR,
+    );
     let sidecar = start_ready(binary, dir, &config).await?;
     let factory = Arc::new(EventFactory::new(format!("paced-{}", nonce())));
     let mut spec = LoadSpec {
@@ -889,6 +909,7 @@ async fn measure_drain(binary: &Path, dir: &Path) -> anyhow::Result<Drain> {
         port,
         BATCH_1000,
         "{ initialInterval: 10ms, maxInterval: 100ms }",
+        COLLECTOR,
     );
     let sidecar = start_ready(binary, dir, &config).await?;
 

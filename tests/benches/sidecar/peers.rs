@@ -22,7 +22,8 @@
 //! Results go to `bench-peers-results.json` beside `bench-results.json`. Environment:
 //! `TALLY_BENTHOS_BIN` (the peer; by default the one [`PEER_DIR`]`/build.sh` builds, which is run
 //! and skips the build when the binary exists), `TALLY_PEERS_ROUNDS` (default 3),
-//! `TALLY_BENCH_SECONDS` (each measured load, default 10).
+//! `TALLY_BENCH_SECONDS` (each measured load, default 10), `TALLY_PEERS_PROFILE` (Tally's
+//! `buffer.profile`, `collector` or `sidecar`; default `collector`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -51,7 +52,13 @@ use crate::{
 };
 
 /// The peer's build script, its VERSION and its configuration (`http-server.yaml`).
-const PEER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/benthos");
+const PEER_DIR: &str = "tests/benches/peers/benthos";
+
+/// [`PEER_DIR`] in the checkout the benchmark runs from (found at run time: a compile-time path
+/// could name another checkout that shares the build cache).
+fn peer_dir() -> PathBuf {
+    tally_tests::checkout::workspace_root().join(PEER_DIR)
+}
 /// Tally's output batching: the peer's (`batching: { count: 100, period: 1s }`).
 const BATCHING: &str = "{ count: 100, period: 1s }";
 const DEFAULT_ROUNDS: usize = 3;
@@ -183,16 +190,17 @@ pub async fn run() -> anyhow::Result<bool> {
     let benthos = tokio::task::spawn_blocking(benthos_binary)
         .await
         .context("the peer's build did not finish")??;
-    let benthos_version = std::fs::read_to_string(Path::new(PEER_DIR).join("VERSION"))
+    let benthos_version = std::fs::read_to_string(peer_dir().join("VERSION"))
         .ok()
         .map(|v| v.trim().to_owned());
     let binaries = Binaries { sidecar, benthos };
     let event_bytes =
         EventFactory::new("sample").batch(EVENTS_PER_REQUEST).len() / EVENTS_PER_REQUEST;
     println!(
-        "peers: tally-sidecar ({}) and Benthos {} with the http-server preset ({}); {} rounds of {}s, \
-         {} connections x {} events of ~{} bytes; load average {}",
+        "peers: tally-sidecar ({}, buffer.profile {}) and Benthos {} with the http-server preset ({}); \
+         {} rounds of {}s, {} connections x {} events of ~{} bytes; load average {}",
         binaries.sidecar.display(),
+        tally_profile()?,
         benthos_version.as_deref().unwrap_or("?"),
         binaries.benthos.display(),
         rounds,
@@ -339,7 +347,18 @@ fn load_average_text(load: Option<[f64; 3]>) -> String {
 }
 
 fn peer_config() -> PathBuf {
-    Path::new(PEER_DIR).join("http-server.yaml")
+    peer_dir().join("http-server.yaml")
+}
+
+/// Tally's `buffer.profile`: `TALLY_PEERS_PROFILE`, by default `collector` (the collector
+/// StatefulSet's, like the peer, which is a collector too); `sidecar` is what the injector gives
+/// the sidecar next to each workload, with a quarter of the memory and half the throughput.
+fn tally_profile() -> anyhow::Result<String> {
+    match std::env::var("TALLY_PEERS_PROFILE") {
+        Err(_) => Ok("collector".into()),
+        Ok(p) if p == "sidecar" || p == "collector" => Ok(p),
+        Ok(p) => bail!("TALLY_PEERS_PROFILE={p:?}: use sidecar or collector"),
+    }
 }
 
 /// The peer: `TALLY_BENTHOS_BIN`, else what the build script prints (it builds only when the
@@ -351,11 +370,12 @@ fn benthos_binary() -> anyhow::Result<PathBuf> {
             return Ok(path);
         }
         bail!(
-            "TALLY_BENTHOS_BIN={} does not exist; build it with {PEER_DIR}/build.sh",
-            path.display()
+            "TALLY_BENTHOS_BIN={} does not exist; build it with {}/build.sh",
+            path.display(),
+            peer_dir().display()
         );
     }
-    let script = Path::new(PEER_DIR).join("build.sh");
+    let script = peer_dir().join("build.sh");
     let output = Command::new("bash")
         .arg(&script)
         .stdin(Stdio::null())
@@ -439,7 +459,13 @@ impl Running {
     ) -> anyhow::Result<Self> {
         Ok(match system {
             System::Tally => {
-                let config = upstream_config(dir, upstream_port, BATCHING, DEFAULT_RETRY);
+                let config = upstream_config(
+                    dir,
+                    upstream_port,
+                    BATCHING,
+                    DEFAULT_RETRY,
+                    &tally_profile()?,
+                );
                 Running::Tally(start_ready(&binaries.sidecar, dir, &config).await?)
             }
             System::Peer => {
