@@ -1002,5 +1002,14 @@ mod tests {
         headers.remove("ce-subject");
         let err = parse_binary(&headers, b"{}").expect_err("no subject");
         assert_eq!(err.location, "event.subject");
+
+        // The data travels in the body: a ce-data header beside one would store `data` twice.
+        headers.insert("ce-subject", http::HeaderValue::from_static("s"));
+        headers.insert("ce-data", http::HeaderValue::from_static("x"));
+        let err = parse_binary(&headers, b"{}").expect_err("data twice");
+        assert_eq!(err.location, "event");
+        assert!(err.message.contains(r#""data" twice"#), "{}", err.message);
+        let err = parse_binary(&headers, b"").expect_err("a string as data");
+        assert_eq!(err.location, "event.data");
     }
 }
