@@ -122,20 +122,12 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
-    let when = httpdate_parse(value)?;
+    // An HTTP date in any of the three forms RFC 9110 (5.6.7) has recipients accept.
+    let when = httpdate::parse_http_date(value).ok()?;
     Some(
         when.duration_since(std::time::SystemTime::now())
             .unwrap_or_default(),
     )
-}
-
-fn httpdate_parse(value: &str) -> Option<std::time::SystemTime> {
-    // IMF-fixdate, the form RFC 9110 requires senders to use: "Sun, 06 Nov 1994 08:49:37 GMT".
-    let format = time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
-    let parsed = time::PrimitiveDateTime::parse(value, &format).ok()?;
-    Some(parsed.assume_utc().into())
 }
 
 /// An error and its causes on one line, `outer: inner: innermost`.
@@ -191,6 +183,17 @@ mod tests {
         assert_eq!(
             parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
             Some(Duration::ZERO)
+        );
+        // The obsolete forms recipients must still accept: RFC 850 and asctime.
+        for past in ["Sunday, 06-Nov-94 08:49:37 GMT", "Sun Nov  6 08:49:37 1994"] {
+            assert_eq!(parse_retry_after(past), Some(Duration::ZERO), "{past}");
+        }
+        let later =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
+        let delay = parse_retry_after(&later).expect("a date two minutes ahead");
+        assert!(
+            (Duration::from_secs(115)..=Duration::from_secs(120)).contains(&delay),
+            "{delay:?}"
         );
         assert_eq!(parse_retry_after("soon"), None);
     }
