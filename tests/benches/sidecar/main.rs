@@ -757,12 +757,12 @@ async fn start_ready(binary: &Path, dir: &Path, config: &str) -> anyhow::Result<
     Ok(sidecar)
 }
 
-async fn measure_ingest(
+/// A ready sidecar of the collector's sizing whose one output (batches of 1,000) is a blackhole;
+/// the blackhole must outlive the sidecar's load.
+async fn start_with_blackhole(
     binary: &Path,
     dir: &Path,
-    measured: Duration,
-    device: Option<&str>,
-) -> anyhow::Result<Ingest> {
+) -> anyhow::Result<(HttpSink, SidecarProcess)> {
     let blackhole = HttpSink::bind(0, SinkMode::Discard).await?;
     let config = upstream_config(
         dir,
@@ -772,6 +772,16 @@ async fn measure_ingest(
         COLLECTOR,
     );
     let sidecar = start_ready(binary, dir, &config).await?;
+    Ok((blackhole, sidecar))
+}
+
+async fn measure_ingest(
+    binary: &Path,
+    dir: &Path,
+    measured: Duration,
+    device: Option<&str>,
+) -> anyhow::Result<Ingest> {
+    let (blackhole, sidecar) = start_with_blackhole(binary, dir).await?;
     let factory = Arc::new(EventFactory::new(format!("ingest-{}", nonce())));
     let mut spec = LoadSpec {
         connections: CONNECTIONS,
@@ -842,15 +852,7 @@ async fn measure_half_rate(
     measured: Duration,
     events_per_second: f64,
 ) -> anyhow::Result<HalfRate> {
-    let blackhole = HttpSink::bind(0, SinkMode::Discard).await?;
-    let config = upstream_config(
-        dir,
-        blackhole.addr().port(),
-        BATCH_1000,
-        DEFAULT_RETRY,
-        COLLECTOR,
-    );
-    let sidecar = start_ready(binary, dir, &config).await?;
+    let (blackhole, sidecar) = start_with_blackhole(binary, dir).await?;
     let factory = Arc::new(EventFactory::new(format!("paced-{}", nonce())));
     let mut spec = LoadSpec {
         connections: CONNECTIONS,
