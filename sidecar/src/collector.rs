@@ -55,28 +55,6 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
     }
 }
 
-/// Updates the gauges that are read from the buffer rather than counted.
-pub fn refresh_gauges(buffer: &DurableBuffer, metrics: &Metrics) {
-    let stats = buffer.stats();
-    metrics.buffer_events.set(stats.events as i64);
-    metrics.buffer_bytes.set(stats.bytes as i64);
-    metrics.buffer_max_bytes.set(stats.max_bytes as i64);
-    metrics
-        .buffer_oldest_age
-        .set(stats.oldest_age_seconds.unwrap_or_default());
-    for output in stats.outputs {
-        let labels = metrics.output(&output.name);
-        metrics
-            .output_lag
-            .get_or_create(&labels)
-            .set(output.lag as i64);
-        metrics
-            .dead_letter_events
-            .get_or_create(&labels)
-            .set(output.dead_letters as i64);
-    }
-}
-
 /// Builds one sender per output and starts the forwarders of the configured broker pattern. They
 /// run until `draining` turns true and everything buffered is settled.
 fn spawn_forwarders(
@@ -153,14 +131,14 @@ fn spawn_forwarders(
 
 /// Upkeep on the writer thread (recovery after a failed write, maxLag, trimming, dead-letter
 /// retention) and the gauges, on a steady tick.
-fn spawn_maintenance(buffer: DurableBuffer, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+fn spawn_maintenance(buffer: DurableBuffer) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             buffer.maintain().await;
-            refresh_gauges(&buffer, &metrics);
+            buffer.refresh_gauges();
         }
     })
 }
@@ -203,7 +181,7 @@ pub async fn drain(config: Config) -> anyhow::Result<DrainReport> {
     );
     let (_draining_tx, draining_rx) = watch::channel(true);
     let mut forwarders = spawn_forwarders(&config, &buffer, &metrics, &draining_rx)?;
-    let maintenance = spawn_maintenance(buffer.clone(), metrics.clone());
+    let maintenance = spawn_maintenance(buffer.clone());
     tokio::select! {
         _ = async { while forwarders.join_next().await.is_some() {} } => {}
         _ = wait_for_signal() => {
@@ -246,7 +224,7 @@ pub async fn run(config: Config, ingest: tokio::runtime::Handle) -> anyhow::Resu
 
     let (draining_tx, draining_rx) = watch::channel(false);
     let mut forwarders = spawn_forwarders(&config, &buffer, &metrics, &draining_rx)?;
-    let maintenance = spawn_maintenance(buffer.clone(), metrics.clone());
+    let maintenance = spawn_maintenance(buffer.clone());
     let targets = &config.outputs.targets;
 
     let state = Arc::new(AppState {

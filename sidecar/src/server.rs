@@ -473,7 +473,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    crate::collector::refresh_gauges(&state.buffer, &state.metrics);
+    state.buffer.refresh_gauges();
     (
         [(
             header::CONTENT_TYPE,

@@ -504,6 +504,31 @@ impl DurableBuffer {
         }
     }
 
+    /// Sets the gauges that are read from the buffer rather than counted: its size and age,
+    /// and each output's lag and dead letters. The maintenance tick and every scrape call it;
+    /// it reads counters kept in memory and never scans the database.
+    pub fn refresh_gauges(&self) {
+        let stats = self.stats();
+        let metrics = &self.inner.metrics;
+        metrics.buffer_events.set(stats.events as i64);
+        metrics.buffer_bytes.set(stats.bytes as i64);
+        metrics.buffer_max_bytes.set(stats.max_bytes as i64);
+        metrics
+            .buffer_oldest_age
+            .set(stats.oldest_age_seconds.unwrap_or_default());
+        for output in stats.outputs {
+            let labels = metrics.output(&output.name);
+            metrics
+                .output_lag
+                .get_or_create(&labels)
+                .set(output.lag as i64);
+            metrics
+                .dead_letter_events
+                .get_or_create(&labels)
+                .set(output.dead_letters as i64);
+        }
+    }
+
     /// The write error the buffer is recovering from, if any.
     pub fn failure(&self) -> Option<String> {
         lock(&self.inner.failure).clone()
