@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -81,7 +81,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     recorder: Recorder,
     /// Consecutive failures per collector (`namespace/name`), for the backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    failures: parking_lot::Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
@@ -95,20 +95,19 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
-            failures: Mutex::new(HashMap::new()),
+            failures: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
     fn record_failure(&self, key: &str) -> u32 {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failures = self.failures.lock();
         let count = failures.entry(key.to_string()).or_insert(0);
         *count = count.saturating_add(1);
         *count
     }
 
     fn reset_failures(&self, key: &str) {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        failures.remove(key);
+        self.failures.lock().remove(key);
     }
 }
 

@@ -53,6 +53,10 @@ pub fn claim_ordinal(collector: &MeteringCollector, claim: &str) -> Option<i32> 
 
 /// A quantity in thousandths of its unit (bytes for storage), exact for every size a volume can have; `None` for
 /// what is not a non-negative Kubernetes quantity.
+///
+/// Not `kube_quantity` (k8s-openapi's `Quantity` is only the string): it computes in `f64`, its integer conversion
+/// truncates `1.5Gi` to `1Gi`, its multiplication can wrap, and it cannot read `1E` or `1Ei`. Claim sizes decide
+/// whether a volume is expanded or a shrink refused, so they are compared exactly here.
 pub fn quantity_millis(quantity: &Quantity) -> Option<u128> {
     let text = quantity.0.trim();
     let text = text.strip_prefix('+').unwrap_or(text);

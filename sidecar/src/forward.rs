@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Mutex, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -35,6 +35,11 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// The delay before retry number `attempt` (0-based): exponential, capped at `maxInterval`, with
 /// full jitter above `initialInterval` (uniform between `initialInterval` and the cap), so a fleet
 /// of sidecars does not retry in lockstep and no retry comes sooner than `initialInterval`.
+///
+/// Not `backon` (already in the build through kube-runtime): its jitter adds up to a whole delay
+/// on top of the capped one, so `maxInterval` would no longer bound a wait; it computes in `f32`
+/// seconds, so a 100ms step doubles to 200.000003ms; and its backoff is an iterator without an
+/// index, while the fallback pattern's health keeps only a failure count.
 pub fn backoff_delay(policy: &RetryPolicy, attempt: u32) -> Duration {
     let initial = policy.initial_interval.get();
     let max = policy.max_interval.get();
@@ -489,24 +494,23 @@ impl Dispatcher {
         // has its own queue, fed in turn.
         let mut queues = Vec::new();
         let mut workers = JoinSet::new();
-        let (greedy_tx, greedy_rx) = mpsc::channel::<Batch>(1);
-        let shared = Arc::new(Mutex::new(greedy_rx));
+        let (greedy_tx, greedy_rx) = async_channel::bounded::<Batch>(1);
         // One worker per batch an output may hold at once, each settling one batch at a time.
         for (sender, max_in_flight) in senders {
             let sender = Arc::new(sender);
             let queue = match choice {
                 Choice::RoundRobin => {
-                    let (tx, rx) = mpsc::channel::<Batch>(1);
+                    let (tx, rx) = async_channel::bounded::<Batch>(1);
                     queues.push(tx);
-                    Arc::new(Mutex::new(rx))
+                    rx
                 }
-                Choice::Greedy => shared.clone(),
+                Choice::Greedy => greedy_rx.clone(),
             };
             for _ in 0..max_in_flight.max(1) {
                 workers.spawn(work(sender.clone(), queue.clone()));
             }
         }
-        drop(shared);
+        drop(greedy_rx);
         let mut turn = 0usize;
         while let Some(batch) = reader.next(&mut draining).await {
             let queue = match choice {
@@ -529,11 +533,10 @@ impl Dispatcher {
     }
 }
 
-/// One output of a shared pattern: settles each batch it takes.
-async fn work(sender: Arc<Sender>, queue: Arc<Mutex<mpsc::Receiver<Batch>>>) {
-    loop {
-        let batch = queue.lock().await.recv().await;
-        let Some(batch) = batch else { return };
+/// One output of a shared pattern: settles each batch it takes, until the dispatcher closes the
+/// queue.
+async fn work(sender: Arc<Sender>, queue: async_channel::Receiver<Batch>) {
+    while let Ok(batch) = queue.recv().await {
         sender.settle(batch.records, batch.ticket).await;
     }
 }

@@ -9,8 +9,10 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -88,18 +90,11 @@ impl Server {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        // The registry holds no invariant a panicking holder could break halfway.
-        self.registry
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Counts a new connection in, evicting the longest-idle one at the limit (the oldest of
     /// those idle since the same millisecond). `None` when
     /// every open connection has a request in flight.
     fn admit(&self) -> Option<(u64, Arc<Tracked>)> {
-        let mut registry = self.registry();
+        let mut registry = self.registry.lock();
         if registry.open.len() >= self.limits.max_connections {
             let victim = registry
                 .open
@@ -306,7 +301,7 @@ async fn connection(
 
 /// Takes a finished connection out of the count.
 fn forget(server: &Server, id: u64) {
-    server.registry().open.remove(&id);
+    server.registry.lock().open.remove(&id);
     server.metrics.connections.dec();
 }
 

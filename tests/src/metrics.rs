@@ -1,4 +1,10 @@
 //! Reading the Prometheus text exposition of `/metrics`.
+//!
+//! Not the `prometheus-parse` crate: it looks a sample's type up by its exact name, so every
+//! OpenMetrics counter (`# TYPE x counter`, sample `x_total`) comes back untyped; it splits label
+//! values on `,` and `=` without regard to quotes, and drops a line whose value holds `}`; and it
+//! would add chrono and a second itertools to the build. The tests need exact label matching
+//! more than types, which is what this small reader does.
 
 use std::collections::HashSet;
 

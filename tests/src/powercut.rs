@@ -59,7 +59,9 @@ use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -154,9 +156,9 @@ impl PowerCutFs {
     /// dropped. Stop the processes using it first (SIGKILL): a process still holding a file open
     /// keeps a lazily detached mount alive. Call [`remount`](Self::remount) to see the survivors.
     pub fn power_cut(&mut self) -> io::Result<CutReport> {
-        lock(&self.model).cut = true;
+        self.model.lock().cut = true;
         self.unmount()?;
-        Ok(lock(&self.model).revert())
+        Ok(self.model.lock().revert())
     }
 
     /// Mounts the surviving tree again at the same path, on a fresh FUSE connection. A no-op
@@ -166,7 +168,7 @@ impl PowerCutFs {
             return Ok(());
         }
         let generation = {
-            let mut model = lock(&self.model);
+            let mut model = self.model.lock();
             model.cut = false;
             model.generation += 1;
             model.generation
@@ -200,7 +202,7 @@ impl PowerCutFs {
 
     /// The counters so far.
     pub fn stats(&self) -> Stats {
-        lock(&self.model).stats
+        self.model.lock().stats
     }
 
     /// Unmounts the filesystem. When something still holds it (a process that was not stopped,
@@ -259,12 +261,6 @@ impl std::fmt::Debug for PowerCutFs {
             .field("mounted", &self.session.is_some())
             .finish()
     }
-}
-
-fn lock(model: &Mutex<Model>) -> MutexGuard<'_, Model> {
-    model
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A file's content: a size and chunks of [`CHUNK`] bytes, shared copy-on-write between the
@@ -820,7 +816,7 @@ struct PowerCutFilesystem {
 impl PowerCutFilesystem {
     /// Runs `op` on the live model (`EIO` after a cut).
     fn with<T>(&self, op: impl FnOnce(&mut Model) -> Answer<T>) -> Answer<T> {
-        let mut model = lock(&self.model);
+        let mut model = self.model.lock();
         model.live(self.generation)?;
         op(&mut model)
     }

@@ -1,8 +1,10 @@
 //! Concurrent senders that keep a sidecar under load while a test kills it, cuts its power or
 //! restarts it, and record exactly which events were acknowledged.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -85,12 +87,7 @@ impl Senders {
         for task in self.tasks {
             task.await.unwrap_or_else(|e| panic!("sender task: {e}"));
         }
-        let acked = self
-            .observed
-            .acked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let acked = self.observed.acked.lock().clone();
         Stopped {
             acked,
             refused: self.observed.refused.load(Ordering::Relaxed),
@@ -138,7 +135,6 @@ async fn send(
                 observed
                     .acked
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
                     .extend(events.iter().map(|e| id_of(e).to_string()));
                 observed.acked_count.fetch_add(batch, Ordering::Relaxed);
                 if !pause.is_zero() {

@@ -8,7 +8,9 @@
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -146,13 +148,13 @@ impl TestUpstream {
 
     /// Changes how the following requests are answered.
     pub fn set(&self, behaviour: Behaviour) {
-        *lock(&self.state.behaviour) = behaviour;
+        *self.state.behaviour.lock() = behaviour;
     }
 
     /// Holds every following answer back this long (a slow upstream); the request is recorded
     /// when it arrives. `Duration::ZERO` answers at once again.
     pub fn set_delay(&self, delay: Duration) {
-        *lock(&self.state.delay) = delay;
+        *self.state.delay.lock() = delay;
     }
 
     /// Answer 204 from now on.
@@ -178,7 +180,7 @@ impl TestUpstream {
     ///
     /// [`up`]: TestUpstream::up
     pub async fn down(&self) {
-        let server = lock(&self.server).take();
+        let server = self.server.lock().take();
         if let Some(server) = server {
             let _ = server.stop.send(());
             let _ = server.task.await;
@@ -187,7 +189,7 @@ impl TestUpstream {
 
     /// Listens again on the same port after [`down`](TestUpstream::down).
     pub async fn up(&self) {
-        if lock(&self.server).is_some() {
+        if self.server.lock().is_some() {
             return;
         }
         let socket = TcpSocket::new_v4().unwrap_or_else(|e| panic!("test upstream: socket: {e}"));
@@ -205,17 +207,19 @@ impl TestUpstream {
 
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<ReceivedRequest> {
-        lock(&self.state.requests).clone()
+        self.state.requests.lock().clone()
     }
 
     /// How many requests arrived (delivery attempts, whatever the answer).
     pub fn request_count(&self) -> usize {
-        lock(&self.state.requests).len()
+        self.state.requests.lock().len()
     }
 
     /// Arrival times of every request: the delivery attempts.
     pub fn attempt_times(&self) -> Vec<Instant> {
-        lock(&self.state.requests)
+        self.state
+            .requests
+            .lock()
             .iter()
             .map(|r| r.received_at)
             .collect()
@@ -224,7 +228,9 @@ impl TestUpstream {
     /// Every event of every request received, whatever the answer (attempts included), in
     /// arrival order; bodies that are not JSON arrays are skipped.
     pub fn received_events(&self) -> Vec<Value> {
-        lock(&self.state.requests)
+        self.state
+            .requests
+            .lock()
             .iter()
             .filter_map(|r| r.events.clone())
             .flatten()
@@ -234,7 +240,7 @@ impl TestUpstream {
     /// Every event of every request the upstream accepted (2xx), in arrival order, duplicates
     /// included. Panics when an accepted body was not a JSON array: the contract says it is.
     pub fn delivered_events(&self) -> Vec<Value> {
-        let requests = lock(&self.state.requests);
+        let requests = self.state.requests.lock();
         let mut events = Vec::new();
         for request in requests.iter().filter(|r| r.delivered()) {
             match &request.events {
@@ -298,13 +304,13 @@ impl TestUpstream {
     fn serve(&self, listener: TcpListener) {
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(serve(listener, self.state.clone(), stopped));
-        *lock(&self.server) = Some(Server { stop, task });
+        *self.server.lock() = Some(Server { stop, task });
     }
 }
 
 impl Drop for TestUpstream {
     fn drop(&mut self) {
-        if let Some(server) = lock(&self.server).take() {
+        if let Some(server) = self.server.lock().take() {
             server.task.abort();
         }
     }
@@ -345,7 +351,7 @@ async fn answer(
         Err(_) => Bytes::new(),
     };
     let events: Option<Vec<Value>> = serde_json::from_slice(&body).ok();
-    let behaviour = lock(&state.behaviour).clone();
+    let behaviour = state.behaviour.lock().clone();
     let ingest = parts.method == Method::POST && parts.uri.path() == "/api/v1/events";
     let (status, retry_after) = if !ingest {
         (StatusCode::NOT_FOUND, None)
@@ -373,7 +379,7 @@ async fn answer(
             }
         }
     };
-    lock(&state.requests).push(ReceivedRequest {
+    state.requests.lock().push(ReceivedRequest {
         method: parts.method,
         path: parts
             .uri
@@ -386,7 +392,7 @@ async fn answer(
         status: status.as_u16(),
         events,
     });
-    let delay = *lock(&state.delay);
+    let delay = *state.delay.lock();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -415,11 +421,4 @@ async fn answer(
     Ok(response
         .body(Full::new(body))
         .unwrap_or_else(|e| panic!("test upstream: building a response: {e}")))
-}
-
-/// Locks a mutex, ignoring poisoning: a panicking test thread must not hide the state it left.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

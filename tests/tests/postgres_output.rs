@@ -5,8 +5,10 @@
 //! SQLSTATE in the reason.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -555,7 +557,7 @@ async fn sender(task: usize, url: String, stop: Arc<AtomicBool>, observed: Arc<O
             .collect();
         seq += 1;
         let ids: Vec<String> = batch.iter().map(|e| id_of(e).to_string()).collect();
-        lock(&observed.sent).extend(ids.iter().cloned());
+        observed.sent.lock().extend(ids.iter().cloned());
         let body = Value::Array(batch).to_string();
         // The sidecar is up at the end of the test, so every batch is acknowledged eventually.
         let deadline = Instant::now() + DELIVERY;
@@ -585,13 +587,9 @@ async fn sender(task: usize, url: String, stop: Arc<AtomicBool>, observed: Arc<O
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        lock(&observed.acked).extend(ids);
+        observed.acked.lock().extend(ids);
         observed.acked_count.fetch_add(BATCH, Ordering::Relaxed);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -651,8 +649,8 @@ async fn rows_are_exactly_the_acknowledged_events_across_sigkills() {
         sender.await.unwrap_or_else(|e| panic!("sender task: {e}"));
     }
 
-    let acked: BTreeSet<String> = lock(&observed.acked).iter().cloned().collect();
-    let sent: BTreeSet<String> = lock(&observed.sent).iter().cloned().collect();
+    let acked: BTreeSet<String> = observed.acked.lock().iter().cloned().collect();
+    let sent: BTreeSet<String> = observed.sent.lock().iter().cloned().collect();
     let wanted: Vec<(String, String)> = acked
         .iter()
         .map(|id| (tally_tests::events::SOURCE.to_string(), id.clone()))

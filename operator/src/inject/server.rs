@@ -9,7 +9,9 @@
 use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -75,7 +77,7 @@ impl CertificateSlot {
     /// Serves `material` from the next handshake on.
     pub fn replace(&self, material: &TlsMaterial) -> Result<(), TlsError> {
         let key = Arc::new(certified_key(material)?);
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = key;
+        *self.current.write() = key;
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
         Ok(())
     }
@@ -83,12 +85,7 @@ impl CertificateSlot {
 
 impl ResolvesServerCert for CertificateSlot {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        )
+        Some(self.current.read().clone())
     }
 }
 

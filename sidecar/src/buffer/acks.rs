@@ -7,10 +7,8 @@
 //! broker pattern hands batches to however many outputs. `maxLag` is the one other mover, and it
 //! goes through here too ([`AckTracker::skip_to`]).
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-
-use super::lock;
 
 /// A claim on one handed-out range of a consumer's log: `(previous ticket's upto, upto]`.
 /// Settling it (delivered or dead-lettered) lets the cursor pass it once every earlier ticket
@@ -81,7 +79,8 @@ impl AckTracker {
     }
 
     pub fn cursor(&self, consumer: &str) -> u64 {
-        lock(&self.consumers)
+        self.consumers
+            .lock()
             .get(consumer)
             .map_or(0, |acks| acks.cursor)
     }
@@ -89,7 +88,7 @@ impl AckTracker {
     /// Hands out `(last issued, upto]`. A range at or below what was already issued or passed
     /// (a reader racing a `maxLag` skip) gets a ticket that settles nothing.
     pub fn issue(&self, consumer: &str, upto: u64) -> Ticket {
-        let mut consumers = lock(&self.consumers);
+        let mut consumers = self.consumers.lock();
         let acks = consumers.entry(consumer.to_string()).or_default();
         if upto > acks.issued && upto > acks.cursor {
             acks.issued = upto;
@@ -103,7 +102,7 @@ impl AckTracker {
 
     /// Marks the ticket settled; returns the consumer's new cursor if it moved.
     pub fn settle(&self, ticket: &Ticket) -> Option<u64> {
-        let mut consumers = lock(&self.consumers);
+        let mut consumers = self.consumers.lock();
         let acks = consumers.get_mut(&ticket.consumer)?;
         if let Ok(i) = acks
             .outstanding
@@ -117,7 +116,7 @@ impl AckTracker {
     /// Moves the cursor to at least `upto` whatever is outstanding below it (`maxLag` moved
     /// those events to the dead-letter store); returns the new cursor if it moved.
     pub fn skip_to(&self, consumer: &str, upto: u64) -> Option<u64> {
-        let mut consumers = lock(&self.consumers);
+        let mut consumers = self.consumers.lock();
         let acks = consumers.entry(consumer.to_string()).or_default();
         while acks.outstanding.front().is_some_and(|(u, _)| *u <= upto) {
             acks.outstanding.pop_front();
@@ -133,7 +132,7 @@ impl AckTracker {
 
     /// The lowest cursor of `consumers`: everything at or below it may be deleted.
     pub fn floor<'a>(&self, consumers: impl IntoIterator<Item = &'a str>) -> u64 {
-        let all = lock(&self.consumers);
+        let all = self.consumers.lock();
         consumers
             .into_iter()
             .map(|name| all.get(name).map_or(0, |acks| acks.cursor))

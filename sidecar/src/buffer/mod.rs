@@ -36,7 +36,9 @@ mod writer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -239,14 +241,6 @@ pub fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded values are counters and maps updated in one step each; a panic elsewhere
-    // cannot leave them half-written, so keep serving rather than stop.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// State shared by the writer thread and every handle.
 struct Inner {
     /// `None` while the writer reopens the database after a failed write.
@@ -276,12 +270,9 @@ struct Inner {
 
 impl Inner {
     fn db(&self) -> Result<Arc<DB>, BufferError> {
-        let guard = self
-            .db
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let guard = self.db.read();
         guard.clone().ok_or_else(|| {
-            BufferError::Unavailable(lock(&self.failure).clone().unwrap_or_default())
+            BufferError::Unavailable(self.failure.lock().clone().unwrap_or_default())
         })
     }
 
@@ -290,7 +281,7 @@ impl Inner {
     }
 
     fn publish_gauges(&self) {
-        let accounting = lock(&self.accounting);
+        let accounting = self.accounting.lock();
         self.metrics.buffer_events.set(accounting.events as i64);
         self.metrics.buffer_bytes.set(accounting.bytes as i64);
     }
@@ -457,7 +448,7 @@ impl DurableBuffer {
     /// Buffered events `output` does not have yet.
     pub fn lag(&self, output: &str) -> u64 {
         let cursor = self.cursor(self.inner.options.consumer_of(output));
-        lock(&self.inner.accounting).lag(cursor)
+        self.inner.accounting.lock().lag(cursor)
     }
 
     /// Lists dead-lettered events, oldest first per output.
@@ -471,8 +462,8 @@ impl DurableBuffer {
 
     /// Events, bytes, oldest age and per-output lag; from memory, without scanning the disk.
     pub fn stats(&self) -> BufferStats {
-        let accounting = lock(&self.inner.accounting);
-        let dead_letters = lock(&self.inner.dead_letters);
+        let accounting = self.inner.accounting.lock();
+        let dead_letters = self.inner.dead_letters.lock();
         let now = now_ms();
         let options = &self.inner.options;
         BufferStats {
@@ -531,7 +522,7 @@ impl DurableBuffer {
 
     /// The write error the buffer is recovering from, if any.
     pub fn failure(&self) -> Option<String> {
-        lock(&self.inner.failure).clone()
+        self.inner.failure.lock().clone()
     }
 
     /// Whether the writer thread has stopped (it only does when every handle is gone, or if it

@@ -8,8 +8,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex, RwLock};
+
+use parking_lot::{Mutex, RwLock};
 
 use bytes::Bytes;
 use rocksdb::{
@@ -457,7 +459,7 @@ pub(super) fn read(
         let (key, value) = item?;
         let Some(seq) = key_seq(&key) else {
             // Sorts after every sequence key; nothing readable follows it.
-            super::lock(&inner.found_damaged).push((key.to_vec(), Damage::Key));
+            inner.found_damaged.lock().push((key.to_vec(), Damage::Key));
             break;
         };
         if seq > ceiling {
@@ -468,7 +470,7 @@ pub(super) fn read(
             Err(damage) => {
                 // Step over it; the writer moves it to the quarantine before the cursor can
                 // pass it (see writer::run).
-                super::lock(&inner.found_damaged).push((key.to_vec(), damage));
+                inner.found_damaged.lock().push((key.to_vec(), damage));
                 batch.last_scanned = seq;
                 continue;
             }
@@ -538,7 +540,9 @@ pub fn check(options: BufferOptions) -> Result<CheckReport, BufferError> {
             })
             .collect(),
         quarantined: count_quarantined(&db),
-        dead_letters: super::lock(&inner.dead_letters)
+        dead_letters: inner
+            .dead_letters
+            .lock()
             .values()
             .map(|(events, _)| events)
             .sum(),

@@ -16,7 +16,9 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -25,7 +27,7 @@ use rocksdb::{BottommostLevelCompaction, CompactOptions, DB, IteratorMode};
 use super::budget::Budget;
 use super::codec::{seq_key, u64_value};
 use super::open::{CF_DEAD_LETTER, CF_DEDUP, CF_EVENTS, cf};
-use super::{BufferError, Inner, lock, now_ms};
+use super::{BufferError, Inner, now_ms};
 use crate::metrics::{BudgetPart, DedupRemoval, Metrics};
 
 /// The resolution of the newest dedup insertion counts, and how many counts are kept at most
@@ -153,7 +155,7 @@ impl Space {
 
     /// Counts `count` dedup entries first seen at `now`.
     pub fn note_inserted(&self, now: u64, count: u64) {
-        lock(&self.inserted).add(now, count);
+        self.inserted.lock().add(now, count);
     }
 
     /// Rebuilds the insertion counts from the index, at open.
@@ -171,7 +173,7 @@ impl Space {
         for (at, count) in seconds {
             slots.add(at, count);
         }
-        *lock(&self.inserted) = slots;
+        *self.inserted.lock() = slots;
         Ok(())
     }
 
@@ -248,7 +250,7 @@ impl Space {
         let floor = now
             .saturating_sub(self.filter.window_ms)
             .max(self.filter.cutoff_ms.load(Ordering::Relaxed));
-        let mut inserted = lock(&self.inserted);
+        let mut inserted = self.inserted.lock();
         let stale = inserted.oldest().is_some_and(|at| at < floor);
         if size > self.budget.dedup * 3 / 4
             && let Some(new_cutoff) = inserted.evict_until(size, self.budget.dedup / 2)
@@ -263,11 +265,11 @@ impl Space {
                 window_seconds = self.filter.window_ms / 1000,
                 "the dedup index outgrew dedup.maxBytes; forgetting its oldest entries before their window ends"
             );
-            *lock(&self.last_expiry) = Instant::now();
+            *self.last_expiry.lock() = Instant::now();
             return true;
         }
         let gap = Duration::from_millis(self.filter.window_ms / 8).max(MIN_EXPIRY_GAP);
-        let mut last = lock(&self.last_expiry);
+        let mut last = self.last_expiry.lock();
         if (stale || over) && last.elapsed() >= gap {
             inserted.forget_before(floor);
             *last = Instant::now();

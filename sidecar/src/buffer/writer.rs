@@ -25,7 +25,7 @@ use super::codec::{Target, cursor_key, encode_record, seq_key};
 use super::open::{CF_DEDUP, CF_EVENTS, CF_META, NEXT_SEQ_KEY, cf, open_db, quarantine};
 use super::space::{self, Compaction};
 use super::{
-    AppendError, Appended, BufferError, Inner, Settlement, Ticket, dead_letter, dedup, lock, now_ms,
+    AppendError, Appended, BufferError, Inner, Settlement, Ticket, dead_letter, dedup, now_ms,
 };
 use crate::config::{Durability, WhenFull};
 use crate::event::Event;
@@ -166,7 +166,7 @@ impl Writer {
 
     /// The database, reopening it first if a write failed before.
     fn db(&mut self) -> Result<Arc<DB>, BufferError> {
-        if lock(&self.inner.failure).is_some() {
+        if self.inner.failure.lock().is_some() {
             self.reopen()?;
         }
         self.inner.db()
@@ -174,16 +174,12 @@ impl Writer {
 
     /// Reopens the database after a failed write, at most once per [`REOPEN_GAP`].
     fn reopen(&mut self) -> Result<(), BufferError> {
-        let failure = lock(&self.inner.failure).clone().unwrap_or_default();
+        let failure = self.inner.failure.lock().clone().unwrap_or_default();
         if self.last_reopen.is_some_and(|at| at.elapsed() < REOPEN_GAP) {
             return Err(BufferError::Unavailable(failure));
         }
         self.last_reopen = Some(Instant::now());
-        let mut slot = self
-            .inner
-            .db
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slot = self.inner.db.write();
         // Readers hold the database only for one read; RocksDB allows one open instance, so
         // wait for them to let go.
         if let Some(old) = slot.take() {
@@ -212,7 +208,7 @@ impl Writer {
                     tracing::warn!(error = %e, "the buffer storage still refuses writes; retrying in 1s");
                     return Err(BufferError::Unavailable(e.to_string()));
                 }
-                *lock(&self.inner.failure) = None;
+                *self.inner.failure.lock() = None;
                 self.inner.full.store(false, Ordering::Relaxed);
                 tracing::info!("the buffer storage takes writes again; accepting events");
                 Ok(())
@@ -235,7 +231,7 @@ impl Writer {
     }
 
     fn record_failure(&self, e: &BufferError) {
-        let mut failure = lock(&self.inner.failure);
+        let mut failure = self.inner.failure.lock();
         if failure.is_none() {
             tracing::error!(error = %e, "buffer write failed; acknowledged events are safe. Ingest answers 503 until the storage takes writes again (free disk space if it is full)");
             *failure = Some(e.to_string());
@@ -259,7 +255,7 @@ impl Writer {
         let Group { appends, settles } = group;
         let mut batch = WriteBatch::default();
         let mut effects = Effects::default();
-        let mut accounting_guard = lock(&self.inner.accounting);
+        let mut accounting_guard = self.inner.accounting.lock();
         // Dead letters first: a batch refused for good is recorded before its cursor moves.
         let mut settle_results = Vec::with_capacity(settles.len());
         for (_, settlement, _) in &settles {
@@ -323,7 +319,7 @@ impl Writer {
             );
         }
         {
-            let mut counts = lock(&self.inner.dead_letters);
+            let mut counts = self.inner.dead_letters.lock();
             for (output, events, bytes) in &effects.dead_lettered {
                 let entry = counts.entry(output.clone()).or_default();
                 entry.0 += events;
@@ -518,7 +514,7 @@ impl Writer {
             }
             let floor = self.inner.acks.floor(options.consumers());
             let trimmed = {
-                let mut accounting = lock(&self.inner.accounting);
+                let mut accounting = self.inner.accounting.lock();
                 let due = now
                     || self.inner.full.load(Ordering::Relaxed)
                     || self.inner.space.over()
@@ -537,7 +533,7 @@ impl Writer {
                 .map(|c| (c.last, trimmed.iter().map(|c| c.bytes).sum()));
             if let Err(e) = db.write(batch) {
                 // Not deleted after all: account for those events again.
-                let mut accounting = lock(&self.inner.accounting);
+                let mut accounting = self.inner.accounting.lock();
                 for chunk in trimmed.into_iter().rev() {
                     accounting.push_front(chunk);
                 }
@@ -556,7 +552,7 @@ impl Writer {
 
     /// Moves damaged records readers stepped over into the quarantine.
     fn quarantine_found(&self, db: &DB) {
-        let found = std::mem::take(&mut *lock(&self.inner.found_damaged));
+        let found = std::mem::take(&mut *self.inner.found_damaged.lock());
         if found.is_empty() {
             return;
         }
@@ -567,7 +563,7 @@ impl Writer {
             Err(e) => {
                 // Keep them for the next group; the cursor cannot pass them before.
                 tracing::error!(error = %e, "cannot quarantine damaged records");
-                lock(&self.inner.found_damaged).extend(found);
+                self.inner.found_damaged.lock().extend(found);
             }
         }
     }
@@ -597,7 +593,7 @@ impl Writer {
             self.record_failure(&e);
             return Err(e);
         }
-        lock(&self.inner.accounting).push(Chunk {
+        self.inner.accounting.lock().push(Chunk {
             first,
             last: next - 1,
             events: replayed.events,
@@ -605,7 +601,7 @@ impl Writer {
             appended_ms: now,
         });
         {
-            let mut counts = lock(&self.inner.dead_letters);
+            let mut counts = self.inner.dead_letters.lock();
             for (name, (events, bytes)) in replayed.taken {
                 let entry = counts.entry(name).or_default();
                 entry.0 = entry.0.saturating_sub(events);

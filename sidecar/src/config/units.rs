@@ -54,6 +54,11 @@ impl schemars::JsonSchema for HumanDuration {
 }
 
 /// A size in bytes, written as `1024`, `64Ki`, `1Mi`, `1Gi` (powers of 1024) or `1KB`, `1MB`, `1GB`.
+///
+/// Not the `bytesize` crate: it reads units without regard to case (`1m` is a megabyte there and a
+/// thousandth in Kubernetes), accepts fractions through `f64`, saturates on overflow where this
+/// refuses, and prints `64.0 KiB`, which does not read back to the same number. A size here
+/// must survive `tally-sidecar config` and the CRD unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 

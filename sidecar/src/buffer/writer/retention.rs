@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rocksdb::{DB, WriteBatch, WriteOptions};
 
 use super::Writer;
-use crate::buffer::{BufferError, dead_letter, lock};
+use crate::buffer::{BufferError, dead_letter};
 
 /// Events moved to an output's dead-letter store per `maxLag` step, so one step stays short.
 const MAX_LAG_STEP: usize = 10_000;
@@ -22,7 +22,7 @@ impl Writer {
     pub(super) fn enforce_max_lag(&self, db: &DB) -> Result<(), BufferError> {
         for (output, max_lag) in &self.inner.options.max_lag {
             let cursor = self.inner.acks.cursor(output);
-            let lag = lock(&self.inner.accounting).lag(cursor);
+            let lag = self.inner.accounting.lock().lag(cursor);
             if lag <= *max_lag {
                 continue;
             }
@@ -48,7 +48,7 @@ impl Writer {
             db.write_opt(batch, &write)?;
             let moved = read.records.len() as u64;
             {
-                let mut counts = lock(&self.inner.dead_letters);
+                let mut counts = self.inner.dead_letters.lock();
                 let entry = counts.entry(output.clone()).or_default();
                 entry.0 += moved;
                 entry.1 += bytes;
@@ -73,7 +73,10 @@ impl Writer {
 
     /// Whether the dead-letter store holds more than its part of `maxBytes`.
     fn dead_letters_over_part(&self) -> bool {
-        let held: u64 = lock(&self.inner.dead_letters)
+        let held: u64 = self
+            .inner
+            .dead_letters
+            .lock()
             .values()
             .map(|(_, b)| b)
             .sum();
@@ -95,7 +98,7 @@ impl Writer {
             self.last_retention = Some(Instant::now());
             self.apply_retention(&db)?;
         }
-        let live = lock(&self.inner.accounting).bytes;
+        let live = self.inner.accounting.lock().bytes;
         for compaction in self.inner.space.maintain(&db, live) {
             if let Some(compactor) = &self.compactor {
                 let _ = compactor.send(compaction);
@@ -110,7 +113,10 @@ impl Writer {
         let options = &self.inner.options;
         let max_bytes = options.budget.dead_letters;
         let max_age_ms = options.dead_letter_max_age_ms;
-        let counts: Vec<(String, (u64, u64))> = lock(&self.inner.dead_letters)
+        let counts: Vec<(String, (u64, u64))> = self
+            .inner
+            .dead_letters
+            .lock()
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
@@ -139,7 +145,7 @@ impl Writer {
             db.write(batch)?;
             self.inner.space.note_dead_letters_deleted(freed);
             total -= freed;
-            let mut counts = lock(&self.inner.dead_letters);
+            let mut counts = self.inner.dead_letters.lock();
             let entry = counts.entry(output.clone()).or_default();
             entry.0 = entry.0.saturating_sub(deleted);
             entry.1 = entry.1.saturating_sub(freed);
