@@ -1,8 +1,8 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, with the semantics of client-go's `leaderelection`.
 //!
 //! Every replica tries to take the Lease `--lease-name` in `--namespace` every retry period. It is free when it does
-//! not exist, has no holder (a leader released it), or has expired: its `renewTime + leaseDurationSeconds` lies in
-//! the past. Writes are a create, or a replace carrying the `resourceVersion` that was read, so two replicas that
+//! not exist, has no holder (a leader released it), or has expired: this replica has seen it unchanged for longer
+//! than its `leaseDurationSeconds`. Writes are a create, or a replace carrying the `resourceVersion` that was read, so two replicas that
 //! both see a free Lease cannot both take it: the API server refuses the second with 409 Conflict.
 //!
 //! The holder renews every retry period. When it has not renewed for the renew deadline (shorter than the lease
@@ -12,9 +12,19 @@
 //! the Lease (no holder, `leaseDurationSeconds: 1`) so a follower takes over at its next attempt instead of waiting
 //! for the lease to expire.
 //!
-//! Expiry is judged by the renew time written in the Lease against this process's clock, so the replicas' clocks
-//! must agree to well within the lease duration (NTP does that). The decisions are pure functions of the Lease and
-//! the time ([`decide`], [`acquired`], [`renewed`], [`released`]) and are unit-tested without a cluster.
+//! Expiry is judged as client-go judges it: by when this replica last saw the Lease change, on its own monotonic
+//! clock, never by comparing the `renewTime` another node wrote with this node's wall clock. A follower whose clock
+//! is ahead of the leader's therefore cannot take a Lease that is still being renewed, and a clock stepped by NTP
+//! changes nothing. The cost is that a follower that starts while the leader is already dead waits one full lease
+//! duration before it takes over.
+//!
+//! The leader election crates were weighed for this: kube-lease-manager (the one built for this kube version)
+//! compares the remote `renewTime` with the local wall clock and keeps reporting leadership while the API server is
+//! unreachable; kube-leader-election and kubert's lease manager also compare wall clocks, and need older kube and
+//! k8s-openapi versions, a second copy of each in the build.
+//!
+//! The decisions are pure functions of the Lease and the elapsed time ([`decide`], [`acquired`], [`renewed`],
+//! [`released`]) and are unit-tested without a cluster.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,7 +32,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::sync::oneshot;
@@ -94,25 +104,25 @@ pub enum Decision {
     Follow { holder: String },
 }
 
-/// Decides from the Lease's spec, this replica's identity and the current time.
-pub fn decide(spec: &LeaseSpec, identity: &str, now: Timestamp) -> Decision {
+/// Decides from the Lease's spec, this replica's identity and how long this replica has seen that spec unchanged.
+pub fn decide(spec: &LeaseSpec, identity: &str, unchanged_for: Duration) -> Decision {
     match spec.holder_identity.as_deref() {
         Some(holder) if holder == identity => Decision::Renew,
         None | Some("") => Decision::Acquire,
-        Some(_) if expired(spec, now) => Decision::Acquire,
+        Some(_) if expired(spec, unchanged_for) => Decision::Acquire,
         Some(holder) => Decision::Follow {
             holder: holder.to_string(),
         },
     }
 }
 
-/// Whether `renewTime + leaseDurationSeconds` lies before `now`. A Lease without either has expired.
-pub fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
-    let (Some(MicroTime(renewed)), Some(seconds)) = (&spec.renew_time, spec.lease_duration_seconds)
-    else {
+/// Whether a Lease seen unchanged for `unchanged_for` (by this replica's clock) has expired: for longer than its
+/// `leaseDurationSeconds`. A Lease without a renew time or a duration has expired.
+pub fn expired(spec: &LeaseSpec, unchanged_for: Duration) -> bool {
+    let (Some(_), Some(seconds)) = (&spec.renew_time, spec.lease_duration_seconds) else {
         return true;
     };
-    now.duration_since(*renewed) > SignedDuration::from_secs(i64::from(seconds))
+    unchanged_for > Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
 }
 
 /// The spec of a Lease `identity` takes over from `previous` (`None`: it does not exist yet). Taking it from
@@ -213,6 +223,7 @@ where
         api,
         lease_duration_seconds: election.lease_duration_seconds(),
         election,
+        observed: parking_lot::Mutex::new(None),
     };
     tokio::pin!(shutdown);
     metrics.leader.set(0);
@@ -341,11 +352,26 @@ struct Elector {
     api: Api<Lease>,
     election: Election,
     lease_duration_seconds: i32,
+    /// The Lease's spec as this replica last saw it change, and when: client-go's observed record and time.
+    observed: parking_lot::Mutex<Option<(LeaseSpec, Instant)>>,
 }
 
 impl Elector {
     fn lease(&self) -> String {
         format!("{}/{}", self.election.namespace, self.election.lease_name)
+    }
+
+    /// Records the spec just read, and returns how long it has been the same, by this replica's clock.
+    fn observe(&self, spec: &LeaseSpec) -> Duration {
+        let now = Instant::now();
+        let mut observed = self.observed.lock();
+        match &*observed {
+            Some((record, since)) if record == spec => now.saturating_duration_since(*since),
+            _ => {
+                *observed = Some((spec.clone(), now));
+                Duration::ZERO
+            }
+        }
     }
 
     /// Reads the Lease and takes or renews it if [`decide`] says so.
@@ -368,7 +394,7 @@ impl Elector {
             };
         };
         let spec = current.spec.clone().unwrap_or_default();
-        let desired = match decide(&spec, identity, now) {
+        let desired = match decide(&spec, identity, self.observe(&spec)) {
             Decision::Follow { holder } => return Ok(Attempt::Following { holder }),
             Decision::Renew => renewed(&spec, self.lease_duration_seconds, now),
             Decision::Acquire => acquired(Some(&spec), identity, self.lease_duration_seconds, now),
@@ -457,24 +483,45 @@ mod tests {
         }
     }
 
+    fn secs(seconds: u64) -> Duration {
+        Duration::from_secs(seconds)
+    }
+
     #[test]
     fn a_lease_held_by_another_is_followed_until_it_expires() {
         let spec = held_by("b", 10, 15, 3);
         let follow = Decision::Follow { holder: "b".into() };
-        assert_eq!(decide(&spec, "a", at(10)), follow);
-        // Exactly at renewTime + leaseDurationSeconds it is still valid.
-        assert_eq!(decide(&spec, "a", at(25)), follow);
-        assert_eq!(decide(&spec, "a", at(26)), Decision::Acquire);
+        assert_eq!(decide(&spec, "a", secs(0)), follow);
+        // Seen unchanged for exactly leaseDurationSeconds, it is still valid.
+        assert_eq!(decide(&spec, "a", secs(15)), follow);
+        assert_eq!(
+            decide(&spec, "a", secs(15) + Duration::from_millis(1)),
+            Decision::Acquire
+        );
+    }
+
+    #[test]
+    fn expiry_ignores_the_renew_time_written_by_another_clock() {
+        // Renewed "an hour ago" by a leader whose clock is behind, but just seen to change: still valid.
+        let spec = held_by("b", -3600, 15, 3);
+        assert_eq!(
+            decide(&spec, "a", secs(1)),
+            Decision::Follow { holder: "b".into() }
+        );
+        // Renewed "in the future" by a leader whose clock is ahead, and then unchanged for longer than the
+        // lease duration: expired.
+        let spec = held_by("b", 3600, 15, 3);
+        assert_eq!(decide(&spec, "a", secs(16)), Decision::Acquire);
     }
 
     #[test]
     fn our_own_lease_is_renewed_even_when_expired() {
         assert_eq!(
-            decide(&held_by("a", 10, 15, 0), "a", at(11)),
+            decide(&held_by("a", 10, 15, 0), "a", secs(1)),
             Decision::Renew
         );
         assert_eq!(
-            decide(&held_by("a", 10, 15, 0), "a", at(99)),
+            decide(&held_by("a", 10, 15, 0), "a", secs(89)),
             Decision::Renew
         );
     }
@@ -482,17 +529,17 @@ mod tests {
     #[test]
     fn a_released_or_incomplete_lease_is_free() {
         let released = released(&held_by("b", 10, 15, 2), at(11));
-        assert_eq!(decide(&released, "a", at(11)), Decision::Acquire);
+        assert_eq!(decide(&released, "a", secs(0)), Decision::Acquire);
         let empty_holder = LeaseSpec {
             holder_identity: Some(String::new()),
             ..held_by("b", 10, 15, 0)
         };
-        assert_eq!(decide(&empty_holder, "a", at(11)), Decision::Acquire);
+        assert_eq!(decide(&empty_holder, "a", secs(1)), Decision::Acquire);
         let no_renew_time = LeaseSpec {
             renew_time: None,
             ..held_by("b", 10, 15, 0)
         };
-        assert_eq!(decide(&no_renew_time, "a", at(11)), Decision::Acquire);
+        assert_eq!(decide(&no_renew_time, "a", secs(1)), Decision::Acquire);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use kube::core::{ApiResource, DynamicObject};
+use kube::core::error_boundary::InvalidObject;
+use kube::core::{ApiResource, DeserializeGuard, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
@@ -109,13 +110,26 @@ impl Context {
     fn reset_failures(&self, key: &str) {
         self.failures.lock().remove(key);
     }
+
+    /// Forgets the backoff of collectors that no longer exist, so the map holds only watched collectors.
+    fn prune_failures(&self, exists: impl Fn(&str) -> bool) {
+        let mut failures = self.failures.lock();
+        if !failures.is_empty() {
+            failures.retain(|key, _| exists(key));
+        }
+    }
 }
 
 fn key(collector: &MeteringCollector) -> String {
+    key_of(collector.meta())
+}
+
+/// `namespace/name`, the key of a collector's backoff and of its log lines.
+fn key_of(meta: &kube::api::ObjectMeta) -> String {
     format!(
         "{}/{}",
-        collector.namespace().unwrap_or_default(),
-        collector.name_any()
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
     )
 }
 
@@ -612,13 +626,13 @@ async fn write_status(
 }
 
 /// Retries a failed reconcile with exponential backoff per collector.
-pub fn error_policy(collector: Arc<DynamicObject>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(
+    collector: Arc<DeserializeGuard<MeteringCollector>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     ctx.metrics.failed(error.metric_label());
-    let key = format!(
-        "{}/{}",
-        collector.namespace().unwrap_or_default(),
-        collector.name_any()
-    );
+    let key = key_of(collector.meta());
     let failures = ctx.record_failure(&key);
     let delay = BACKOFF_FIRST
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
@@ -627,33 +641,40 @@ pub fn error_policy(collector: Arc<DynamicObject>, error: &Error, ctx: Arc<Conte
     Action::requeue(delay)
 }
 
+/// The label every child carries (see [`build::labels`]); the owned watches select on it, so the operator watches
+/// its own objects, not every ConfigMap, Service and StatefulSet of the cluster.
+pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=tally-operator";
+
 /// Runs the controller until `shutdown` resolves: watches MeteringCollectors in every namespace and the children
 /// they own.
 ///
-/// Collectors are watched as untyped objects and deserialised one at a time by [`reconcile_object`]: a typed watch
-/// fails its whole list when one stored object does not fit the Rust type (one written under an earlier CRD
-/// version, say), which would stop every collector from being reconciled. A malformed one is reported instead.
+/// Collectors are watched through [`DeserializeGuard`]: a plain typed watch fails its whole list when one stored
+/// object does not fit the Rust type (one written under an earlier CRD version, say), which would stop every
+/// collector from being reconciled. A malformed one reaches [`reconcile_object`] as such and is reported instead.
+/// Children are watched by label and for their metadata only (kube-runtime's `owns` asks for metadata): a change
+/// only needs to wake their owner, which then reads what it needs.
 pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let resource = ApiResource::erase::<MeteringCollector>(&());
-    let collectors = Api::<DynamicObject>::all_with(client.clone(), &resource);
+    let collectors = Api::<DeserializeGuard<MeteringCollector>>::all(client.clone());
     let config = watcher::Config::default().any_semantic();
+    let owned = config.clone().labels(MANAGED_BY_SELECTOR);
     let metrics = ctx.metrics.clone();
-    let controller = Controller::new_with(collectors, config.clone(), resource);
+    let prune = ctx.clone();
+    let controller = Controller::new(collectors, config);
     let store = controller.store();
     controller
-        .owns(Api::<StatefulSet>::all(client.clone()), config.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), config.clone())
-        .owns(Api::<Service>::all(client.clone()), config.clone())
+        .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(
             Api::<PodDisruptionBudget>::all(client.clone()),
-            config.clone(),
+            owned.clone(),
         )
-        .owns(Api::<DaemonSet>::all(client.clone()), config.clone())
-        .owns(Api::<Job>::all(client), config)
+        .owns(Api::<DaemonSet>::all(client.clone()), owned.clone())
+        .owns(Api::<Job>::all(client), owned)
         .graceful_shutdown_on(shutdown)
         .run(reconcile_object, error_policy, ctx)
         .for_each(|result| {
@@ -662,6 +683,7 @@ pub async fn run(
                 Err(error) => tracing::warn!(%error, "controller"),
             }
             let collectors = store.state();
+            prune.prune_failures(|key| collectors.iter().any(|c| key_of(c.meta()) == key));
             let not_ready = collectors.iter().filter(|c| !is_ready(c)).count();
             metrics
                 .collectors
@@ -674,32 +696,33 @@ pub async fn run(
         .await;
 }
 
-/// Whether a watched collector's `Ready` condition is `True` (read from the raw object, so a malformed one counts
-/// as not ready).
-fn is_ready(collector: &DynamicObject) -> bool {
-    collector.data["status"]["conditions"]
-        .as_array()
-        .is_some_and(|conditions| {
-            conditions
+/// Whether a watched collector's `Ready` condition is `True`; a malformed one counts as not ready.
+fn is_ready(collector: &DeserializeGuard<MeteringCollector>) -> bool {
+    collector
+        .0
+        .as_ref()
+        .ok()
+        .and_then(|c| c.status.as_ref())
+        .is_some_and(|status| {
+            status
+                .conditions
                 .iter()
-                .any(|c| c["type"] == status::READY && c["status"] == "True")
+                .any(|c| c.type_ == status::READY && c.status == "True")
         })
 }
 
 /// Reason of the conditions and the Event of a collector the operator cannot read.
 pub const MALFORMED_REASON: &str = "MalformedObject";
 
-/// Reconciles one watched object: deserialises it into a [`MeteringCollector`] and [`reconcile`]s it, or reports
-/// it as malformed and waits for it to change.
+/// Reconciles one watched object: [`reconcile`]s it, or reports it as malformed and waits for it to change.
 pub async fn reconcile_object(
-    object: Arc<DynamicObject>,
+    object: Arc<DeserializeGuard<MeteringCollector>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    let value = serde_json::to_value(object.as_ref()).unwrap_or_default();
-    match serde_path_to_error::deserialize::<_, MeteringCollector>(value) {
-        Ok(collector) => reconcile(Arc::new(collector), ctx).await,
-        Err(error) => {
-            report_malformed(&ctx, &object, &error.to_string()).await?;
+    match &object.0 {
+        Ok(collector) => reconcile(Arc::new(collector.clone()), ctx).await,
+        Err(invalid) => {
+            report_malformed(&ctx, invalid).await?;
             Ok(Action::await_change())
         }
     }
@@ -707,9 +730,28 @@ pub async fn reconcile_object(
 
 /// Reports a malformed collector: a log line, the failure metric (`error="malformed"`), a Warning Event, and
 /// Degraded=True on its status naming the field when the API server accepts that status (once per problem).
-async fn report_malformed(ctx: &Context, object: &DynamicObject, error: &str) -> Result<(), Error> {
-    let name = object.name_any();
-    let namespace = object.namespace().unwrap_or_default();
+///
+/// The guard's error names no field (it comes from an untyped value), so the object is read once more, raw, and
+/// deserialised with its path tracked: the report says which field to fix. This only happens for a malformed one.
+async fn report_malformed(ctx: &Context, invalid: &InvalidObject) -> Result<(), Error> {
+    let name = invalid.metadata.name.clone().unwrap_or_default();
+    let namespace = invalid.metadata.namespace.clone().unwrap_or_default();
+    let resource = ApiResource::erase::<MeteringCollector>(&());
+    let raw = Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &namespace, &resource);
+    let Some(object) = raw.get_opt(&name).await.map_err(|source| Error::Status {
+        name: name.clone(),
+        source,
+    })?
+    else {
+        // Deleted since the watch saw it: nothing to report.
+        return Ok(());
+    };
+    let value = serde_json::to_value(&object).unwrap_or_default();
+    let error = match serde_path_to_error::deserialize::<_, MeteringCollector>(value) {
+        Err(error) => error.to_string(),
+        // Fixed since the watch saw it: the next event reconciles it.
+        Ok(_) => return Ok(()),
+    };
     let message = format!(
         "the operator cannot read this MeteringCollector: {error}; fix that field (for example with kubectl edit \
          meteringcollector {name} -n {namespace}) so that it matches the CRD schema"
@@ -732,7 +774,6 @@ async fn report_malformed(ctx: &Context, object: &DynamicObject, error: &str) ->
     tracing::warn!(collector = %format!("{namespace}/{name}"), %error, "malformed MeteringCollector");
     ctx.metrics.failed("malformed");
 
-    let resource = ApiResource::erase::<MeteringCollector>(&());
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let generation = object.metadata.generation;
     let condition = |type_: &str, status: &str| {
@@ -758,7 +799,7 @@ async fn report_malformed(ctx: &Context, object: &DynamicObject, error: &str) ->
     // A merge patch, not an apply: server-side apply needs the live object to fit the schema, which this one does
     // not. The API server may still refuse the write (a CEL rule on the malformed field fails to evaluate); then
     // the log, the metric and the Event are the report.
-    let written = Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &namespace, &resource)
+    let written = raw
         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await;
     match written {
