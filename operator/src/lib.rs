@@ -3,6 +3,7 @@
 //! The reconcile is a pipeline of small modules: [`validate`], [`build`] and [`drain`]'s plan are pure, [`reconcile`] applies what
 //! they produce and writes the [`status`].
 
+pub mod apply;
 pub mod build;
 pub mod crd;
 pub mod drain;

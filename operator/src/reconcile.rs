@@ -4,12 +4,11 @@
 //! manager [`FIELD_MANAGER`], forced, so a reconcile that changes nothing writes nothing.
 
 use std::collections::HashMap;
-use std::fmt::Debug;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
@@ -23,15 +22,13 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::build::{self, CollectorObjects};
+use crate::apply::{self, Applied, apply, deleted};
+use crate::build;
 use crate::crd::{FIELD_MANAGER, MeteringCollector, MeteringCollectorStatus};
 use crate::drain::{self, Step};
 use crate::metrics::Metrics;
-use crate::node_agent;
 use crate::status::{self, Observation};
 use crate::storage::{self, ClaimAction, StorageProblem};
 use crate::validate;
@@ -161,14 +158,7 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
     };
     let namespace = validated.namespace.as_str();
 
-    let CollectorObjects {
-        config_map,
-        service,
-        headless_service,
-        pod_disruption_budget,
-        mut stateful_set,
-        node_agent,
-    } = build::build(&validated);
+    let mut objects = build::build(&validated);
 
     // volumeClaimTemplates are immutable: keep the ones the StatefulSet was created with; size changes go to the
     // claims themselves (the storage stage below).
@@ -179,34 +169,13 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
             action: format!("reading StatefulSet {namespace}/{}", collector.name_any()),
             source,
         })?;
-    storage::keep_claim_templates(&mut stateful_set, existing.as_ref());
+    storage::keep_claim_templates(&mut objects.stateful_set, existing.as_ref());
 
-    let applied = async {
-        apply(&ctx.client, namespace, &config_map).await?;
-        apply(&ctx.client, namespace, &service).await?;
-        apply(&ctx.client, namespace, &headless_service).await?;
-        apply(&ctx.client, namespace, &pod_disruption_budget).await?;
-        let agent = match &node_agent {
-            Some(agent) => {
-                apply(&ctx.client, namespace, &agent.service).await?;
-                Some(apply(&ctx.client, namespace, &agent.daemon_set).await?)
-            }
-            None => {
-                // Disabled: remove an agent this collector ran (its Service only along with it, so a collector that
-                // never had one costs one read).
-                let name = node_agent::name(collector);
-                if remove_owned::<DaemonSet>(ctx, collector, namespace, &name).await? {
-                    remove_owned::<Service>(ctx, collector, namespace, &name).await?;
-                }
-                None
-            }
-        };
-        // Last: its pods need the ConfigMap.
-        Ok((apply(&ctx.client, namespace, &stateful_set).await?, agent))
-    }
-    .await;
-
-    let (stateful_set, node_agent) = match applied {
+    let applied = apply::apply_children(&ctx.client, collector, namespace, &objects).await;
+    let Applied {
+        stateful_set,
+        node_agent,
+    } = match applied {
         Ok(applied) => applied,
         Err(Error::Apply {
             kind,
@@ -437,48 +406,6 @@ struct StorageOutcome {
     waiting_for_binding: bool,
 }
 
-/// Deletes `name` if this collector owns it: a child the spec no longer asks for (the node agent once disabled).
-/// Whether it existed and was this collector's.
-async fn remove_owned<K>(
-    ctx: &Context,
-    collector: &MeteringCollector,
-    namespace: &str,
-    name: &str,
-) -> Result<bool, Error>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + k8s_openapi::Resource
-        + Clone
-        + DeserializeOwned
-        + Debug,
-{
-    let api = Api::<K>::namespaced(ctx.client.clone(), namespace);
-    let failed = |source| Error::Apply {
-        kind: <K as k8s_openapi::Resource>::KIND,
-        name: name.to_string(),
-        source,
-    };
-    let Some(object) = api.get_opt(name).await.map_err(failed)? else {
-        return Ok(false);
-    };
-    let ours = object
-        .owner_references()
-        .iter()
-        .any(|owner| Some(&owner.uid) == collector.metadata.uid.as_ref());
-    if ours && object.meta().deletion_timestamp.is_none() {
-        deleted(api.delete(name, &DeleteParams::background()).await).map_err(failed)?;
-    }
-    Ok(ours)
-}
-
-/// The result of a delete, where an object that is already gone counts as deleted.
-fn deleted<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
-    match result {
-        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
-        other => other.map(|_| ()),
-    }
-}
-
 /// Grows the collector's buffer claims to `spec.storage.size` where their StorageClass allows it.
 async fn reconcile_storage(
     ctx: &Context,
@@ -511,9 +438,19 @@ async fn reconcile_storage(
         let ClaimAction::Expand { claim, from } = action else {
             continue;
         };
-        let patch = json!({ "spec": { "resources": { "requests": { "storage": desired } } } });
+        // Server-side apply, like every other write: the operator owns only the storage request of the claim.
+        let patch = json!({
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": { "name": claim, "namespace": namespace },
+            "spec": { "resources": { "requests": { "storage": desired } } },
+        });
         claims_api
-            .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                claim,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
             .await
             .map_err(|source| Error::Storage {
                 action: format!(
@@ -543,31 +480,6 @@ async fn reconcile_storage(
             .iter()
             .any(|a| matches!(a, ClaimAction::WaitForBinding { .. })),
     })
-}
-
-/// Server-side apply of one child, forced, with the operator's field manager.
-async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + k8s_openapi::Resource
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + Debug,
-{
-    let name = object.meta().name.clone().unwrap_or_default();
-    Api::<K>::namespaced(client.clone(), namespace)
-        .patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(object),
-        )
-        .await
-        .map_err(|source| Error::Apply {
-            kind: <K as k8s_openapi::Resource>::KIND,
-            name,
-            source,
-        })
 }
 
 /// Writes the status with server-side apply on the status subresource, only when it differs, and publishes an

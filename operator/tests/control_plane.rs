@@ -335,6 +335,64 @@ async fn reconciling_an_unchanged_collector_writes_nothing() {
     control_plane.stop();
 }
 
+/// Children the spec no longer asks for are deleted by the apply stage, found by label and owner; an object that
+/// only carries the labels, or only the owner reference, is not the operator's to delete.
+#[tokio::test]
+async fn children_the_spec_no_longer_asks_for_are_deleted() {
+    let (control_plane, client, ns) = control_plane_with_crd("orphans").await;
+    let collectors = Api::<MeteringCollector>::namespaced(client.clone(), &ns);
+    let meter = create(&collectors, &collector(COLLECTOR)).await;
+    let ctx = context(&client);
+    reconcile::reconcile(Arc::new(meter.clone()), ctx.clone())
+        .await
+        .expect("reconcile");
+
+    let owner = meter.controller_owner_ref(&()).expect("owner reference");
+    let labels = tally_operator::build::labels(&meter);
+    let config_map = |name: &str, labelled: bool, owned: bool| ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            labels: labelled.then(|| labels.clone()),
+            owner_references: owned.then(|| vec![owner.clone()]),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    for (name, labelled, owned) in [
+        ("meter-stale", true, true),
+        ("meter-labelled-only", true, false),
+        ("meter-owned-only", false, true),
+    ] {
+        config_maps
+            .create(&Default::default(), &config_map(name, labelled, owned))
+            .await
+            .unwrap_or_else(|e| panic!("creating ConfigMap {name}: {e}"));
+    }
+    let current = collectors.get("meter").await.expect("collector");
+    reconcile::reconcile(Arc::new(current), ctx.clone())
+        .await
+        .expect("reconcile");
+
+    let left: Vec<String> = list::<ConfigMap>(&client, &ns)
+        .await
+        .iter()
+        .map(|c| c.name_any())
+        .filter(|name| name.starts_with("meter-"))
+        .collect();
+    assert!(
+        !left.iter().any(|name| name == "meter-stale"),
+        "the labelled, owned ConfigMap the spec does not ask for is deleted: {left:?}"
+    );
+    for kept in ["meter-config", "meter-labelled-only", "meter-owned-only"] {
+        assert!(
+            left.iter().any(|name| name == kept),
+            "{kept} is kept: {left:?}"
+        );
+    }
+    control_plane.stop();
+}
+
 /// Resource versions of the collector and everything it owns.
 async fn resource_versions(client: &Client, ns: &str) -> BTreeMap<String, String> {
     let mut versions = BTreeMap::new();
