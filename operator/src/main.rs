@@ -184,7 +184,8 @@ async fn operate(args: RunArgs, election: Election) -> anyhow::Result<()> {
         serve_http(listener, Arc::new(registry), shutdown.requested()),
     );
 
-    // Every replica serves the webhook; it needs no lease.
+    // Every replica serves the webhook; only the leader writes its configuration.
+    let (leading, leading_rx) = tokio::sync::watch::channel(!args.leader.leader_elect);
     tasks.spawn(
         "the sidecar-injection webhook",
         tally_operator::inject::run(
@@ -192,6 +193,7 @@ async fn operate(args: RunArgs, election: Election) -> anyhow::Result<()> {
             args.namespace.clone(),
             args.webhook.clone(),
             webhook_metrics,
+            leading_rx,
             shutdown.requested(),
         ),
     );
@@ -204,6 +206,8 @@ async fn operate(args: RunArgs, election: Election) -> anyhow::Result<()> {
     if args.leader.leader_elect {
         tasks.spawn("the elected reconciler", async move {
             leader::lead_when_elected(client, election, metrics, shutdown.requested(), |stop| {
+                // A lost lease ends the process, so leadership is never taken back here.
+                leading.send_replace(true);
                 reconcile::run(ctx, async move {
                     let _ = stop.await;
                 })

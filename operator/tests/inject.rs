@@ -45,7 +45,23 @@ struct Webhook {
 }
 
 impl Webhook {
+    /// A replica that holds the leader-election Lease (or runs without election).
     fn start(client: &Client, namespace: &str, cert_validity: Duration) -> Webhook {
+        Webhook::start_with(
+            client,
+            namespace,
+            cert_validity,
+            tokio::sync::watch::channel(true).1,
+        )
+    }
+
+    /// A replica whose leadership is `leading`.
+    fn start_with(
+        client: &Client,
+        namespace: &str,
+        cert_validity: Duration,
+        leading: tokio::sync::watch::Receiver<bool>,
+    ) -> Webhook {
         let port = free_port();
         let args = webhook_args(port, cert_validity);
         let metrics = Arc::new(WebhookMetrics::default());
@@ -55,6 +71,7 @@ impl Webhook {
             namespace.to_string(),
             args,
             metrics.clone(),
+            leading,
             async move {
                 let _ = stopped.await;
             },
@@ -473,6 +490,52 @@ async fn replicas_share_one_secret_and_a_stopped_webhook_blocks_no_pod() {
     webhook.stop().await;
     let after = create_pod(&client, &apps, &pod("after", &[])).await;
     assert_not_injected(&after, "the webhook is down");
+    control_plane.stop();
+}
+
+/// Every replica serves, but only the leader writes the MutatingWebhookConfiguration: a follower serves the shared
+/// certificate and leaves the configuration alone until it is elected.
+#[tokio::test]
+async fn only_the_leader_writes_the_configuration() {
+    let Cluster {
+        control_plane,
+        client,
+        operator_ns,
+        apps,
+    } = Cluster::start().await;
+    create_collector(&client, &apps, &[]).await;
+    let (elected, leading) = tokio::sync::watch::channel(false);
+    let webhook = Webhook::start_with(&client, &operator_ns, Duration::from_secs(3600), leading);
+    let secrets = Api::<Secret>::namespaced(client.clone(), &operator_ns);
+    let (ca, cert) = eventually("the follower has a certificate in the Secret", || async {
+        let data = secrets.get(SECRET).await.ok()?.data?;
+        Some((
+            data.get("ca.crt")?.0.clone(),
+            data.get("tls.crt")?.0.clone(),
+        ))
+    })
+    .await;
+    eventually("the follower serves the Secret's certificate", || async {
+        (served_certificate(webhook.port, &ca).await.ok()? == der(&cert)).then_some(())
+    })
+    .await;
+    let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    assert!(
+        configurations
+            .get_opt(CONFIGURATION)
+            .await
+            .expect("get")
+            .is_none(),
+        "a follower wrote the webhook configuration"
+    );
+
+    elected.send_replace(true);
+    configuration_ready(&client, &operator_ns, &[&operator_ns]).await;
+    assert_injected_once(
+        &create_pod(&client, &apps, &pod("after-election", &[])).await,
+        &format!("{apps}/meter"),
+    );
+    webhook.stop().await;
     control_plane.stop();
 }
 

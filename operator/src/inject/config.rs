@@ -172,3 +172,26 @@ pub async fn apply(
         )
         .await
 }
+
+/// The configuration as it is in the API server, if it exists.
+pub async fn get(
+    client: &Client,
+    name: &str,
+) -> Result<Option<MutatingWebhookConfiguration>, kube::Error> {
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get_opt(name)
+        .await
+}
+
+/// Whether every webhook of `configuration` trusts the CAs of `ca_bundle` (it carries that bundle).
+pub fn trusts(configuration: &MutatingWebhookConfiguration, ca_bundle: &str) -> bool {
+    let webhooks = configuration.webhooks.as_deref().unwrap_or_default();
+    !webhooks.is_empty()
+        && webhooks.iter().all(|webhook| {
+            webhook
+                .client_config
+                .ca_bundle
+                .as_ref()
+                .is_some_and(|bundle| bundle.0 == ca_bundle.as_bytes())
+        })
+}

@@ -1,10 +1,15 @@
-//! The webhook as `tally-operator run` runs it on every replica (it needs no lease): its flags, the certificate
-//! Secret, the TLS server, the MeteringCollector watch, and the MutatingWebhookConfiguration kept current.
+//! The webhook as `tally-operator run` runs it on every replica (serving needs no lease): its flags, the
+//! certificate Secret, the TLS server, the MeteringCollector watch, and the MutatingWebhookConfiguration kept
+//! current.
 //!
 //! One loop does the maintenance, on a timer and whenever a MeteringCollector changes: read (and, when due, renew)
 //! the certificate Secret, then apply the configuration if its caBundle or excluded namespaces changed, then serve
 //! a new certificate. Applying the caBundle before serving a certificate from a new CA keeps the API server
 //! trusting the webhook throughout a rotation.
+//!
+//! Only the leader writes the configuration, so replicas that briefly disagree (one has seen a collector change or
+//! a renewed Secret, another not yet) cannot undo each other's writes. A follower serves a renewed certificate
+//! once it sees the leader's configuration trust that certificate's CA.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -18,7 +23,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::certs::{self, CertificateSettings, Issued};
@@ -200,12 +205,14 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// Runs the webhook until `shutdown` resolves: certificate, server, collector watch and configuration.
-/// Returns at once when `--webhook false`.
+/// Returns at once when `--webhook false`. `leading` says whether this replica holds the leader-election Lease
+/// (always true without leader election); only then does it write the configuration.
 pub async fn run(
     client: Client,
     namespace: String,
     args: WebhookArgs,
     metrics: Arc<WebhookMetrics>,
+    mut leading: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     if !args.webhook {
@@ -298,11 +305,23 @@ pub async fn run(
             &excluded,
             args.failure_policy,
         );
-        let due = match &applied {
-            Some((last, at)) => *last != desired || at.elapsed() >= REAPPLY_EVERY,
-            None => true,
-        };
-        let mut bundle_applied = !due;
+        let leader = *leading.borrow_and_update();
+        let due = leader
+            && match &applied {
+                Some((last, at)) => *last != desired || at.elapsed() >= REAPPLY_EVERY,
+                None => true,
+            };
+        let mut bundle_applied = leader && !due;
+        if !leader && renewed.is_some() {
+            bundle_applied = match config::get(&client, &args.webhook_configuration).await {
+                Ok(live) => live.is_some_and(|live| config::trusts(&live, &bundle)),
+                Err(error) => {
+                    tracing::warn!(%error, configuration = %args.webhook_configuration,
+                        "reading the MutatingWebhookConfiguration failed; retrying");
+                    false
+                }
+            };
+        }
         if due {
             match config::apply(&client, &desired).await {
                 Ok(_) => {
@@ -334,6 +353,7 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown => break,
             () = changed.notified() => {}
+            Ok(()) = leading.changed() => {}
             () = tokio::time::sleep(poll) => {}
             result = &mut server.0 => {
                 return match result {
