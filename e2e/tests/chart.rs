@@ -136,6 +136,7 @@ fn ci_values_files_render_what_they_ask_for() {
         "--lease-name=tally-operator",
         "--webhook-service=tally-webhook",
         "--webhook-secret=tally-webhook-tls",
+        "--webhook-ca-secret=tally-webhook-ca",
         "--webhook-configuration=tally",
         "--failure-policy=Ignore",
         "--cert-validity=8760h",

@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 
 const CONFIGURATION: &str = "tally-operator";
 const SECRET: &str = "tally-operator-webhook-tls";
+const CA_SECRET: &str = "tally-operator-webhook-ca";
 
 /// The webhook running in this process, stopped (its server closed) when dropped.
 struct Webhook {
@@ -117,6 +118,7 @@ fn webhook_args(port: u16, cert_validity: Duration) -> WebhookArgs {
         webhook_url: Some(format!("https://127.0.0.1:{port}/mutate")),
         webhook_service: "tally-operator-webhook".into(),
         webhook_secret: SECRET.into(),
+        webhook_ca_secret: CA_SECRET.into(),
         webhook_configuration: CONFIGURATION.into(),
         failure_policy: FailurePolicy::Ignore,
         cert_validity,
@@ -490,6 +492,72 @@ async fn replicas_share_one_secret_and_a_stopped_webhook_blocks_no_pod() {
     webhook.stop().await;
     let after = create_pod(&client, &apps, &pod("after", &[])).await;
     assert_not_injected(&after, "the webhook is down");
+    control_plane.stop();
+}
+
+/// The CA's key lives in its own Secret, never next to the serving key; a Secret of the earlier one-Secret layout
+/// is split without issuing anything new.
+#[tokio::test]
+async fn the_ca_key_is_kept_apart_and_an_old_single_secret_is_split() {
+    let (control_plane, client, operator_ns) = control_plane_with_crd("tally-system").await;
+    let settings = webhook_args(free_port(), Duration::from_secs(3600))
+        .certificate_settings(&operator_ns)
+        .expect("valid flags");
+    let secrets = Api::<Secret>::namespaced(client.clone(), &operator_ns);
+    let keys = |secret: &Secret| -> Vec<String> {
+        secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+
+    // The earlier layout: all four keys in the serving Secret.
+    let old = certs::issue(None, true, &settings, time::OffsetDateTime::now_utc())
+        .expect("a certificate");
+    let mut data = old.material.serving_data();
+    data.extend(old.material.ca_data());
+    let single = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(SECRET.into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    secrets
+        .create(&PostParams::default(), &single)
+        .await
+        .expect("the one-Secret layout");
+
+    let adopted = certs::ensure(&client, &settings).await.expect("ensure");
+    assert_eq!(
+        adopted.material, old.material,
+        "the valid certificate is adopted, not reissued"
+    );
+    let serving = secrets.get(SECRET).await.expect("serving Secret");
+    assert_eq!(keys(&serving), ["ca.crt", "tls.crt", "tls.key"]);
+    let ca = secrets.get(CA_SECRET).await.expect("CA Secret");
+    assert_eq!(keys(&ca), ["ca.crt", "ca.key"]);
+    assert_eq!(
+        ca.data
+            .as_ref()
+            .and_then(|d| d.get("ca.key"))
+            .map(|k| k.0.clone()),
+        Some(old.material.ca_key.clone().into_bytes())
+    );
+
+    // Split, the Secrets are adopted as they are: nothing is written again.
+    let versions = |a: &Secret, b: &Secret| (a.resource_version(), b.resource_version());
+    let before = versions(&serving, &ca);
+    certs::ensure(&client, &settings).await.expect("ensure");
+    let after = versions(
+        &secrets.get(SECRET).await.expect("serving Secret"),
+        &secrets.get(CA_SECRET).await.expect("CA Secret"),
+    );
+    assert_eq!(before, after, "a split, valid pair is left alone");
     control_plane.stop();
 }
 

@@ -531,6 +531,7 @@ fn settings(validity: Duration) -> CertificateSettings {
     CertificateSettings {
         namespace: "tally-system".into(),
         secret: "tally-operator-webhook-tls".into(),
+        ca_secret: "tally-operator-webhook-ca".into(),
         dns_names: vec![
             "tally-operator-webhook.tally-system.svc".into(),
             "tally-operator-webhook.tally-system.svc.cluster.local".into(),

@@ -87,6 +87,11 @@ app.kubernetes.io/component: operator
 {{- default (printf "%s-webhook-tls" (include "tally.fullname" .)) .Values.webhook.secretName }}
 {{- end }}
 
+{{/* The Secret holding the webhook CA's certificate and key, apart from the serving key. */}}
+{{- define "tally.webhookCaSecretName" -}}
+{{- default (printf "%s-webhook-ca" (include "tally.fullname" .)) .Values.webhook.caSecretName }}
+{{- end }}
+
 {{/* The MutatingWebhookConfiguration the operator creates and maintains. */}}
 {{- define "tally.webhookConfigurationName" -}}
 {{- default (include "tally.fullname" .) .Values.webhook.configurationName }}

@@ -68,7 +68,7 @@ pub struct WebhookArgs {
         value_name = "NAME"
     )]
     pub webhook_service: String,
-    /// Secret (in --namespace) holding the webhook's CA and serving certificate.
+    /// Secret (in --namespace) holding the webhook's serving certificate, its key and the caBundle.
     #[arg(
         long,
         env = "TALLY_WEBHOOK_SECRET",
@@ -76,6 +76,14 @@ pub struct WebhookArgs {
         value_name = "NAME"
     )]
     pub webhook_secret: String,
+    /// Secret (in --namespace) holding the webhook's CA certificate and key, kept apart from the serving key.
+    #[arg(
+        long,
+        env = "TALLY_WEBHOOK_CA_SECRET",
+        default_value = "tally-operator-webhook-ca",
+        value_name = "NAME"
+    )]
+    pub webhook_ca_secret: String,
     /// Name of the MutatingWebhookConfiguration the operator keeps current.
     #[arg(
         long,
@@ -148,6 +156,7 @@ impl WebhookArgs {
         Ok(CertificateSettings {
             namespace: namespace.into(),
             secret: self.webhook_secret.clone(),
+            ca_secret: self.webhook_ca_secret.clone(),
             dns_names,
             ip_addresses,
             validity: self.cert_validity,
