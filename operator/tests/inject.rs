@@ -27,7 +27,7 @@ use support::{RunningController, WITHIN, control_plane_with_crd, create, eventua
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::inject::certs;
-use tally_operator::inject::config::FailurePolicy;
+use tally_operator::inject::config::{CertificateSource, FailurePolicy, INJECT_CA_FROM};
 use tally_operator::inject::metrics::{AdmissionLabels, WebhookMetrics};
 use tally_operator::inject::{self, INJECTED_ANNOTATION, SIDECAR_NAME, WebhookArgs};
 use tokio::sync::oneshot;
@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 const CONFIGURATION: &str = "tally-operator";
 const SECRET: &str = "tally-operator-webhook-tls";
 const CA_SECRET: &str = "tally-operator-webhook-ca";
+const CERTIFICATE: &str = "tally-operator-webhook";
 
 /// The webhook running in this process, stopped (its server closed) when dropped.
 struct Webhook {
@@ -121,6 +122,8 @@ fn webhook_args(port: u16, cert_validity: Duration) -> WebhookArgs {
         webhook_ca_secret: CA_SECRET.into(),
         webhook_configuration: CONFIGURATION.into(),
         failure_policy: FailurePolicy::Ignore,
+        webhook_certificates: CertificateSource::Operator,
+        webhook_certificate: CERTIFICATE.into(),
         cert_validity,
         exclude_namespaces: vec![],
     }
@@ -558,6 +561,152 @@ async fn the_ca_key_is_kept_apart_and_an_old_single_secret_is_split() {
         &secrets.get(CA_SECRET).await.expect("CA Secret"),
     );
     assert_eq!(before, after, "a split, valid pair is left alone");
+    control_plane.stop();
+}
+
+/// With `--webhook-certificates cert-manager` the operator serves the Secret a cert-manager Certificate writes,
+/// writes no Secret, and leaves the caBundle to cert-manager's CA injector, named in the configuration's
+/// annotation. cert-manager cannot run here (no images), so this test plays it: it writes the Secret as a
+/// Certificate would and the caBundle as the injector would, each with its own field manager.
+#[tokio::test]
+async fn with_cert_manager_the_operator_serves_its_secret_and_leaves_the_ca_bundle_to_the_injector()
+{
+    let Cluster {
+        control_plane,
+        client,
+        operator_ns,
+        apps,
+    } = Cluster::start().await;
+    create_collector(&client, &apps, &[]).await;
+    let port = free_port();
+    let mut args = webhook_args(port, Duration::from_secs(3600));
+    args.webhook_certificates = CertificateSource::CertManager;
+    let settings = args
+        .certificate_settings(&operator_ns)
+        .expect("valid flags");
+    let secrets = Api::<Secret>::namespaced(client.clone(), &operator_ns);
+    let write_secret = |material: certs::TlsMaterial| {
+        let secrets = secrets.clone();
+        async move {
+            let secret = json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": { "name": SECRET },
+                "type": "kubernetes.io/tls",
+                "data": material.serving_data(),
+            });
+            secrets
+                .patch(
+                    SECRET,
+                    &PatchParams::apply("cert-manager-certificates"),
+                    &Patch::Apply(&secret),
+                )
+                .await
+                .expect("the Certificate's Secret");
+        }
+    };
+    let first = certs::issue(None, true, &settings, time::OffsetDateTime::now_utc())
+        .expect("a certificate");
+    write_secret(first.material.clone()).await;
+
+    let metrics = Arc::new(WebhookMetrics::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(inject::run(
+        client.clone(),
+        operator_ns.clone(),
+        args,
+        metrics.clone(),
+        tokio::sync::watch::channel(true).1,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let ca = first.material.ca_bundle.clone().into_bytes();
+    eventually("the webhook serves the Certificate's Secret", || async {
+        (served_certificate(port, &ca).await.ok()? == der(first.material.cert.as_bytes()))
+            .then_some(())
+    })
+    .await;
+
+    let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let configuration = eventually("the configuration names the Certificate", || async {
+        let configuration = configurations.get(CONFIGURATION).await.ok()?;
+        let annotation = configuration
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(INJECT_CA_FROM)?;
+        (annotation == &format!("{operator_ns}/{CERTIFICATE}")).then_some(configuration)
+    })
+    .await;
+    for webhook in configuration.webhooks.iter().flatten() {
+        assert_eq!(
+            webhook.client_config.ca_bundle, None,
+            "the caBundle is the injector's to write"
+        );
+    }
+    assert!(
+        secrets.get_opt(CA_SECRET).await.expect("get").is_none(),
+        "the operator made a CA of its own"
+    );
+
+    // The injector fills the caBundle; a later apply by the operator (a collector excluding a namespace changes
+    // the configuration) keeps it.
+    let injected = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": { "name": CONFIGURATION },
+        "webhooks": configuration.webhooks.iter().flatten().map(|w| json!({
+            "name": w.name,
+            "clientConfig": { "caBundle": k8s_openapi::ByteString(ca.clone()) },
+        })).collect::<Vec<_>>(),
+    });
+    configurations
+        .patch(
+            CONFIGURATION,
+            &PatchParams::apply("cert-manager-cainjector").force(),
+            &Patch::Apply(&injected),
+        )
+        .await
+        .expect("the injector's caBundle");
+    let excluded = control_plane
+        .new_namespace("quiet")
+        .await
+        .expect("namespace");
+    Api::<MeteringCollector>::namespaced(client.clone(), &apps)
+        .patch(
+            "meter",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "excludeNamespaces": [excluded] } })),
+        )
+        .await
+        .expect("the collector excludes a namespace");
+    configuration_ready(&client, &operator_ns, &[&operator_ns, &excluded]).await;
+    assert_injected_once(
+        &create_pod(&client, &apps, &pod("with-cert-manager", &[])).await,
+        &format!("{apps}/meter"),
+    );
+
+    // cert-manager renews: the new certificate is served without a restart.
+    let renewed = certs::issue(
+        Some(&first.material),
+        false,
+        &settings,
+        time::OffsetDateTime::now_utc(),
+    )
+    .expect("a renewed certificate");
+    write_secret(renewed.material.clone()).await;
+    eventually("the webhook serves the renewed certificate", || async {
+        (served_certificate(port, &ca).await.ok()? == der(renewed.material.cert.as_bytes()))
+            .then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    tokio::time::timeout(WITHIN, task)
+        .await
+        .expect("the webhook stops")
+        .expect("task")
+        .expect("the webhook ran cleanly");
     control_plane.stop();
 }
 

@@ -93,6 +93,16 @@ pub enum CertError {
         source: Box<kube::Error>,
     },
     #[error(
+        "Secret {namespace}/{name} {problem}; with --webhook-certificates cert-manager, a cert-manager Certificate \
+         writes it: check that cert-manager is installed and that the Certificate is Ready (kubectl describe \
+         certificate -n {namespace})"
+    )]
+    NotProvided {
+        namespace: String,
+        name: String,
+        problem: String,
+    },
+    #[error(
         "Secret {namespace}/{name} changed under every one of {ATTEMPTS} renewals; another writer keeps \
          replacing it (is a second tool managing it?)"
     )]
@@ -410,6 +420,48 @@ pub async fn ensure(client: &Client, settings: &CertificateSettings) -> Result<I
     Err(CertError::Contention {
         namespace: settings.namespace.clone(),
         name: settings.secret.clone(),
+    })
+}
+
+/// Reads the serving Secret another issuer (cert-manager) keeps, and returns its certificate to serve. Nothing is
+/// written: renewal is the issuer's, and the caBundle its CA injector's.
+pub async fn read_provided(
+    client: &Client,
+    settings: &CertificateSettings,
+) -> Result<Issued, CertError> {
+    let api = Api::<Secret>::namespaced(client.clone(), &settings.namespace);
+    let not_provided = |problem: &str| CertError::NotProvided {
+        namespace: settings.namespace.clone(),
+        name: settings.secret.clone(),
+        problem: problem.to_string(),
+    };
+    let secret = api
+        .get_opt(&settings.secret)
+        .await
+        .map_err(|source| CertError::Api {
+            action: "reading",
+            namespace: settings.namespace.clone(),
+            name: settings.secret.clone(),
+            source: Box::new(source),
+        })?
+        .ok_or_else(|| not_provided("does not exist yet"))?;
+    let (Some(cert), Some(key)) = (text(Some(&secret), TLS_CERT), text(Some(&secret), TLS_KEY))
+    else {
+        return Err(not_provided(&format!("lacks {TLS_CERT} or {TLS_KEY}")));
+    };
+    let not_after = pem_blocks(&cert)
+        .first()
+        .and_then(|pem| pem.parse_x509().ok())
+        .map(|cert| cert.validity().not_after.timestamp())
+        .ok_or_else(|| not_provided(&format!("holds no readable certificate in {TLS_CERT}")))?;
+    Ok(Issued {
+        material: TlsMaterial {
+            ca_bundle: text(Some(&secret), CA_CERT).unwrap_or_default(),
+            ca_key: String::new(),
+            cert,
+            key,
+        },
+        not_after,
     })
 }
 

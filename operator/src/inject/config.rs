@@ -43,6 +43,37 @@ pub enum WebhookEndpoint {
     Service { namespace: String, name: String },
 }
 
+/// Who issues the webhook's certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CertificateSource {
+    /// The operator: a CA and a serving certificate it creates, renews and trusts in the configuration itself.
+    #[default]
+    Operator,
+    /// cert-manager: a `Certificate` writes the serving Secret, and cert-manager's CA injector fills the
+    /// configuration's caBundle (the `cert-manager.io/inject-ca-from` annotation). The operator only serves it.
+    CertManager,
+}
+
+/// The annotation that has cert-manager's CA injector fill the caBundle of every webhook of a configuration.
+pub const INJECT_CA_FROM: &str = "cert-manager.io/inject-ca-from";
+
+/// `configuration` for cert-manager's CA injector: the annotation naming the `Certificate` (`namespace/name`)
+/// and no caBundle of its own, so the operator's server-side apply never claims the field the injector writes.
+pub fn with_injected_ca(
+    mut configuration: MutatingWebhookConfiguration,
+    certificate: &str,
+) -> MutatingWebhookConfiguration {
+    configuration
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(INJECT_CA_FROM.into(), certificate.into());
+    for webhook in configuration.webhooks.iter_mut().flatten() {
+        webhook.client_config.ca_bundle = None;
+    }
+    configuration
+}
+
 /// What the API server should do when the webhook cannot be called.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum FailurePolicy {

@@ -27,7 +27,10 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::certs::{self, CertificateSettings, Issued};
-use super::config::{self, FailurePolicy, WebhookEndpoint, webhook_configuration};
+use super::config::{
+    self, CertificateSource, FailurePolicy, WebhookEndpoint, webhook_configuration,
+    with_injected_ca,
+};
 use super::metrics::WebhookMetrics;
 use super::server::{self, CertificateSlot, Injector, MUTATE_PATH};
 use super::{ALWAYS_EXCLUDED, excluded_namespaces};
@@ -95,6 +98,19 @@ pub struct WebhookArgs {
     /// What the API server does when the webhook cannot be reached: Ignore admits the pod without a sidecar.
     #[arg(long, env = "TALLY_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Ignore)]
     pub failure_policy: FailurePolicy,
+    /// Who issues the serving certificate: the operator (self-signed CA, renewed automatically) or cert-manager
+    /// (a Certificate writing --webhook-secret; its CA injector fills the caBundle).
+    #[arg(long, env = "TALLY_WEBHOOK_CERTIFICATES", value_enum, default_value_t = CertificateSource::Operator, value_name = "SOURCE")]
+    pub webhook_certificates: CertificateSource,
+    /// With --webhook-certificates cert-manager: the cert-manager Certificate (in --namespace) that writes
+    /// --webhook-secret, named in the configuration's cert-manager.io/inject-ca-from annotation.
+    #[arg(
+        long,
+        env = "TALLY_WEBHOOK_CERTIFICATE",
+        default_value = "tally-operator-webhook",
+        value_name = "NAME"
+    )]
+    pub webhook_certificate: String,
     /// Lifetime of the serving certificate; it is renewed when less than a third remains.
     #[arg(long, env = "TALLY_CERT_VALIDITY", default_value = "8760h", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub cert_validity: Duration,
@@ -254,8 +270,16 @@ pub async fn run(
         })
     }));
 
+    let from_cert_manager = args.webhook_certificates == CertificateSource::CertManager;
+    let obtain = || async {
+        if from_cert_manager {
+            certs::read_provided(&client, &settings).await
+        } else {
+            certs::ensure(&client, &settings).await
+        }
+    };
     let mut current = loop {
-        match certs::ensure(&client, &settings).await {
+        match obtain().await {
             Ok(issued) => break issued,
             Err(error) => {
                 tracing::warn!(%error, "the webhook has no certificate yet; retrying");
@@ -295,7 +319,7 @@ pub async fn run(
     let mut applied: Option<(MutatingWebhookConfiguration, Instant)> = None;
     let mut renewed: Option<Issued> = None;
     loop {
-        match certs::ensure(&client, &settings).await {
+        match obtain().await {
             Ok(issued) if issued.material != current.material => renewed = Some(issued),
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "checking the webhook certificate"),
@@ -307,21 +331,28 @@ pub async fn run(
             .ca_bundle
             .clone();
         let excluded = excluded_namespaces(&collectors.state(), &static_excluded);
-        let desired = webhook_configuration(
+        let mut desired = webhook_configuration(
             &args.webhook_configuration,
             &endpoint,
             &bundle,
             &excluded,
             args.failure_policy,
         );
+        if from_cert_manager {
+            desired = with_injected_ca(
+                desired,
+                &format!("{namespace}/{}", args.webhook_certificate),
+            );
+        }
         let leader = *leading.borrow_and_update();
         let due = leader
             && match &applied {
                 Some((last, at)) => *last != desired || at.elapsed() >= REAPPLY_EVERY,
                 None => true,
             };
-        let mut bundle_applied = leader && !due;
-        if !leader && renewed.is_some() {
+        // With cert-manager the injector keeps the caBundle trusting the Certificate's CA.
+        let mut bundle_applied = from_cert_manager || (leader && !due);
+        if !from_cert_manager && !leader && renewed.is_some() {
             bundle_applied = match config::get(&client, &args.webhook_configuration).await {
                 Ok(live) => live.is_some_and(|live| config::trusts(&live, &bundle)),
                 Err(error) => {
