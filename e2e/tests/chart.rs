@@ -45,7 +45,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
 const CERT_VALIDITY: &str = "15s";
 
 /// The values files in `charts/tally/ci/`, each a way users install the chart.
-const CI_VALUES: [&str; 4] = [
+const CI_VALUES: [&str; 5] = [
+    "certmanager-values.yaml",
     "default-values.yaml",
     "no-crds-values.yaml",
     "servicemonitor-values.yaml",
@@ -199,6 +200,82 @@ fn ci_values_files_render_what_they_ask_for() {
             "the ServiceMonitor selects the metrics Service by {key}"
         );
     }
+
+    assert!(
+        !kinds(&defaults)
+            .iter()
+            .any(|k| k == "Certificate" || k == "Issuer"),
+        "cert-manager objects without webhook.certManager.enabled"
+    );
+    let cert_manager = render("tally-system", &[&ci_values("certmanager-values.yaml")]);
+    let certificate = cert_manager
+        .get("Certificate", "tally-webhook")
+        .expect("webhook.certManager.enabled renders the webhook's Certificate");
+    assert_eq!(certificate.data["spec"]["secretName"], "tally-webhook-tls");
+    assert_eq!(
+        certificate.data["spec"]["dnsNames"],
+        json!([
+            "tally-webhook.tally-system.svc",
+            "tally-webhook.tally-system.svc.cluster.local"
+        ])
+    );
+    assert_eq!(
+        certificate.data["spec"]["issuerRef"],
+        json!({ "name": "platform-ca", "kind": "ClusterIssuer", "group": "cert-manager.io" })
+    );
+    assert!(
+        !kinds(&cert_manager).iter().any(|k| k == "Issuer"),
+        "an issuerRef is given: no Issuer of the chart's own"
+    );
+    let args = operator_args(&cert_manager);
+    for expected in [
+        "--webhook-certificates=cert-manager",
+        "--webhook-certificate=tally-webhook",
+        "--webhook-secret=tally-webhook-tls",
+    ] {
+        assert!(
+            args.iter().any(|a| a == expected),
+            "cert-manager args {args:?} lack {expected}"
+        );
+    }
+    let role = cert_manager
+        .get("Role", "tally-operator")
+        .expect("the operator's Role");
+    let secret_rules: Vec<&serde_json::Value> = role.data["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter(|rule| rule["resources"] == json!(["secrets"]))
+        .collect();
+    assert_eq!(
+        secret_rules,
+        [
+            &json!({ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tally-webhook-tls"], "verbs": ["get"] })
+        ],
+        "with cert-manager the operator may only read the Secret it serves"
+    );
+    // Without an issuerRef the chart makes its own CA chain, the CA's key in its own Secret.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let own_ca = dir.path().join("own-ca.yaml");
+    fs::write(&own_ca, "webhook:\n  certManager:\n    enabled: true\n").expect("values file");
+    let own = render("tally-system", &[&own_ca]);
+    for (kind, name) in [
+        ("Issuer", "tally-selfsigned"),
+        ("Certificate", "tally-webhook-ca"),
+        ("Issuer", "tally-webhook-ca"),
+    ] {
+        assert!(own.get(kind, name).is_some(), "no {kind} {name}");
+    }
+    assert_eq!(
+        own.get("Certificate", "tally-webhook-ca").expect("CA").data["spec"]["secretName"],
+        "tally-webhook-ca"
+    );
+    assert_eq!(
+        own.get("Certificate", "tally-webhook")
+            .expect("Certificate")
+            .data["spec"]["issuerRef"]["name"],
+        "tally-webhook-ca"
+    );
 
     let strict = render("tally-system", &[&ci_values("strict-values.yaml")]);
     let args = operator_args(&strict);
@@ -835,19 +912,23 @@ async fn scrape(url: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Whether `object` is a Prometheus Operator object (ServiceMonitor, PrometheusRule) on a control plane without its
-/// CRD, which the caller then skips.
+/// Whether `object` is a Prometheus Operator or cert-manager object (ServiceMonitor, PrometheusRule, Certificate,
+/// Issuer) on a control plane without its CRD, which the caller then skips.
 async fn skip_unserved(client: &Client, object: &DynamicObject) -> bool {
     let kind = kind_of(object);
-    if !matches!(kind, "ServiceMonitor" | "PrometheusRule") {
+    if !matches!(
+        kind,
+        "ServiceMonitor" | "PrometheusRule" | "Certificate" | "Issuer"
+    ) {
         return false;
     }
     let served = is_served(client, object)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     if !served {
+        let api_version = object.types.as_ref().map_or("", |t| t.api_version.as_str());
         eprintln!(
-            "skipping {kind} {}: the control plane has no monitoring.coreos.com/v1 {kind} CRD",
+            "skipping {kind} {}: the control plane has no {api_version} {kind} CRD",
             object.name_any()
         );
     }

@@ -92,6 +92,11 @@ app.kubernetes.io/component: operator
 {{- default (printf "%s-webhook-ca" (include "tally.fullname" .)) .Values.webhook.caSecretName }}
 {{- end }}
 
+{{/* The cert-manager Certificate of the webhook (webhook.certManager.enabled). */}}
+{{- define "tally.webhookCertificateName" -}}
+{{- printf "%s-webhook" (include "tally.fullname" .) }}
+{{- end }}
+
 {{/* The MutatingWebhookConfiguration the operator creates and maintains. */}}
 {{- define "tally.webhookConfigurationName" -}}
 {{- default (include "tally.fullname" .) .Values.webhook.configurationName }}
