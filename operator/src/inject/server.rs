@@ -205,8 +205,7 @@ impl Injector {
 /// The certificate reload is rustls's own: the [`CertificateSlot`] is the config's certificate resolver, swapped
 /// under a lock. The server crates were weighed for this: axum-server's `RustlsConfig::reload_*` swaps the whole
 /// config the same way, but leaves kept-alive connections presenting the old certificate (here they are closed
-/// after their request in flight), has no handshake timeout, and turns on hyper's HTTP/2 and h2 in every binary of
-/// the workspace; kubert's server reads its key and certificate from files on every connection (the certificate
+/// after their request in flight), and turns on hyper's HTTP/2 and h2 in every binary of the workspace; kubert's server reads its key and certificate from files on every connection (the certificate
 /// lives in a Secret read through the API here) and takes no SEC1 keys.
 pub async fn serve(
     listener: TcpListener,
