@@ -7,8 +7,7 @@
 
 use std::{
     fs,
-    future::Future,
-    net::{Ipv4Addr, TcpListener},
+    ops::ControlFlow,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -34,12 +33,14 @@ use serde_json::{Value, json};
 use tally_e2e::{
     Apply, ControlPlane, Helm, Manifests, apply, chart_dir, get, is_served, missing_metrics,
 };
-use tokio::time::{Instant, sleep};
+use tally_tests::poll::{API_INTERVAL, poll, poll_until_ok};
+use tally_tests::ports::unused_ports;
 
 /// The release name every rendering uses; the chart then names its objects `tally-*`.
 const RELEASE: &str = "tally";
 /// Generous for two cores shared with builds; the controllers and the operator act within a few seconds.
 const ACT_WITHIN: Duration = Duration::from_secs(90);
+/// How often `operator_accepts_the_rendered_command_line` checks whether the operator has exited.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// `--cert-validity` of the operator in the RBAC test: short, so the certificate is renewed during the test.
 const CERT_VALIDITY: &str = "15s";
@@ -532,7 +533,7 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let dir = control_plane.dir().to_path_buf();
     let kubeconfig = write_token_kubeconfig(&control_plane, &dir, &token);
 
-    let [http_port, webhook_port] = free_ports();
+    let [http_port, webhook_port] = unused_ports();
     let webhook_url = format!("https://127.0.0.1:{webhook_port}/mutate");
     let mut args = operator_args(&manifests);
     for arg in &mut args {
@@ -873,17 +874,6 @@ fn arg_value(args: &[String], name: &str) -> String {
         .to_string()
 }
 
-fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("a free port"))
-        .collect();
-    let mut ports = [0; N];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener.local_addr().expect("local address").port();
-    }
-    ports
-}
-
 /// A kubeconfig for the control plane that authenticates with a bearer `token` and nothing else.
 fn write_token_kubeconfig(control_plane: &ControlPlane, dir: &Path, token: &str) -> PathBuf {
     let admin = Kubeconfig::read_from(control_plane.kubeconfig_path()).expect("admin kubeconfig");
@@ -957,30 +947,30 @@ impl Operator {
     }
 
     /// [`eventually`], failing at once when the operator has exited, with its log in the message.
-    async fn eventually<T, F, Fut>(&mut self, what: &str, mut check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, String>>,
-    {
-        let deadline = Instant::now() + ACT_WITHIN;
-        loop {
-            let last = match check().await {
-                Ok(value) => return value,
-                Err(last) => last,
-            };
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{what}: tally-operator exited ({status}); last check: {last}\nits log:\n{}",
-                    self.log_tail()
-                );
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{what}: not within {ACT_WITHIN:?}; last check: {last}\ntally-operator's log:\n{}",
-                    self.log_tail()
-                );
-            }
-            sleep(POLL_INTERVAL).await;
+    async fn eventually<T>(
+        &mut self,
+        what: &str,
+        mut check: impl AsyncFnMut() -> Result<T, String>,
+    ) -> T {
+        let child = &mut self.child;
+        let outcome = poll(ACT_WITHIN, API_INTERVAL, async || match check().await {
+            Ok(value) => ControlFlow::Break(Ok(value)),
+            Err(last) => match child.try_wait() {
+                Ok(Some(status)) => ControlFlow::Break(Err((status, last))),
+                _ => ControlFlow::Continue(last),
+            },
+        })
+        .await;
+        match outcome {
+            Ok(Ok(value)) => value,
+            Ok(Err((status, last))) => panic!(
+                "{what}: tally-operator exited ({status}); last check: {last}\nits log:\n{}",
+                self.log_tail()
+            ),
+            Err(last) => panic!(
+                "{what}: not within {ACT_WITHIN:?}; last check: {last}\ntally-operator's log:\n{}",
+                self.log_tail()
+            ),
         }
     }
 }
@@ -1006,20 +996,7 @@ impl Drop for Operator {
     }
 }
 
-/// Polls `check` until it succeeds or [`ACT_WITHIN`] has passed, then fails with its last answer.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + ACT_WITHIN;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("{what}: not within {ACT_WITHIN:?}; last check: {last}")
-            }
-            Err(_) => sleep(POLL_INTERVAL).await,
-        }
-    }
+/// Polls `check` (API calls) until it succeeds or [`ACT_WITHIN`] has passed, then fails with its last answer.
+async fn eventually<T>(what: &str, check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    poll_until_ok(ACT_WITHIN, API_INTERVAL, what, check).await
 }

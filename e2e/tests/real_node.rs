@@ -28,6 +28,7 @@ use tally_e2e::{
         USAGE_APP_IMAGE, create_metered_namespace, deploy_usage_app, pod_logs, running_pod,
     },
 };
+use tally_tests::poll::{API_INTERVAL, poll};
 use tally_tests::{TestUpstream, metrics::Exposition};
 
 const RELEASE_NAMESPACE: &str = "tally-system";
@@ -376,7 +377,7 @@ fn collectors_api(client: &Client) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), RELEASE_NAMESPACE, &resource)
 }
 
-/// Waits like `tally_tests::poll_until` (a slower poll: every check is an API call), and on a timeout prints what the cluster looked like first: every pod's phase and
+/// Waits like `tally_tests::poll_until` (every [`API_INTERVAL`]: every check is an API call), and on a timeout prints what the cluster looked like first: every pod's phase and
 /// container states, and the node's logs.
 struct Report<'a> {
     client: Client,
@@ -384,17 +385,13 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
-    async fn until<T>(&self, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-        let deadline = tokio::time::Instant::now() + WITHIN;
-        loop {
-            if let Some(value) = check().await {
-                return value;
-            }
-            if tokio::time::Instant::now() >= deadline {
+    async fn until<T>(&self, what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
+        match poll(WITHIN, API_INTERVAL, check).await {
+            Ok(value) => value,
+            Err(()) => {
                 self.print().await;
                 panic!("timed out after {WITHIN:?} waiting for {what}");
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

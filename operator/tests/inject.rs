@@ -23,13 +23,14 @@ use kube::{Api, Client, ResourceExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
-use support::{RunningController, WITHIN, control_plane_with_crd, create, eventually, free_port};
+use support::{RunningController, WITHIN, control_plane_with_crd, create, eventually};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::inject::certs;
 use tally_operator::inject::config::FailurePolicy;
 use tally_operator::inject::metrics::{AdmissionLabels, WebhookMetrics};
 use tally_operator::inject::{self, INJECTED_ANNOTATION, SIDECAR_NAME, WebhookArgs};
+use tally_tests::ports::unused_port;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -46,7 +47,7 @@ struct Webhook {
 
 impl Webhook {
     fn start(client: &Client, namespace: &str, cert_validity: Duration) -> Webhook {
-        let port = free_port();
+        let port = unused_port();
         let args = webhook_args(port, cert_validity);
         let metrics = Arc::new(WebhookMetrics::default());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -437,7 +438,7 @@ async fn replicas_share_one_secret_and_a_stopped_webhook_blocks_no_pod() {
 
     // Four replicas starting at once agree on one CA and certificate.
     let validity = Duration::from_secs(3600);
-    let settings = webhook_args(free_port(), validity)
+    let settings = webhook_args(unused_port(), validity)
         .certificate_settings(&operator_ns)
         .expect("valid flags");
     assert_eq!(settings.ip_addresses, [IpAddr::V4(Ipv4Addr::LOCALHOST)]);
@@ -595,7 +596,7 @@ async fn the_operator_binary_serves_the_webhook_and_counts_admissions() {
     } = Cluster::start().await;
     create_collector(&client, &apps, &[]).await;
 
-    let (port, http) = (free_port(), free_port());
+    let (port, http) = (unused_port(), unused_port());
     let log = control_plane.dir().join("tally-operator.log");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_tally-operator"))
         .args([

@@ -1,16 +1,13 @@
 //! Helpers shared by the operator's control-plane tests (`control_plane`, `inject`, `leader`, `lifecycle`, `ready`,
 //! `robustness`, `storage`): starting a control plane with the CRD installed (with a real node for `ready` and
 //! `lifecycle`), creating collectors while the new type is not served yet, running the controller in the background,
-//! polling with a deadline, reading the Events a collector has, creating PersistentVolumes for the binder, and finding a
-//! free local port.
+//! polling with a deadline, reading the Events a collector has and creating PersistentVolumes for the binder.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::net::{Ipv4Addr, TcpListener};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{HostPathVolumeSource, PersistentVolume, PersistentVolumeSpec};
 use k8s_openapi::api::events::v1::Event;
@@ -22,6 +19,7 @@ use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::metrics::Metrics;
 use tally_operator::reconcile::{self, Context};
+use tally_tests::poll::{API_INTERVAL, poll_until_every};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -120,32 +118,9 @@ impl RunningController {
     }
 }
 
-/// Polls `check` until it returns `Some`, panicking with `what` after [`WITHIN`].
-pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    eventually_within(WITHIN, what, check).await
-}
-
-/// Polls `check` until it returns `Some`, panicking with `what` after `within`.
-pub async fn eventually_within<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// Polls `check` (an API call) until it returns `Some`, panicking with `what` after [`WITHIN`].
+pub async fn eventually<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
+    poll_until_every(WITHIN, API_INTERVAL, what, check).await
 }
 
 /// The events.k8s.io/v1 Events in `namespace` regarding the object `kind`/`name`.
@@ -241,12 +216,4 @@ pub async fn persistent_volume(client: &Client, name: &str, class: Option<&str>)
         .create(&PostParams::default(), &volume)
         .await
         .expect("PersistentVolume created");
-}
-
-/// A port on 127.0.0.1 that nothing listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
