@@ -130,17 +130,14 @@ async fn an_unreachable_upstream_is_retried_until_it_is_back() {
     let sidecar = builder(&upstream, "50ms", "300ms").start().await;
     let batch: Vec<Value> = (0..10).map(|i| event(&format!("down-{i}"))).collect();
     sidecar.send_ok(&batch).await;
-    poll_until(
-        Duration::from_secs(10),
-        "network errors to be counted",
-        async || {
-            let errors = sidecar
-                .metric("tally_output_errors_total{output=\"upstream\",kind=\"network\"}")
-                .await;
-            (errors >= 2.0).then_some(())
-        },
-    )
-    .await;
+    sidecar
+        .wait_metric(
+            Duration::from_secs(10),
+            "network errors to be counted",
+            "tally_output_errors_total{output=\"upstream\",kind=\"network\"}",
+            |errors| errors >= 2.0,
+        )
+        .await;
     assert_eq!(
         sidecar
             .metric("tally_output_lag_events{output=\"upstream\"}")
@@ -152,13 +149,14 @@ async fn an_unreachable_upstream_is_retried_until_it_is_back() {
     upstream
         .wait_delivered(batch.iter().map(id_of), DELIVERY)
         .await;
-    poll_until(DELIVERY, "the lag to return to 0", async || {
-        let lag = sidecar
-            .metric("tally_output_lag_events{output=\"upstream\"}")
-            .await;
-        (lag == 0.0).then_some(())
-    })
-    .await;
+    sidecar
+        .wait_metric(
+            DELIVERY,
+            "the lag to return to 0",
+            "tally_output_lag_events{output=\"upstream\"}",
+            |lag| lag == 0.0,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,17 +170,14 @@ async fn a_batch_failing_longer_than_max_elapsed_is_dead_lettered() {
     let started = Instant::now();
     let batch: Vec<Value> = (0..3).map(|i| event(&format!("hopeless-{i}"))).collect();
     sidecar.send_ok(&batch).await;
-    poll_until(
-        Duration::from_secs(15),
-        "the batch to be dead-lettered",
-        async || {
-            let dead = sidecar
-                .metric("tally_output_dead_lettered_events_total{output=\"upstream\"}")
-                .await;
-            (dead >= 3.0).then_some(())
-        },
-    )
-    .await;
+    sidecar
+        .wait_metric(
+            Duration::from_secs(15),
+            "the batch to be dead-lettered",
+            "tally_output_dead_lettered_events_total{output=\"upstream\"}",
+            |dead| dead >= 3.0,
+        )
+        .await;
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "dead-lettered after {:?}, before maxElapsed (1s)",
