@@ -736,21 +736,7 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     operator
         .eventually(
             "a dry-run pod in the labelled namespace is injected",
-            || async {
-                let created = pods
-                    .create(
-                        &PostParams {
-                            dry_run: true,
-                            ..PostParams::default()
-                        },
-                        &pod,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                has_sidecar(&created)
-                    .then_some(())
-                    .ok_or("not injected yet".into())
-            },
+            || injected_in_dry_run(&pods, &pod),
         )
         .await;
     let created = pods
@@ -782,24 +768,9 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     }))
     .expect("a Pod");
     operator
-        .eventually(
-            "a pod is injected after the certificate renewal",
-            || async {
-                let created = pods
-                    .create(
-                        &PostParams {
-                            dry_run: true,
-                            ..PostParams::default()
-                        },
-                        &other,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                has_sidecar(&created)
-                    .then_some(())
-                    .ok_or("not injected".into())
-            },
-        )
+        .eventually("a pod is injected after the certificate renewal", || {
+            injected_in_dry_run(&pods, &other)
+        })
         .await;
 
     // Some calls fail without stopping the operator (an Event, a retried watch): none may have been refused.
@@ -863,6 +834,21 @@ async fn assert_exists(client: &Client, object: &DynamicObject) {
         kind_of(object),
         object.name_any()
     );
+}
+
+/// Whether the admission webhooks inject `pod`, found with a dry run (nothing is created).
+async fn injected_in_dry_run(pods: &Api<Pod>, pod: &Pod) -> Result<(), String> {
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let created = pods
+        .create(&dry_run, pod)
+        .await
+        .map_err(|e| e.to_string())?;
+    has_sidecar(&created)
+        .then_some(())
+        .ok_or_else(|| "not injected yet".to_string())
 }
 
 /// The value of `--name=value` in `args`.
