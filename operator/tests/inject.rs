@@ -17,13 +17,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
-use support::{RunningController, WITHIN, control_plane_with_crd, create, eventually};
+use support::{RunningController, WITHIN, control_plane_with_crd, create, env, eventually};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::inject::certs;
@@ -211,15 +211,6 @@ async fn create_pod(client: &Client, namespace: &str, pod: &Pod) -> Pod {
         .create(&PostParams::default(), pod)
         .await
         .unwrap_or_else(|e| panic!("creating pod {} in {namespace}: {e}", pod.name_any()))
-}
-
-fn env<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
-    container
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == name)
-        .and_then(|e| e.value.as_deref())
 }
 
 /// Asserts the pod carries exactly one sidecar, one buffer volume, the URL and the annotation.

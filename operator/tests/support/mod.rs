@@ -1,7 +1,8 @@
 //! Helpers shared by the operator's control-plane tests (`control_plane`, `inject`, `leader`, `lifecycle`, `ready`,
 //! `robustness`, `storage`): starting a control plane with the CRD installed (with a real node for `ready` and
 //! `lifecycle`), creating collectors while the new type is not served yet, running the controller in the background,
-//! polling with a deadline, reading the Events a collector has and creating PersistentVolumes for the binder.
+//! polling with a deadline, reading the Events a collector has, creating PersistentVolumes for the binder, and the
+//! assertions several of them make (a request refused as invalid, a container's environment).
 
 #![allow(dead_code)]
 
@@ -9,7 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{HostPathVolumeSource, PersistentVolume, PersistentVolumeSpec};
+use k8s_openapi::api::core::v1::{
+    Container, HostPathVolumeSource, PersistentVolume, PersistentVolumeSpec,
+};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -69,6 +72,29 @@ pub async fn control_plane_with_crd(namespace: &str) -> (ControlPlane, Client, S
         .await
         .expect("namespace");
     (control_plane, client, namespace)
+}
+
+/// Asserts that the API server refused a request as invalid (422) with a message that says `message`.
+pub fn assert_invalid(error: kube::Error, message: &str) {
+    let kube::Error::Api(status) = error else {
+        panic!("expected an API error, got {error}");
+    };
+    assert_eq!(status.code, 422, "{status:?}");
+    assert!(
+        status.message.contains(message),
+        "{} should say {message}",
+        status.message
+    );
+}
+
+/// The value of the environment variable `name` of `container`, when it is given as a value.
+pub fn env<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
 }
 
 /// Creates a collector, retrying while the new resource type is not yet served.
