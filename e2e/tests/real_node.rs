@@ -84,17 +84,12 @@ async fn the_chart_meters_an_injected_workload_end_to_end_on_a_real_node() {
 
     // helm install, with the chart's defaults: two operator replicas, leader election, the webhook.
     let helm = Helm::locate().unwrap_or_else(|e| panic!("{e}"));
-    let chart = chart_dir();
-    helm.run([
-        "install".as_ref(),
-        "tally".as_ref(),
-        chart.as_os_str(),
-        "--namespace".as_ref(),
-        RELEASE_NAMESPACE.as_ref(),
-        "--create-namespace".as_ref(),
-        "--kubeconfig".as_ref(),
-        control_plane.kubeconfig_path().as_os_str(),
-    ])
+    helm.install(
+        &chart_dir(),
+        "tally",
+        RELEASE_NAMESPACE,
+        control_plane.kubeconfig_path(),
+    )
     .unwrap_or_else(|e| panic!("helm install: {e}"));
     let deployments = Api::<Deployment>::namespaced(client.clone(), RELEASE_NAMESPACE);
     report

@@ -373,18 +373,13 @@ async fn demo_on_fake_nodes(seconds: u64) -> anyhow::Result<()> {
 /// `helm install tally charts/tally` into [`RELEASE_NAMESPACE`], then prints what the release holds.
 fn install_chart(control_plane: &ControlPlane) -> anyhow::Result<()> {
     let helm = Helm::locate()?;
-    let chart = chart_dir();
     let kubeconfig = control_plane.kubeconfig_path().as_os_str();
-    helm.run([
-        "install".as_ref(),
-        "tally".as_ref(),
-        chart.as_os_str(),
-        "--namespace".as_ref(),
-        RELEASE_NAMESPACE.as_ref(),
-        "--create-namespace".as_ref(),
-        "--kubeconfig".as_ref(),
-        kubeconfig,
-    ])?;
+    helm.install(
+        &chart_dir(),
+        "tally",
+        RELEASE_NAMESPACE,
+        control_plane.kubeconfig_path(),
+    )?;
     let manifest = helm.run([
         "get".as_ref(),
         "manifest".as_ref(),
