@@ -143,10 +143,7 @@ fn ci_values_files_render_what_they_ask_for() {
         "--log-format=text",
         "--log-level=info",
     ] {
-        assert!(
-            args.iter().any(|a| a == expected),
-            "default args {args:?} lack {expected}"
-        );
+        assert_has_arg(&args, expected, "default");
     }
     assert!(
         !args.iter().any(|a| a.starts_with("--exclude-namespaces")),
@@ -209,10 +206,7 @@ fn ci_values_files_render_what_they_ask_for() {
         "--log-format=json",
         "--log-level=tally_operator=debug,info",
     ] {
-        assert!(
-            args.iter().any(|a| a == expected),
-            "strict args {args:?} lack {expected}"
-        );
+        assert_has_arg(&args, expected, "strict");
     }
 }
 
@@ -849,6 +843,14 @@ async fn injected_in_dry_run(pods: &Api<Pod>, pod: &Pod) -> Result<(), String> {
     has_sidecar(&created)
         .then_some(())
         .ok_or_else(|| "not injected yet".to_string())
+}
+
+/// Asserts that the operator args of the `values` rendering have `expected`.
+fn assert_has_arg(args: &[String], expected: &str, values: &str) {
+    assert!(
+        args.iter().any(|a| a == expected),
+        "{values} args {args:?} lack {expected}"
+    );
 }
 
 /// The value of `--name=value` in `args`.
