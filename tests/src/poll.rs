@@ -54,6 +54,10 @@ impl<B, C> Check for ControlFlow<B, C> {
 
 /// Calls `check` every `interval` until it is done, and returns what it was done with; `Err` with the state the last
 /// check saw when `within` elapsed first.
+///
+/// In a task given to `tokio::spawn`, a check that borrows from the task makes its future not `Send` (the borrow
+/// is generic over the call's lifetime): there, let each check own what it reads (`move || { let x = x.clone();
+/// async move { .. } }`).
 pub async fn poll<C: Check>(
     within: Duration,
     interval: Duration,
