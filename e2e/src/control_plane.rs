@@ -5,6 +5,7 @@ use std::{
     ffi::OsString,
     future::Future,
     net::{IpAddr, Ipv4Addr},
+    ops::ControlFlow,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -16,8 +17,10 @@ use kube::{
     api::{ListParams, ObjectMeta, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
+use tally_tests::poll::{API_INTERVAL, poll};
+use tally_tests::ports::unused_ports;
 use tempfile::TempDir;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, timeout};
 
 use crate::{
     Error,
@@ -25,7 +28,6 @@ use crate::{
     kubeconfig,
     node::{HOST_IP, NODE_NAME, NodeNetwork, NodeStart, RealNode, create_host_path_volumes},
     pki::Pki,
-    ports::free_ports,
     process::ComponentProcess,
 };
 
@@ -78,7 +80,6 @@ const KWOK_READY_WITHIN: Duration = Duration::from_secs(60);
 pub const FAKE_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
 /// Pod IPs kwok hands out; apart from the Service range.
 const FAKE_POD_CIDR: &str = "10.244.0.0/16";
-const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Lines of each component's log printed when start-up fails.
 const LOG_TAIL_LINES: usize = 40;
 
@@ -346,7 +347,7 @@ async fn boot(
         controller_manager_port,
         scheduler_port,
         kwok_port,
-    ] = free_ports::<6>()?;
+    ] = unused_ports::<6>();
     let etcd_url = format!("http://127.0.0.1:{etcd_client_port}");
     let server = format!("https://{listen}:{apiserver_port}");
 
@@ -697,25 +698,27 @@ where
     Fut: Future<Output = Result<(), String>>,
 {
     let deadline = Instant::now() + within;
-    loop {
+    let ready = poll(within, API_INTERVAL, async || {
         for process in processes.iter_mut() {
-            process.ensure_running()?;
+            if let Err(exited) = process.ensure_running() {
+                return ControlFlow::Break(Err(exited));
+            }
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let last_check = match timeout(remaining, probe()).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(failure)) => failure,
-            Err(_) => "the check itself did not finish in time".to_string(),
-        };
-        if Instant::now() >= deadline {
-            let last = processes.last();
-            return Err(Error::NotReady {
-                component: last.map_or("the real node", ComponentProcess::name),
-                timeout: within,
-                last_check,
-                log: last.map(|p| p.log().to_path_buf()).unwrap_or_default(),
-            });
+        match timeout(remaining, probe()).await {
+            Ok(Ok(())) => ControlFlow::Break(Ok(())),
+            Ok(Err(failure)) => ControlFlow::Continue(failure),
+            Err(_) => ControlFlow::Continue("the check itself did not finish in time".to_string()),
         }
-        sleep(POLL_INTERVAL).await;
-    }
+    })
+    .await;
+    ready.unwrap_or_else(|last_check| {
+        let last = processes.last();
+        Err(Error::NotReady {
+            component: last.map_or("the real node", ComponentProcess::name),
+            timeout: within,
+            last_check,
+            log: last.map(|p| p.log().to_path_buf()).unwrap_or_default(),
+        })
+    })
 }

@@ -176,6 +176,27 @@ impl Helm {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// `helm install <release> <chart> --namespace <namespace> --create-namespace --kubeconfig <kubeconfig>`, the
+    /// chart's defaults into a real cluster; returns Helm's output.
+    pub fn install(
+        &self,
+        chart: &Path,
+        release: &str,
+        namespace: &str,
+        kubeconfig: &Path,
+    ) -> Result<String, HelmError> {
+        self.run([
+            "install".as_ref(),
+            release.as_ref(),
+            chart.as_os_str(),
+            "--namespace".as_ref(),
+            namespace.as_ref(),
+            "--create-namespace".as_ref(),
+            "--kubeconfig".as_ref(),
+            kubeconfig.as_os_str(),
+        ])
+    }
+
     /// `helm template <release> <chart> --namespace <namespace> [-f values]...`, parsed into objects.
     pub fn template(
         &self,

@@ -22,7 +22,6 @@ mod helm;
 mod kubeconfig;
 mod node;
 mod pki;
-mod ports;
 mod process;
 pub mod workload;
 

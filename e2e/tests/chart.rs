@@ -7,8 +7,7 @@
 
 use std::{
     fs,
-    future::Future,
-    net::{Ipv4Addr, TcpListener},
+    ops::ControlFlow,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -34,12 +33,14 @@ use serde_json::{Value, json};
 use tally_e2e::{
     Apply, ControlPlane, Helm, Manifests, apply, chart_dir, get, is_served, missing_metrics,
 };
-use tokio::time::{Instant, sleep};
+use tally_tests::poll::{API_INTERVAL, poll, poll_until_ok};
+use tally_tests::ports::unused_ports;
 
 /// The release name every rendering uses; the chart then names its objects `tally-*`.
 const RELEASE: &str = "tally";
 /// Generous for two cores shared with builds; the controllers and the operator act within a few seconds.
 const ACT_WITHIN: Duration = Duration::from_secs(90);
+/// How often `operator_accepts_the_rendered_command_line` checks whether the operator has exited.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// `--cert-validity` of the operator in the RBAC test: short, so the certificate is renewed during the test.
 const CERT_VALIDITY: &str = "15s";
@@ -144,10 +145,7 @@ fn ci_values_files_render_what_they_ask_for() {
         "--log-format=text",
         "--log-level=info",
     ] {
-        assert!(
-            args.iter().any(|a| a == expected),
-            "default args {args:?} lack {expected}"
-        );
+        assert_has_arg(&args, expected, "default");
     }
     assert!(
         !args.iter().any(|a| a.starts_with("--exclude-namespaces")),
@@ -286,10 +284,7 @@ fn ci_values_files_render_what_they_ask_for() {
         "--log-format=json",
         "--log-level=tally_operator=debug,info",
     ] {
-        assert!(
-            args.iter().any(|a| a == expected),
-            "strict args {args:?} lack {expected}"
-        );
+        assert_has_arg(&args, expected, "strict");
     }
 }
 
@@ -610,7 +605,7 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let dir = control_plane.dir().to_path_buf();
     let kubeconfig = write_token_kubeconfig(&control_plane, &dir, &token);
 
-    let [http_port, webhook_port] = free_ports();
+    let [http_port, webhook_port] = unused_ports();
     let webhook_url = format!("https://127.0.0.1:{webhook_port}/mutate");
     let mut args = operator_args(&manifests);
     for arg in &mut args {
@@ -813,21 +808,7 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     operator
         .eventually(
             "a dry-run pod in the labelled namespace is injected",
-            || async {
-                let created = pods
-                    .create(
-                        &PostParams {
-                            dry_run: true,
-                            ..PostParams::default()
-                        },
-                        &pod,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                has_sidecar(&created)
-                    .then_some(())
-                    .ok_or("not injected yet".into())
-            },
+            || injected_in_dry_run(&pods, &pod),
         )
         .await;
     let created = pods
@@ -859,24 +840,9 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     }))
     .expect("a Pod");
     operator
-        .eventually(
-            "a pod is injected after the certificate renewal",
-            || async {
-                let created = pods
-                    .create(
-                        &PostParams {
-                            dry_run: true,
-                            ..PostParams::default()
-                        },
-                        &other,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                has_sidecar(&created)
-                    .then_some(())
-                    .ok_or("not injected".into())
-            },
-        )
+        .eventually("a pod is injected after the certificate renewal", || {
+            injected_in_dry_run(&pods, &other)
+        })
         .await;
 
     // Some calls fail without stopping the operator (an Event, a retried watch): none may have been refused.
@@ -946,6 +912,29 @@ async fn assert_exists(client: &Client, object: &DynamicObject) {
     );
 }
 
+/// Whether the admission webhooks inject `pod`, found with a dry run (nothing is created).
+async fn injected_in_dry_run(pods: &Api<Pod>, pod: &Pod) -> Result<(), String> {
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let created = pods
+        .create(&dry_run, pod)
+        .await
+        .map_err(|e| e.to_string())?;
+    has_sidecar(&created)
+        .then_some(())
+        .ok_or_else(|| "not injected yet".to_string())
+}
+
+/// Asserts that the operator args of the `values` rendering have `expected`.
+fn assert_has_arg(args: &[String], expected: &str, values: &str) {
+    assert!(
+        args.iter().any(|a| a == expected),
+        "{values} args {args:?} lack {expected}"
+    );
+}
+
 /// The value of `--name=value` in `args`.
 fn arg_value(args: &[String], name: &str) -> String {
     let prefix = format!("{name}=");
@@ -953,17 +942,6 @@ fn arg_value(args: &[String], name: &str) -> String {
         .find_map(|a| a.strip_prefix(&prefix))
         .unwrap_or_else(|| panic!("the chart's operator args {args:?} have no {name}"))
         .to_string()
-}
-
-fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("a free port"))
-        .collect();
-    let mut ports = [0; N];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener.local_addr().expect("local address").port();
-    }
-    ports
 }
 
 /// A kubeconfig for the control plane that authenticates with a bearer `token` and nothing else.
@@ -1039,30 +1017,30 @@ impl Operator {
     }
 
     /// [`eventually`], failing at once when the operator has exited, with its log in the message.
-    async fn eventually<T, F, Fut>(&mut self, what: &str, mut check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, String>>,
-    {
-        let deadline = Instant::now() + ACT_WITHIN;
-        loop {
-            let last = match check().await {
-                Ok(value) => return value,
-                Err(last) => last,
-            };
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{what}: tally-operator exited ({status}); last check: {last}\nits log:\n{}",
-                    self.log_tail()
-                );
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{what}: not within {ACT_WITHIN:?}; last check: {last}\ntally-operator's log:\n{}",
-                    self.log_tail()
-                );
-            }
-            sleep(POLL_INTERVAL).await;
+    async fn eventually<T>(
+        &mut self,
+        what: &str,
+        mut check: impl AsyncFnMut() -> Result<T, String>,
+    ) -> T {
+        let child = &mut self.child;
+        let outcome = poll(ACT_WITHIN, API_INTERVAL, async || match check().await {
+            Ok(value) => ControlFlow::Break(Ok(value)),
+            Err(last) => match child.try_wait() {
+                Ok(Some(status)) => ControlFlow::Break(Err((status, last))),
+                _ => ControlFlow::Continue(last),
+            },
+        })
+        .await;
+        match outcome {
+            Ok(Ok(value)) => value,
+            Ok(Err((status, last))) => panic!(
+                "{what}: tally-operator exited ({status}); last check: {last}\nits log:\n{}",
+                self.log_tail()
+            ),
+            Err(last) => panic!(
+                "{what}: not within {ACT_WITHIN:?}; last check: {last}\ntally-operator's log:\n{}",
+                self.log_tail()
+            ),
         }
     }
 }
@@ -1088,20 +1066,7 @@ impl Drop for Operator {
     }
 }
 
-/// Polls `check` until it succeeds or [`ACT_WITHIN`] has passed, then fails with its last answer.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + ACT_WITHIN;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("{what}: not within {ACT_WITHIN:?}; last check: {last}")
-            }
-            Err(_) => sleep(POLL_INTERVAL).await,
-        }
-    }
+/// Polls `check` (API calls) until it succeeds or [`ACT_WITHIN`] has passed, then fails with its last answer.
+async fn eventually<T>(what: &str, check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    poll_until_ok(ACT_WITHIN, API_INTERVAL, what, check).await
 }

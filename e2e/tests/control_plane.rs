@@ -1,10 +1,6 @@
 //! The control plane is real: objects created through the API server are acted on by the real controllers.
 
-use std::{
-    collections::BTreeMap,
-    future::Future,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::api::{
     apps::v1::{Deployment, ReplicaSet, StatefulSet},
@@ -16,6 +12,7 @@ use kube::{
 };
 use serde_json::json;
 use tally_e2e::{ControlPlane, NAMESPACE_LABEL};
+use tally_tests::poll::{API_INTERVAL, poll_until_every};
 
 /// Generous for two busy cores; a working controller acts within a second or two.
 const CONTROLLERS_ACT_WITHIN: Duration = Duration::from_secs(60);
@@ -57,7 +54,9 @@ async fn deployment_gets_replicaset_and_pods_and_deleting_it_collects_them() {
         .expect("Deployment created");
     let deployment_uid = deployment.uid().expect("uid");
 
-    let (replica_set, pods) = eventually(
+    let (replica_set, pods) = poll_until_every(
+        CONTROLLERS_ACT_WITHIN,
+        API_INTERVAL,
         "the ReplicaSet controller creates a ReplicaSet and 2 Pods",
         || async {
             let replica_sets = list::<ReplicaSet>(&client, &ns).await;
@@ -91,7 +90,9 @@ async fn deployment_gets_replicaset_and_pods_and_deleting_it_collects_them() {
         .delete("web", &DeleteParams::background())
         .await
         .expect("Deployment deleted");
-    eventually(
+    poll_until_every(
+        CONTROLLERS_ACT_WITHIN,
+        API_INTERVAL,
         "the garbage collector deletes the ReplicaSet and its Pods",
         || async {
             let replica_sets = list::<ReplicaSet>(&client, &ns).await;
@@ -145,7 +146,9 @@ async fn statefulset_gets_pods_and_persistent_volume_claims() {
         .expect("StatefulSet created");
     let uid = stateful_set.uid().expect("uid");
 
-    let pods = eventually(
+    let pods = poll_until_every(
+        CONTROLLERS_ACT_WITHIN,
+        API_INTERVAL,
         "the StatefulSet controller creates store-0 and store-1",
         || async {
             let pods: Vec<Pod> = list::<Pod>(&client, &ns)
@@ -181,7 +184,9 @@ async fn statefulset_gets_pods_and_persistent_volume_claims() {
         ])
     );
 
-    let claims = eventually(
+    let claims = poll_until_every(
+        CONTROLLERS_ACT_WITHIN,
+        API_INTERVAL,
         "the StatefulSet controller creates data-store-0 and data-store-1",
         || async {
             let mut names: Vec<String> = list::<PersistentVolumeClaim>(&client, &ns)
@@ -197,25 +202,6 @@ async fn statefulset_gets_pods_and_persistent_volume_claims() {
     assert_eq!(claims, ["data-store-0", "data-store-1"]);
 
     control_plane.stop();
-}
-
-/// Polls `check` until it returns `Some`, panicking with `what` after [`CONTROLLERS_ACT_WITHIN`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + CONTROLLERS_ACT_WITHIN;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {CONTROLLERS_ACT_WITHIN:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn list<K>(client: &Client, namespace: &str) -> Vec<K>

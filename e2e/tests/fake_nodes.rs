@@ -1,7 +1,7 @@
 //! Fake nodes: with `with_fake_nodes`, the real kube-scheduler binds pods to Nodes that kwok manages, and kwok
 //! marks them Running and Ready, so a Deployment reports its replicas available without any container running.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Node, core::v1::Pod};
 use kube::{
@@ -10,6 +10,7 @@ use kube::{
 };
 use serde_json::json;
 use tally_e2e::{ControlPlane, FAKE_NODE_ANNOTATION};
+use tally_tests::poll::{API_INTERVAL, poll};
 
 /// Generous for two busy cores; scheduling and kwok act within a second or two.
 const WITHIN: Duration = Duration::from_secs(60);
@@ -65,8 +66,7 @@ async fn pods_are_scheduled_onto_fake_nodes_and_become_ready() {
         .await
         .expect("deployment created");
 
-    let deadline = Instant::now() + WITHIN;
-    loop {
+    let available = poll(WITHIN, API_INTERVAL, async || {
         let available = deployments
             .get_status("web")
             .await
@@ -74,13 +74,14 @@ async fn pods_are_scheduled_onto_fake_nodes_and_become_ready() {
             .and_then(|d| d.status?.available_replicas)
             .unwrap_or(0);
         if available == 3 {
-            break;
+            Ok(())
+        } else {
+            Err(available)
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WITHIN:?}: {available} of 3 replicas of web available"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    })
+    .await;
+    if let Err(available) = available {
+        panic!("timed out after {WITHIN:?}: {available} of 3 replicas of web available");
     }
     let pods = Api::<Pod>::namespaced(client.clone(), &ns)
         .list(&ListParams::default())

@@ -28,6 +28,7 @@ use tally_e2e::{
         USAGE_APP_IMAGE, create_metered_namespace, deploy_usage_app, pod_logs, running_pod,
     },
 };
+use tally_tests::poll::{API_INTERVAL, poll};
 use tally_tests::{TestUpstream, metrics::Exposition};
 
 const RELEASE_NAMESPACE: &str = "tally-system";
@@ -83,17 +84,12 @@ async fn the_chart_meters_an_injected_workload_end_to_end_on_a_real_node() {
 
     // helm install, with the chart's defaults: two operator replicas, leader election, the webhook.
     let helm = Helm::locate().unwrap_or_else(|e| panic!("{e}"));
-    let chart = chart_dir();
-    helm.run([
-        "install".as_ref(),
-        "tally".as_ref(),
-        chart.as_os_str(),
-        "--namespace".as_ref(),
-        RELEASE_NAMESPACE.as_ref(),
-        "--create-namespace".as_ref(),
-        "--kubeconfig".as_ref(),
-        control_plane.kubeconfig_path().as_os_str(),
-    ])
+    helm.install(
+        &chart_dir(),
+        "tally",
+        RELEASE_NAMESPACE,
+        control_plane.kubeconfig_path(),
+    )
     .unwrap_or_else(|e| panic!("helm install: {e}"));
     let deployments = Api::<Deployment>::namespaced(client.clone(), RELEASE_NAMESPACE);
     report
@@ -376,7 +372,7 @@ fn collectors_api(client: &Client) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), RELEASE_NAMESPACE, &resource)
 }
 
-/// Waits like `tally_tests::poll_until` (a slower poll: every check is an API call), and on a timeout prints what the cluster looked like first: every pod's phase and
+/// Waits like `tally_tests::poll_until` (every [`API_INTERVAL`]: every check is an API call), and on a timeout prints what the cluster looked like first: every pod's phase and
 /// container states, and the node's logs.
 struct Report<'a> {
     client: Client,
@@ -384,17 +380,13 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
-    async fn until<T>(&self, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-        let deadline = tokio::time::Instant::now() + WITHIN;
-        loop {
-            if let Some(value) = check().await {
-                return value;
-            }
-            if tokio::time::Instant::now() >= deadline {
+    async fn until<T>(&self, what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
+        match poll(WITHIN, API_INTERVAL, check).await {
+            Ok(value) => value,
+            Err(()) => {
                 self.print().await;
                 panic!("timed out after {WITHIN:?} waiting for {what}");
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

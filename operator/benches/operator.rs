@@ -16,12 +16,12 @@
 //!
 //! Every wait is bounded; the whole run fails with a message after [`RUN_LIMIT`].
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -32,6 +32,8 @@ use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_tests::metrics::Exposition;
+use tally_tests::poll::poll;
+use tally_tests::ports::unused_port;
 use tally_tests::report::{aligned_table, number};
 use tokio::sync::mpsc;
 
@@ -464,9 +466,7 @@ struct OperatorProcess {
 impl OperatorProcess {
     fn start(control_plane: &ControlPlane, namespace: &str) -> anyhow::Result<Self> {
         let binary = env!("CARGO_BIN_EXE_tally-operator");
-        let http = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .context("choosing a free port")?;
+        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, unused_port()));
         let help = Command::new(binary)
             .args(["run", "--help"])
             .output()
@@ -594,21 +594,14 @@ async fn install_crd(client: &Client) -> anyhow::Result<()> {
     .await
 }
 
-async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return Ok(value);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {within:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn eventually<T>(
+    what: &str,
+    within: Duration,
+    check: impl AsyncFnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    poll(within, Duration::from_millis(100), check)
+        .await
+        .map_err(|()| anyhow!("timed out after {within:?} waiting until {what}"))
 }
 
 fn percentile(values: &[f64], q: f64) -> f64 {

@@ -17,19 +17,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
-use support::{RunningController, WITHIN, control_plane_with_crd, create, eventually, free_port};
+use support::{RunningController, WITHIN, control_plane_with_crd, create, env, eventually};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::inject::certs;
 use tally_operator::inject::config::{CertificateSource, FailurePolicy, INJECT_CA_FROM};
 use tally_operator::inject::metrics::{AdmissionLabels, WebhookMetrics};
 use tally_operator::inject::{self, INJECTED_ANNOTATION, SIDECAR_NAME, WebhookArgs};
+use tally_tests::ports::unused_port;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -64,8 +65,24 @@ impl Webhook {
         cert_validity: Duration,
         leading: tokio::sync::watch::Receiver<bool>,
     ) -> Webhook {
-        let port = free_port();
-        let args = webhook_args(port, cert_validity);
+        let port = unused_port();
+        Webhook::spawn(
+            client,
+            namespace,
+            port,
+            webhook_args(port, cert_validity),
+            leading,
+        )
+    }
+
+    /// Runs the webhook in-process with `args`, listening on `port`.
+    fn spawn(
+        client: &Client,
+        namespace: &str,
+        port: u16,
+        args: WebhookArgs,
+        leading: tokio::sync::watch::Receiver<bool>,
+    ) -> Webhook {
         let metrics = Arc::new(WebhookMetrics::default());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(inject::run(
@@ -232,15 +249,6 @@ async fn create_pod(client: &Client, namespace: &str, pod: &Pod) -> Pod {
         .create(&PostParams::default(), pod)
         .await
         .unwrap_or_else(|e| panic!("creating pod {} in {namespace}: {e}", pod.name_any()))
-}
-
-fn env<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
-    container
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == name)
-        .and_then(|e| e.value.as_deref())
 }
 
 /// Asserts the pod carries exactly one sidecar, one buffer volume, the URL and the annotation.
@@ -459,7 +467,7 @@ async fn replicas_share_one_secret_and_a_stopped_webhook_blocks_no_pod() {
 
     // Four replicas starting at once agree on one CA and certificate.
     let validity = Duration::from_secs(3600);
-    let settings = webhook_args(free_port(), validity)
+    let settings = webhook_args(unused_port(), validity)
         .certificate_settings(&operator_ns)
         .expect("valid flags");
     assert_eq!(settings.ip_addresses, [IpAddr::V4(Ipv4Addr::LOCALHOST)]);
@@ -503,7 +511,7 @@ async fn replicas_share_one_secret_and_a_stopped_webhook_blocks_no_pod() {
 #[tokio::test]
 async fn the_ca_key_is_kept_apart_and_an_old_single_secret_is_split() {
     let (control_plane, client, operator_ns) = control_plane_with_crd("tally-system").await;
-    let settings = webhook_args(free_port(), Duration::from_secs(3600))
+    let settings = webhook_args(unused_port(), Duration::from_secs(3600))
         .certificate_settings(&operator_ns)
         .expect("valid flags");
     let secrets = Api::<Secret>::namespaced(client.clone(), &operator_ns);
@@ -578,7 +586,7 @@ async fn with_cert_manager_the_operator_serves_its_secret_and_leaves_the_ca_bund
         apps,
     } = Cluster::start().await;
     create_collector(&client, &apps, &[]).await;
-    let port = free_port();
+    let port = unused_port();
     let mut args = webhook_args(port, Duration::from_secs(3600));
     args.webhook_certificates = CertificateSource::CertManager;
     let settings = args
@@ -609,18 +617,13 @@ async fn with_cert_manager_the_operator_serves_its_secret_and_leaves_the_ca_bund
         .expect("a certificate");
     write_secret(first.material.clone()).await;
 
-    let metrics = Arc::new(WebhookMetrics::default());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(inject::run(
-        client.clone(),
-        operator_ns.clone(),
+    let webhook = Webhook::spawn(
+        &client,
+        &operator_ns,
+        port,
         args,
-        metrics.clone(),
         tokio::sync::watch::channel(true).1,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    );
     let ca = first.material.ca_bundle.clone().into_bytes();
     eventually("the webhook serves the Certificate's Secret", || async {
         (served_certificate(port, &ca).await.ok()? == der(first.material.cert.as_bytes()))
@@ -701,12 +704,7 @@ async fn with_cert_manager_the_operator_serves_its_secret_and_leaves_the_ca_bund
             .then_some(())
     })
     .await;
-    let _ = stop.send(());
-    tokio::time::timeout(WITHIN, task)
-        .await
-        .expect("the webhook stops")
-        .expect("task")
-        .expect("the webhook ran cleanly");
+    webhook.stop().await;
     control_plane.stop();
 }
 
@@ -875,7 +873,7 @@ async fn the_operator_binary_serves_the_webhook_and_counts_admissions() {
     } = Cluster::start().await;
     create_collector(&client, &apps, &[]).await;
 
-    let (port, http) = (free_port(), free_port());
+    let (port, http) = (unused_port(), unused_port());
     let log = control_plane.dir().join("tally-operator.log");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_tally-operator"))
         .args([

@@ -3,6 +3,8 @@
 //! its configuration, the MutatingWebhookConfiguration, the certificate lifecycle, and a whole AdmissionReview
 //! round trip through the handler, including a reinvocation.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use base64::prelude::BASE64_STANDARD;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::runtime::{reflector, watcher};
 use serde_json::{Value, json};
+use support::env;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::inject::certs::{self, Assessment, CertificateSettings};
 use tally_operator::inject::config::{
@@ -92,15 +95,6 @@ fn skipped(
         Decision::Skip { reason, warning } => (reason, warning),
         other => panic!("expected no injection, got {other:?}"),
     }
-}
-
-fn env<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
-    container
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == name)
-        .and_then(|e| e.value.as_deref())
 }
 
 #[test]

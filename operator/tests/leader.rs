@@ -15,10 +15,12 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::PostParams;
 use kube::{Api, Client};
-use support::{WITHIN, collector, control_plane_with_crd, create, eventually, free_port};
+use support::{WITHIN, collector, control_plane_with_crd, create, eventually};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_tests::metrics::Exposition;
+use tally_tests::poll::poll;
+use tally_tests::ports::unused_port;
 
 const LEASE_NAME: &str = "tally-operator";
 
@@ -218,7 +220,7 @@ impl Cluster {
     }
 
     fn operator(&self, identity: &str, args: &[&str]) -> Operator {
-        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, unused_port()));
         let log = self.control_plane.dir().join(format!("{identity}.log"));
         let file = std::fs::File::create(&log).expect("operator log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_tally-operator"));
@@ -327,19 +329,17 @@ impl Operator {
 
     /// Waits until the process exits, failing after [`WITHIN`].
     async fn exits(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WITHIN;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let exited = poll(WITHIN, Duration::from_millis(100), async || {
+            self.child.try_wait().expect("try_wait")
+        })
+        .await;
+        exited.unwrap_or_else(|()| {
+            panic!(
                 "{} did not exit within {WITHIN:?}; log: {}",
                 self.identity,
                 self.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            )
+        })
     }
 }
 

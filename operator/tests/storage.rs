@@ -15,8 +15,8 @@ use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use support::{
-    RunningController, collector, control_plane_with_crd, create, eventually, expect_event,
-    persistent_volume,
+    RunningController, assert_invalid, collector, control_plane_with_crd, create, eventually,
+    expect_event, persistent_volume,
 };
 use tally_operator::crd::{MeteringCollector, STORAGE_NO_SHRINK_MESSAGE};
 
@@ -79,6 +79,30 @@ async fn condition(
     // Only a status that describes the current generation counts.
     (status.observed_generation == collector.metadata.generation)
         .then_some((condition, collector.metadata.generation))
+}
+
+/// Waits until `name` reports Degraded for `reason`, and asserts that it is True and its message mentions each of
+/// `mentions`.
+async fn expect_degraded(
+    collectors: &Api<MeteringCollector>,
+    name: &str,
+    reason: &str,
+    mentions: &[&str],
+) {
+    let (degraded, _) = eventually(&format!("{name} reports {reason}"), || async {
+        condition(collectors, name, "Degraded")
+            .await
+            .filter(|(c, _)| c.reason == reason)
+    })
+    .await;
+    assert_eq!(degraded.status, "True");
+    for expected in mentions {
+        assert!(
+            degraded.message.contains(expected),
+            "{} should mention {expected}",
+            degraded.message
+        );
+    }
 }
 
 fn claim_template_size(stateful_set: &StatefulSet) -> Option<String> {
@@ -150,25 +174,18 @@ async fn a_larger_size_grows_expandable_claims_and_is_reported_where_it_cannot()
     );
 
     // Not expandable: reported, claim untouched.
-    let (degraded, _) = eventually("stuck reports StorageResizeUnsupported", || async {
-        condition(&collectors, "stuck", "Degraded")
-            .await
-            .filter(|(c, _)| c.reason == "StorageResizeUnsupported")
-    })
+    expect_degraded(
+        &collectors,
+        "stuck",
+        "StorageResizeUnsupported",
+        &[
+            "buffer-stuck-0",
+            "fixed",
+            "allowVolumeExpansion: true",
+            "3Gi",
+        ],
+    )
     .await;
-    assert_eq!(degraded.status, "True");
-    for expected in [
-        "buffer-stuck-0",
-        "fixed",
-        "allowVolumeExpansion: true",
-        "3Gi",
-    ] {
-        assert!(
-            degraded.message.contains(expected),
-            "{} should mention {expected}",
-            degraded.message
-        );
-    }
     let warning = expect_event(&client, &ns, "stuck", "Warning", "StorageResizeUnsupported").await;
     assert!(
         warning
@@ -189,15 +206,7 @@ async fn a_larger_size_grows_expandable_claims_and_is_reported_where_it_cannot()
         )
         .await
         .expect_err("a shrink is refused at admission");
-    let kube::Error::Api(status) = error else {
-        panic!("expected an API error, got {error}");
-    };
-    assert_eq!(status.code, 422, "{status:?}");
-    assert!(
-        status.message.contains(STORAGE_NO_SHRINK_MESSAGE),
-        "{} should say {STORAGE_NO_SHRINK_MESSAGE}",
-        status.message
-    );
+    assert_invalid(error, STORAGE_NO_SHRINK_MESSAGE);
 
     // A collector re-created smaller than its retained claims: the claims keep their size and the status says why.
     collectors
@@ -211,24 +220,17 @@ async fn a_larger_size_grows_expandable_claims_and_is_reported_where_it_cannot()
     })
     .await;
     create(&collectors, &fixture("grow", 2, "1Gi", "expandable")).await;
-    let (degraded, _) = eventually("the new grow reports StorageShrinkRefused", || async {
-        condition(&collectors, "grow", "Degraded")
-            .await
-            .filter(|(c, _)| c.reason == "StorageShrinkRefused")
-    })
+    expect_degraded(
+        &collectors,
+        "grow",
+        "StorageShrinkRefused",
+        &[
+            "buffer-grow-0 requests 3Gi",
+            "buffer-grow-1 requests 3Gi",
+            "spec.storage.size is 1Gi",
+        ],
+    )
     .await;
-    assert_eq!(degraded.status, "True");
-    for expected in [
-        "buffer-grow-0 requests 3Gi",
-        "buffer-grow-1 requests 3Gi",
-        "spec.storage.size is 1Gi",
-    ] {
-        assert!(
-            degraded.message.contains(expected),
-            "{} should mention {expected}",
-            degraded.message
-        );
-    }
     expect_event(&client, &ns, "grow", "Warning", "StorageShrinkRefused").await;
     for name in ["buffer-grow-0", "buffer-grow-1"] {
         let claim = claims.get(name).await.expect("claim");

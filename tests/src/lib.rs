@@ -33,7 +33,7 @@ pub mod webhook;
 
 pub use checkout::workspace_root;
 pub use events::{EventIds, event, event_from};
-pub use poll::{poll_for, poll_until};
+pub use poll::{poll, poll_for, poll_until, poll_until_every, poll_until_ok};
 pub use postgres::TestPostgres;
 pub use powercut::PowerCutFs;
 pub use problem::assert_problem;

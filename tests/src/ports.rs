@@ -30,3 +30,8 @@ pub fn unused_port() -> u16 {
     }
     panic!("no free loopback port between {FIRST} and {LAST}");
 }
+
+/// `N` ports of [`unused_port`], all different.
+pub fn unused_ports<const N: usize>() -> [u16; N] {
+    std::array::from_fn(|_| unused_port())
+}

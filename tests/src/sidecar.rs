@@ -15,7 +15,7 @@ use tempfile::TempDir;
 use crate::binary::sidecar_binary;
 use crate::events::event;
 use crate::metrics::Exposition;
-use crate::poll::poll_for;
+use crate::poll::{INTERVAL, poll_for, poll_until_ok};
 use crate::ports::unused_port;
 use crate::upstream::TestUpstream;
 
@@ -503,6 +503,26 @@ impl Sidecar {
     /// see [`Exposition::value`].
     pub async fn metric(&self, query: &str) -> f64 {
         self.metrics().await.value(query)
+    }
+
+    /// Polls the value of `query` (as [`Sidecar::metric`]) until `done` holds for it, and returns it;
+    /// panics after `within`, naming `what` and the last value seen.
+    pub async fn wait_metric(
+        &self,
+        within: Duration,
+        what: &str,
+        query: &str,
+        done: impl Fn(f64) -> bool,
+    ) -> f64 {
+        poll_until_ok(within, INTERVAL, what, async || {
+            let value = self.metric(query).await;
+            if done(value) {
+                Ok(value)
+            } else {
+                Err(format!("{query} is {value}"))
+            }
+        })
+        .await
     }
 
     /// Everything the sidecar wrote on stderr (its log), over all its starts.

@@ -31,11 +31,37 @@ async fn metric(sidecar: &Sidecar, name: &str, output: &str) -> f64 {
 
 /// Waits until the output's `tally_output_lag_events` satisfies `ok`; returns the value.
 async fn wait_lag(sidecar: &Sidecar, output: &str, what: &str, ok: impl Fn(f64) -> bool) -> f64 {
-    poll_until(DELIVERY, what, async || {
-        let lag = metric(sidecar, "tally_output_lag_events", output).await;
-        ok(lag).then_some(lag)
-    })
-    .await
+    let query = format!("tally_output_lag_events{{output=\"{output}\"}}");
+    sidecar.wait_metric(DELIVERY, what, &query, ok).await
+}
+
+/// Sends `batches` batches of 10 fresh events (`<prefix>-<n>-<i>`) and waits until each event has reached one of
+/// `upstreams`; returns the ids sent.
+async fn send_to_any(
+    sidecar: &Sidecar,
+    upstreams: &[&TestUpstream],
+    prefix: &str,
+    batches: usize,
+) -> Vec<String> {
+    let mut all: Vec<String> = Vec::new();
+    for n in 0..batches {
+        let batch = events(&format!("{prefix}-{n}"), 10);
+        sidecar.send_ok(&batch).await;
+        all.extend(ids(&batch));
+    }
+    poll_until(
+        DELIVERY,
+        "every event to reach one of the outputs",
+        async || {
+            let delivered: HashSet<String> = upstreams
+                .iter()
+                .flat_map(|upstream| upstream.delivered_ids())
+                .collect();
+            all.iter().all(|id| delivered.contains(id)).then_some(())
+        },
+    )
+    .await;
+    all
 }
 
 /// How many times each id was delivered (accepted) to `upstream`.
@@ -233,24 +259,7 @@ async fn round_robin_delivers_each_event_once_taking_turns() {
     }
     let sidecar = builder.start().await;
 
-    let mut all: Vec<String> = Vec::new();
-    for n in 0..20 {
-        let batch = events(&format!("rr-{n}"), 10);
-        sidecar.send_ok(&batch).await;
-        all.extend(ids(&batch));
-    }
-    poll_until(
-        DELIVERY,
-        "every event to reach one of the outputs",
-        async || {
-            let delivered: HashSet<String> = upstreams
-                .iter()
-                .flat_map(TestUpstream::delivered_ids)
-                .collect();
-            all.iter().all(|id| delivered.contains(id)).then_some(())
-        },
-    )
-    .await;
+    let all = send_to_any(&sidecar, &upstreams.iter().collect::<Vec<_>>(), "rr", 20).await;
 
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, upstream) in upstreams.iter().enumerate() {
@@ -311,25 +320,7 @@ async fn greedy_delivers_each_event_once_mostly_to_the_free_output() {
         .start()
         .await;
 
-    let mut all: Vec<String> = Vec::new();
-    for n in 0..40 {
-        let batch = events(&format!("greedy-{n}"), 10);
-        sidecar.send_ok(&batch).await;
-        all.extend(ids(&batch));
-    }
-    poll_until(
-        DELIVERY,
-        "every event to reach one of the outputs",
-        async || {
-            let delivered: HashSet<String> = slow
-                .delivered_ids()
-                .into_iter()
-                .chain(fast.delivered_ids())
-                .collect();
-            all.iter().all(|id| delivered.contains(id)).then_some(())
-        },
-    )
-    .await;
+    let all = send_to_any(&sidecar, &[&slow, &fast], "greedy", 40).await;
 
     let slow_ids = slow.delivered_ids();
     let fast_ids = fast.delivered_ids();

@@ -169,11 +169,14 @@ async fn drop_oldest_keeps_accepting_and_accounts_for_every_event() {
     upstream
         .wait_delivered(newest, Duration::from_secs(30))
         .await;
-    poll_until(Duration::from_secs(30), "the buffer to drain", async || {
-        let m = sidecar.metrics().await;
-        (m.value("tally_output_lag_events{output=\"upstream\"}") == 0.0).then_some(())
-    })
-    .await;
+    sidecar
+        .wait_metric(
+            Duration::from_secs(30),
+            "the buffer to drain",
+            "tally_output_lag_events{output=\"upstream\"}",
+            |lag| lag == 0.0,
+        )
+        .await;
 
     let delivered = upstream.delivered_id_set();
     let dropped = sidecar

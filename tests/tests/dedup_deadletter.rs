@@ -117,17 +117,14 @@ async fn a_rejected_batch_is_dead_lettered_without_blocking_and_replayed_to_its_
         })
         .collect();
     sidecar.send_ok(&poison).await;
-    poll_until(
-        DELIVERY,
-        "the poison batch to be dead-lettered",
-        async || {
-            let dead = sidecar
-                .metric("tally_output_dead_lettered_events_total{output=\"rejecting\"}")
-                .await;
-            (dead >= 2.0).then_some(())
-        },
-    )
-    .await;
+    sidecar
+        .wait_metric(
+            DELIVERY,
+            "the poison batch to be dead-lettered",
+            "tally_output_dead_lettered_events_total{output=\"rejecting\"}",
+            |dead| dead >= 2.0,
+        )
+        .await;
     assert!(rejecting.requests().iter().any(|r| r.status == 400));
 
     // Nothing is blocked behind it, on either output.
@@ -216,13 +213,14 @@ async fn a_rejected_batch_is_dead_lettered_without_blocking_and_replayed_to_its_
         listed.is_empty(),
         "replayed events leave the store: {listed:?}"
     );
-    poll_until(DELIVERY, "the dead-letter gauge to drop to 0", async || {
-        let dead = sidecar
-            .metric("tally_dead_letter_events{output=\"rejecting\"}")
-            .await;
-        (dead == 0.0).then_some(())
-    })
-    .await;
+    sidecar
+        .wait_metric(
+            DELIVERY,
+            "the dead-letter gauge to drop to 0",
+            "tally_dead_letter_events{output=\"rejecting\"}",
+            |dead| dead == 0.0,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,13 +234,14 @@ async fn dead_letters_can_be_replayed_while_the_sidecar_is_stopped() {
     sidecar
         .send_ok(&[event("offline-1"), event("offline-2")])
         .await;
-    poll_until(DELIVERY, "the batch to be dead-lettered", async || {
-        let dead = sidecar
-            .metric("tally_output_dead_lettered_events_total{output=\"upstream\"}")
-            .await;
-        (dead >= 2.0).then_some(())
-    })
-    .await;
+    sidecar
+        .wait_metric(
+            DELIVERY,
+            "the batch to be dead-lettered",
+            "tally_output_dead_lettered_events_total{output=\"upstream\"}",
+            |dead| dead >= 2.0,
+        )
+        .await;
     let status = sidecar.terminate().await;
     assert_eq!(status.code(), Some(0));
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tally_tests::events::id_of;
-use tally_tests::{Sidecar, TestUpstream, event, poll_until};
+use tally_tests::{Sidecar, TestUpstream, event};
 
 const DELIVERY: Duration = Duration::from_secs(30);
 /// How long the upstream holds every answer back.
@@ -48,17 +48,14 @@ async fn deliver_through_slow_upstream(max_in_flight: usize, batches: usize) -> 
         .collect();
     sidecar.send_ok(&events).await;
     if max_in_flight > 1 {
-        poll_until(
-            DELIVERY,
-            "the in-flight gauge to reach maxInFlight",
-            async || {
-                let held = sidecar
-                    .metric(r#"tally_output_batches_in_flight{output="slow"}"#)
-                    .await;
-                (held == max_in_flight as f64).then_some(())
-            },
-        )
-        .await;
+        sidecar
+            .wait_metric(
+                DELIVERY,
+                "the in-flight gauge to reach maxInFlight",
+                r#"tally_output_batches_in_flight{output="slow"}"#,
+                |held| held == max_in_flight as f64,
+            )
+            .await;
     }
     upstream
         .wait_delivered(events.iter().map(id_of), DELIVERY)

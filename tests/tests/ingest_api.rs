@@ -722,13 +722,14 @@ async fn ingest_metrics_count_events() {
     );
     assert!(metrics.value("tally_output_batches_sent_total{output=\"upstream\"}") >= 1.0);
     assert!(metrics.value("tally_buffer_commits_total") >= 1.0);
-    let lag = tally_tests::poll_until(DELIVERY, "lag back to 0", async || {
-        let lag = sidecar
-            .metric("tally_output_lag_events{output=\"upstream\"}")
-            .await;
-        (lag == 0.0).then_some(lag)
-    })
-    .await;
+    let lag = sidecar
+        .wait_metric(
+            DELIVERY,
+            "lag back to 0",
+            "tally_output_lag_events{output=\"upstream\"}",
+            |lag| lag == 0.0,
+        )
+        .await;
     assert_eq!(lag, 0.0);
 }
 
@@ -1024,13 +1025,14 @@ async fn a_connection_that_does_not_finish_its_headers_is_closed() {
         !answer.contains("HTTP/1.1 2"),
         "no request was complete, so nothing succeeded: {answer:?}"
     );
-    tally_tests::poll_until(DELIVERY, "the header timeout to be counted", async || {
-        let closed = sidecar
-            .metric("tally_ingest_connections_closed_total{reason=\"header_timeout\"}")
-            .await;
-        (closed >= 1.0).then_some(())
-    })
-    .await;
+    sidecar
+        .wait_metric(
+            DELIVERY,
+            "the header timeout to be counted",
+            "tally_ingest_connections_closed_total{reason=\"header_timeout\"}",
+            |closed| closed >= 1.0,
+        )
+        .await;
 }
 
 /// A keep-alive connection that sends no further request is closed after `ingest.idleTimeout`
@@ -1104,12 +1106,14 @@ async fn idle_connections_cannot_starve_ingest() {
     assert_eq!(metrics.value("tally_ingest_connections_refused_total"), 0.0);
     // An evicted connection is out of the limit at once; the gauge drops when its task has
     // closed the socket, a moment later.
-    tally_tests::poll_until(
-        DELIVERY,
-        "the open-connections gauge back within maxConnections",
-        async || (sidecar.metric("tally_ingest_connections").await <= 3.0).then_some(()),
-    )
-    .await;
+    sidecar
+        .wait_metric(
+            DELIVERY,
+            "the open-connections gauge back within maxConnections",
+            "tally_ingest_connections",
+            |open| open <= 3.0,
+        )
+        .await;
 }
 
 /// When every allowed connection has a request in flight, a new one gets a 503 problem with

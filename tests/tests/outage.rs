@@ -22,11 +22,22 @@ fn gaps(upstream: &TestUpstream) -> Vec<Duration> {
     times.windows(2).map(|w| w[1] - w[0]).collect()
 }
 
-async fn wait_attempts(upstream: &TestUpstream, count: usize, within: Duration) {
+/// Waits for `count` delivery attempts within `within`, then lets the upstream accept and waits until every
+/// event of `batch` is delivered.
+async fn recover_after_attempts(
+    upstream: &TestUpstream,
+    count: usize,
+    within: Duration,
+    batch: &[Value],
+) {
     poll_until(within, &format!("{count} delivery attempts"), async || {
         (upstream.request_count() >= count).then_some(())
     })
     .await;
+    upstream.accept();
+    upstream
+        .wait_delivered(batch.iter().map(id_of), DELIVERY)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,11 +49,7 @@ async fn retry_after_seconds_is_honoured_then_everything_is_delivered() {
     let batch: Vec<Value> = (0..10).map(|i| event(&format!("ra-{i}"))).collect();
     sidecar.send_ok(&batch).await;
 
-    wait_attempts(&upstream, 3, Duration::from_secs(10)).await;
-    upstream.accept();
-    upstream
-        .wait_delivered(batch.iter().map(id_of), DELIVERY)
-        .await;
+    recover_after_attempts(&upstream, 3, Duration::from_secs(10), &batch).await;
 
     let requests = upstream.requests();
     let failed = requests.iter().take_while(|r| r.status == 503).count();
@@ -77,10 +84,9 @@ async fn retry_after_http_date_is_honoured_on_429() {
     // An HTTP-date has a one-second resolution: "now + 2s" means at least one more second.
     upstream.fail(429, Some(RetryAfter::DateIn(Duration::from_secs(2))));
     let sidecar = builder(&upstream, "50ms", "200ms").start().await;
-    sidecar.send_ok(&[event("date-1")]).await;
-    wait_attempts(&upstream, 2, Duration::from_secs(10)).await;
-    upstream.accept();
-    upstream.wait_delivered(["date-1"], DELIVERY).await;
+    let batch = [event("date-1")];
+    sidecar.send_ok(&batch).await;
+    recover_after_attempts(&upstream, 2, Duration::from_secs(10), &batch).await;
     let gap = gaps(&upstream)[0];
     assert!(
         gap >= Duration::from_millis(995),
@@ -96,11 +102,7 @@ async fn without_retry_after_the_backoff_grows_up_to_max_interval() {
     let batch: Vec<Value> = (0..5).map(|i| event(&format!("bo-{i}"))).collect();
     sidecar.send_ok(&batch).await;
 
-    wait_attempts(&upstream, 14, Duration::from_secs(20)).await;
-    upstream.accept();
-    upstream
-        .wait_delivered(batch.iter().map(id_of), DELIVERY)
-        .await;
+    recover_after_attempts(&upstream, 14, Duration::from_secs(20), &batch).await;
 
     let requests = upstream.requests();
     let failed = requests.iter().take_while(|r| r.status == 503).count();
@@ -130,17 +132,14 @@ async fn an_unreachable_upstream_is_retried_until_it_is_back() {
     let sidecar = builder(&upstream, "50ms", "300ms").start().await;
     let batch: Vec<Value> = (0..10).map(|i| event(&format!("down-{i}"))).collect();
     sidecar.send_ok(&batch).await;
-    poll_until(
-        Duration::from_secs(10),
-        "network errors to be counted",
-        async || {
-            let errors = sidecar
-                .metric("tally_output_errors_total{output=\"upstream\",kind=\"network\"}")
-                .await;
-            (errors >= 2.0).then_some(())
-        },
-    )
-    .await;
+    sidecar
+        .wait_metric(
+            Duration::from_secs(10),
+            "network errors to be counted",
+            "tally_output_errors_total{output=\"upstream\",kind=\"network\"}",
+            |errors| errors >= 2.0,
+        )
+        .await;
     assert_eq!(
         sidecar
             .metric("tally_output_lag_events{output=\"upstream\"}")
@@ -152,13 +151,14 @@ async fn an_unreachable_upstream_is_retried_until_it_is_back() {
     upstream
         .wait_delivered(batch.iter().map(id_of), DELIVERY)
         .await;
-    poll_until(DELIVERY, "the lag to return to 0", async || {
-        let lag = sidecar
-            .metric("tally_output_lag_events{output=\"upstream\"}")
-            .await;
-        (lag == 0.0).then_some(())
-    })
-    .await;
+    sidecar
+        .wait_metric(
+            DELIVERY,
+            "the lag to return to 0",
+            "tally_output_lag_events{output=\"upstream\"}",
+            |lag| lag == 0.0,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,17 +172,14 @@ async fn a_batch_failing_longer_than_max_elapsed_is_dead_lettered() {
     let started = Instant::now();
     let batch: Vec<Value> = (0..3).map(|i| event(&format!("hopeless-{i}"))).collect();
     sidecar.send_ok(&batch).await;
-    poll_until(
-        Duration::from_secs(15),
-        "the batch to be dead-lettered",
-        async || {
-            let dead = sidecar
-                .metric("tally_output_dead_lettered_events_total{output=\"upstream\"}")
-                .await;
-            (dead >= 3.0).then_some(())
-        },
-    )
-    .await;
+    sidecar
+        .wait_metric(
+            Duration::from_secs(15),
+            "the batch to be dead-lettered",
+            "tally_output_dead_lettered_events_total{output=\"upstream\"}",
+            |dead| dead >= 3.0,
+        )
+        .await;
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "dead-lettered after {:?}, before maxElapsed (1s)",

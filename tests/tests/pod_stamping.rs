@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_tests::events::id_of;
-use tally_tests::{Sidecar, SidecarBuilder, TestUpstream, event, poll_until};
+use tally_tests::{Sidecar, SidecarBuilder, TestUpstream, event};
 
 const DELIVERY: Duration = Duration::from_secs(30);
 
@@ -132,17 +132,14 @@ async fn a_collector_drops_events_its_sidecars_stamped_with_an_excluded_namespac
         .send_ok(&[event("loop-1"), event("loop-2"), event("loop-3")])
         .await;
     // The excluded sidecar delivered its three events to the collector, which dropped them.
-    poll_until(
-        DELIVERY,
-        "the collector to count 3 events of an excluded namespace",
-        async || {
-            let dropped = collector
-                .metric("tally_events_dropped_total{reason=\"excluded_namespace\"}")
-                .await;
-            (dropped == 3.0).then_some(())
-        },
-    )
-    .await;
+    collector
+        .wait_metric(
+            DELIVERY,
+            "the collector to count 3 events of an excluded namespace",
+            "tally_events_dropped_total{reason=\"excluded_namespace\"}",
+            |dropped| dropped == 3.0,
+        )
+        .await;
     upstream
         .wait_delivered(["shop-1", "shop-2"], DELIVERY)
         .await;

@@ -622,17 +622,14 @@ async fn rows_are_exactly_the_acknowledged_events_across_sigkills() {
         .await;
         // Killed while the output inserts: some batches are in the table without the cursor
         // having moved past them, and are inserted again after the restart.
-        poll_until(
-            DELIVERY,
-            "the output to have inserted something in this round",
-            async || {
-                let sent = sidecar
-                    .metric("tally_output_batches_sent_total{output=\"pg\"}")
-                    .await;
-                (sent >= 1.0).then_some(())
-            },
-        )
-        .await;
+        sidecar
+            .wait_metric(
+                DELIVERY,
+                "the output to have inserted something in this round",
+                "tally_output_batches_sent_total{output=\"pg\"}",
+                |sent| sent >= 1.0,
+            )
+            .await;
         sidecar.kill9();
         sidecar.restart().await;
         target = observed.acked_count.load(Ordering::Relaxed);
@@ -658,13 +655,14 @@ async fn rows_are_exactly_the_acknowledged_events_across_sigkills() {
     wait_rows(&pg, "tally_events", &wanted).await;
     // Everything buffered is in the table once the output has no lag; only then is the table
     // final.
-    poll_until(DELIVERY, "the output's lag to reach 0", async || {
-        let lag = sidecar
-            .metric("tally_output_lag_events{output=\"pg\"}")
-            .await;
-        (lag == 0.0).then_some(())
-    })
-    .await;
+    sidecar
+        .wait_metric(
+            DELIVERY,
+            "the output's lag to reach 0",
+            "tally_output_lag_events{output=\"pg\"}",
+            |lag| lag == 0.0,
+        )
+        .await;
 
     let client = pg.client().await;
     let (rows, distinct, unexpected_content): (i64, i64, i64) = {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally_tests::events::id_of;
-use tally_tests::{Sidecar, WebhookReceiver, WebhookRequest, event, poll_until};
+use tally_tests::{Sidecar, WebhookReceiver, WebhookRequest, event};
 
 const DELIVERY: Duration = Duration::from_secs(30);
 const SECRET: &str = "whsec-tally-tests-0123456789";
@@ -213,17 +213,14 @@ async fn the_receiver_rejects_a_tampered_body_and_a_wrong_secret() {
     output["secret"] = json!("not-the-receivers-secret");
     let mistaken = Sidecar::builder().output(output).start().await;
     mistaken.send_ok(&[event("wrong-secret-1")]).await;
-    poll_until(
-        DELIVERY,
-        "the batch signed with a wrong secret to be dead-lettered",
-        async || {
-            let dead = mistaken
-                .metric("tally_output_dead_lettered_events_total{output=\"hook\"}")
-                .await;
-            (dead >= 1.0).then_some(())
-        },
-    )
-    .await;
+    mistaken
+        .wait_metric(
+            DELIVERY,
+            "the batch signed with a wrong secret to be dead-lettered",
+            "tally_output_dead_lettered_events_total{output=\"hook\"}",
+            |dead| dead >= 1.0,
+        )
+        .await;
     let rejected = requests_with(&receiver.requests(), "wrong-secret-1");
     assert!(!rejected.is_empty());
     for r in &rejected {

@@ -1,18 +1,18 @@
 //! Helpers shared by the operator's control-plane tests (`control_plane`, `inject`, `leader`, `lifecycle`, `ready`,
 //! `robustness`, `storage`): starting a control plane with the CRD installed (with a real node for `ready` and
 //! `lifecycle`), creating collectors while the new type is not served yet, running the controller in the background,
-//! polling with a deadline, reading the Events a collector has, creating PersistentVolumes for the binder, and finding a
-//! free local port.
+//! polling with a deadline, reading the Events a collector has, creating PersistentVolumes for the binder, and the
+//! assertions several of them make (a request refused as invalid, a container's environment).
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::net::{Ipv4Addr, TcpListener};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{HostPathVolumeSource, PersistentVolume, PersistentVolumeSpec};
+use k8s_openapi::api::core::v1::{
+    Container, HostPathVolumeSource, PersistentVolume, PersistentVolumeSpec,
+};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -22,6 +22,7 @@ use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::metrics::Metrics;
 use tally_operator::reconcile::{self, Context};
+use tally_tests::poll::{API_INTERVAL, poll_until_every};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -73,6 +74,29 @@ pub async fn control_plane_with_crd(namespace: &str) -> (ControlPlane, Client, S
     (control_plane, client, namespace)
 }
 
+/// Asserts that the API server refused a request as invalid (422) with a message that says `message`.
+pub fn assert_invalid(error: kube::Error, message: &str) {
+    let kube::Error::Api(status) = error else {
+        panic!("expected an API error, got {error}");
+    };
+    assert_eq!(status.code, 422, "{status:?}");
+    assert!(
+        status.message.contains(message),
+        "{} should say {message}",
+        status.message
+    );
+}
+
+/// The value of the environment variable `name` of `container`, when it is given as a value.
+pub fn env<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
 /// Creates a collector, retrying while the new resource type is not yet served.
 pub async fn create(
     api: &Api<MeteringCollector>,
@@ -120,32 +144,9 @@ impl RunningController {
     }
 }
 
-/// Polls `check` until it returns `Some`, panicking with `what` after [`WITHIN`].
-pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    eventually_within(WITHIN, what, check).await
-}
-
-/// Polls `check` until it returns `Some`, panicking with `what` after `within`.
-pub async fn eventually_within<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// Polls `check` (an API call) until it returns `Some`, panicking with `what` after [`WITHIN`].
+pub async fn eventually<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
+    poll_until_every(WITHIN, API_INTERVAL, what, check).await
 }
 
 /// The events.k8s.io/v1 Events in `namespace` regarding the object `kind`/`name`.
@@ -241,12 +242,4 @@ pub async fn persistent_volume(client: &Client, name: &str, class: Option<&str>)
         .create(&PostParams::default(), &volume)
         .await
         .expect("PersistentVolume created");
-}
-
-/// A port on 127.0.0.1 that nothing listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures::{FutureExt, SinkExt, StreamExt, TryStreamExt};
 use serde::Serialize;
 use tally_tests::TestPostgres;
+use tally_tests::poll::poll;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -235,22 +236,23 @@ async fn run(
     let report = load::run(sidecar.addr(), &spec, warm_up).await;
     ensure_clean(&report, "warm-up").map_err(|e| with_stderr(e, &sidecar))?;
     let warm_up_events = report.acked_events(EVENTS_PER_REQUEST);
-    let deadline = Instant::now() + CATCH_UP_LIMIT;
-    loop {
+    let warmed_up = poll(CATCH_UP_LIMIT, Duration::from_millis(20), async || {
         let rows = count_rows(&client).await.unwrap_or(0);
         if tally.unique() >= warm_up_events && rows >= warm_up_events {
-            break;
+            Ok(())
+        } else {
+            Err(rows)
         }
-        if Instant::now() >= deadline {
-            return Err(with_stderr(
-                anyhow::anyhow!(
-                    "after the warm-up, the blackhole got {} and PostgreSQL {rows} of {warm_up_events} events within {CATCH_UP_LIMIT:?}",
-                    tally.unique()
-                ),
-                &sidecar,
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    })
+    .await;
+    if let Err(rows) = warmed_up {
+        return Err(with_stderr(
+            anyhow::anyhow!(
+                "after the warm-up, the blackhole got {} and PostgreSQL {rows} of {warm_up_events} events within {CATCH_UP_LIMIT:?}",
+                tally.unique()
+            ),
+            &sidecar,
+        ));
     }
 
     let prefill_started = Instant::now();
@@ -301,14 +303,13 @@ async fn run(
     let blackhole_done = {
         let tally = tally.clone();
         tokio::spawn(async move {
-            let deadline = Instant::now() + CATCH_UP_LIMIT;
-            while tally.unique() < expected {
-                if Instant::now() >= deadline {
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            Some(Instant::now())
+            // Each check owns what it reads: a future borrowing from the task would make it not Send.
+            poll(CATCH_UP_LIMIT, Duration::from_millis(2), move || {
+                let tally = tally.clone();
+                async move { (tally.unique() >= expected).then(Instant::now) }
+            })
+            .await
+            .ok()
         })
     };
     // Both outputs deliver in buffer order, one batch (one transaction) at a time, so

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
+use tally_tests::poll::poll;
 use tokio::time::Instant;
 
 use crate::events::EventFactory;
@@ -132,15 +133,15 @@ pub async fn measure(
     ensure_clean(&report, "keep-up load")?;
     let acked = report.acked_events(EVENTS_PER_REQUEST);
     let last_ack = report.last_ack_at.unwrap_or_else(Instant::now);
-    let deadline = Instant::now() + CATCH_UP_LIMIT;
-    while ids.unique() < acked {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "batch count {count}: the output has {} of {acked} acknowledged events {CATCH_UP_LIMIT:?} after the load",
-            ids.unique()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let caught_up = poll(CATCH_UP_LIMIT, Duration::from_millis(5), async || {
+        (ids.unique() >= acked).then_some(())
+    })
+    .await;
+    anyhow::ensure!(
+        caught_up.is_ok(),
+        "batch count {count}: the output has {} of {acked} acknowledged events {CATCH_UP_LIMIT:?} after the load",
+        ids.unique()
+    );
     let catch_up = last_ack.elapsed();
     let cpu = sidecar.cpu_time()?.saturating_sub(cpu_before);
     let memory = sidecar.memory()?;

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
+use tally_tests::ports::unused_port;
 use tokio::time::Instant;
 
 use crate::events::EventFactory;
@@ -898,12 +899,9 @@ struct Drain {
 /// Buffers DRAIN_EVENTS while the upstream refuses connections, then starts the upstream on the
 /// same port and times the delivery of every one of them.
 async fn measure_drain(binary: &Path, dir: &Path) -> anyhow::Result<Drain> {
-    // Reserve a port and close it again: the sidecar's connections are refused until the
-    // upstream binds it.
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .context("cannot find a free port")?
-        .port();
+    // A port nothing listens on, and that nothing else of this run gets: the sidecar's
+    // connections are refused until the upstream binds it.
+    let port = unused_port();
     // Short retry intervals, so the first delivery attempt after the upstream is back comes
     // within 100 ms and the figure measures delivery, not backoff.
     let config = upstream_config(

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use tally_tests::disk::directory_bytes;
+use tally_tests::ports::unused_port;
 
 use crate::events::EventFactory;
 use crate::load::{self, LoadSpec};
@@ -77,10 +78,7 @@ pub async fn measure(binary: &Path, dir: &Path) -> anyhow::Result<Outage> {
     let seconds: f64 = env_or("TALLY_OUTAGE_SECONDS", 600.0)?;
     let rate: f64 = env_or("TALLY_OUTAGE_RATE", 5000.0)?;
     let max_bytes = parse_mib(&env_or("TALLY_OUTAGE_MAX_BYTES", "512Mi".to_string())?)?;
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .context("cannot find a free port")?
-        .port();
+    let port = unused_port();
     let data = dir.join("data");
     let config = format!(
         "listen: 127.0.0.1:0\n\

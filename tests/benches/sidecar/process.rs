@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use hyper::StatusCode;
+use tally_tests::poll::poll;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -111,24 +113,27 @@ impl Watched {
         timeout: Duration,
         mut ready: impl AsyncFnMut() -> bool,
     ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let child = &mut self.child;
+        let outcome = poll(timeout, Duration::from_millis(1), async || {
             if ready().await {
-                return Ok(());
+                return ControlFlow::Break(None);
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!(
-                    "{name} exited ({status}) before it was ready; its stderr:\n{}",
-                    self.stderr_tail()
-                );
+            match child.try_wait() {
+                Ok(Some(status)) => ControlFlow::Break(Some(status)),
+                _ => ControlFlow::Continue(()),
             }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{name} not ready within {timeout:?}; its stderr:\n{}",
-                    self.stderr_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        })
+        .await;
+        match outcome {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => bail!(
+                "{name} exited ({status}) before it was ready; its stderr:\n{}",
+                self.stderr_tail()
+            ),
+            Err(()) => bail!(
+                "{name} not ready within {timeout:?}; its stderr:\n{}",
+                self.stderr_tail()
+            ),
         }
     }
 
@@ -139,22 +144,18 @@ impl Watched {
         unsafe {
             libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                if status.success() {
-                    return Ok(());
-                }
-                bail!(
-                    "{name} exited with {status} after SIGTERM; its stderr:\n{}",
-                    self.stderr_tail()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!("{name} did not exit within {timeout:?} of SIGTERM");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let status = poll(timeout, Duration::from_millis(5), async || {
+            self.child.try_wait().transpose()
+        })
+        .await
+        .map_err(|()| anyhow::anyhow!("{name} did not exit within {timeout:?} of SIGTERM"))??;
+        if !status.success() {
+            bail!(
+                "{name} exited with {status} after SIGTERM; its stderr:\n{}",
+                self.stderr_tail()
+            );
         }
+        Ok(())
     }
 
     /// SIGKILL, as a crash or the OOM killer ends a process: no chance to flush anything. Returns

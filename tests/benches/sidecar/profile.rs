@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
+use tally_tests::ports::unused_port;
 use tokio::time::Instant;
 
 use crate::events::EventFactory;
@@ -127,10 +128,7 @@ pub async fn measure(
     drop(blackhole);
 
     // The backlog: the upstream's port refuses connections until the sink binds it.
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .context("cannot find a free port")?
-        .port();
+    let port = unused_port();
     let backlog_dir = dir.join("backlog");
     let mut sidecar =
         SidecarProcess::start(binary, &backlog_dir, &config(&backlog_dir, port, profile)).await?;

@@ -34,6 +34,8 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use tally_e2e::{Apply, ControlPlane, Helm, Manifests, RealNode, apply, chart_dir};
 use tally_tests::metrics::Exposition;
+use tally_tests::poll::{API_INTERVAL, poll};
+use tally_tests::ports::unused_port;
 use tally_tests::{SidecarBuilder, TestUpstream};
 
 const RELEASE_NAMESPACE: &str = "tally-system";
@@ -371,18 +373,13 @@ async fn demo_on_fake_nodes(seconds: u64) -> anyhow::Result<()> {
 /// `helm install tally charts/tally` into [`RELEASE_NAMESPACE`], then prints what the release holds.
 fn install_chart(control_plane: &ControlPlane) -> anyhow::Result<()> {
     let helm = Helm::locate()?;
-    let chart = chart_dir();
     let kubeconfig = control_plane.kubeconfig_path().as_os_str();
-    helm.run([
-        "install".as_ref(),
-        "tally".as_ref(),
-        chart.as_os_str(),
-        "--namespace".as_ref(),
-        RELEASE_NAMESPACE.as_ref(),
-        "--create-namespace".as_ref(),
-        "--kubeconfig".as_ref(),
-        kubeconfig,
-    ])?;
+    helm.install(
+        &chart_dir(),
+        "tally",
+        RELEASE_NAMESPACE,
+        control_plane.kubeconfig_path(),
+    )?;
     let manifest = helm.run([
         "get".as_ref(),
         "manifest".as_ref(),
@@ -589,20 +586,10 @@ async fn first_pod(client: &Client, namespace: &str) -> Option<Pod> {
 }
 
 /// Polls `check` until it returns `Some`, for at most [`WITHIN`].
-async fn wait_for<T, F>(what: &str, mut check: impl FnMut() -> F) -> anyhow::Result<T>
-where
-    F: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        if let Some(value) = check().await {
-            return Ok(value);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {WITHIN:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+async fn wait_for<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> anyhow::Result<T> {
+    poll(WITHIN, API_INTERVAL, check)
+        .await
+        .map_err(|()| anyhow!("timed out after {WITHIN:?} waiting for {what}"))
 }
 
 /// The tally-operator process, killed when dropped.
@@ -619,8 +606,8 @@ impl Operator {
         let binary = std::env::var_os("TALLY_OPERATOR_BIN")
             .map(std::path::PathBuf::from)
             .ok_or_else(|| anyhow!("TALLY_OPERATOR_BIN is not set; run `make demo`"))?;
-        let http_port = free_port()?;
-        let webhook_port = free_port()?;
+        let http_port = unused_port();
+        let webhook_port = unused_port();
         let webhook_url = format!("https://127.0.0.1:{webhook_port}/mutate");
         let log = control_plane.dir().join("tally-operator.log");
         let file =
@@ -676,9 +663,4 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
 }
