@@ -231,10 +231,7 @@ fn ci_values_files_render_what_they_ask_for() {
         "--webhook-certificate=tally-webhook",
         "--webhook-secret=tally-webhook-tls",
     ] {
-        assert!(
-            args.iter().any(|a| a == expected),
-            "cert-manager args {args:?} lack {expected}"
-        );
+        assert_has_arg(&args, expected, "cert-manager");
     }
     let role = cert_manager
         .get("Role", "tally-operator")
