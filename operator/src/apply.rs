@@ -55,7 +55,8 @@ pub async fn apply_children(
         services.insert(name(&agent.service));
         daemon_sets.insert(name(&agent.daemon_set));
     }
-    let selector = owned_selector(collector);
+    // The labels every child carries.
+    let selector = build::label_selector(&build::labels(collector));
     // Workloads first, so a removed agent's pods stop before its Service goes.
     delete_orphans::<DaemonSet>(client, collector, namespace, &selector, &daemon_sets).await?;
     delete_orphans::<StatefulSet>(
@@ -120,15 +121,6 @@ pub fn deleted<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
         Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
         other => other.map(|_| ()),
     }
-}
-
-/// The label selector of this collector's children: the labels every child carries.
-fn owned_selector(collector: &MeteringCollector) -> String {
-    build::labels(collector)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn name<K: Resource>(object: &K) -> String {

@@ -66,6 +66,15 @@ pub fn labels(collector: &MeteringCollector) -> BTreeMap<String, String> {
     labels
 }
 
+/// `labels` as a label selector: `key=value` pairs joined by commas.
+pub fn label_selector(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The subset of [`labels`] that selects a collector's pods (immutable in a StatefulSet).
 pub fn selector_labels(collector: &MeteringCollector) -> BTreeMap<String, String> {
     BTreeMap::from([

@@ -109,10 +109,11 @@ impl Context {
     }
 
     /// Forgets the backoff of collectors that no longer exist, so the map holds only watched collectors.
-    fn prune_failures(&self, exists: impl Fn(&str) -> bool) {
+    fn prune_failures(&self, existing: impl FnOnce() -> std::collections::HashSet<String>) {
         let mut failures = self.failures.lock();
         if !failures.is_empty() {
-            failures.retain(|key, _| exists(key));
+            let existing = existing();
+            failures.retain(|key, _| existing.contains(key));
         }
     }
 }
@@ -220,7 +221,7 @@ async fn list_claims(
     collector: &MeteringCollector,
     namespace: &str,
 ) -> Result<Vec<PersistentVolumeClaim>, Error> {
-    let selector = label_selector(&build::selector_labels(collector));
+    let selector = build::label_selector(&build::selector_labels(collector));
     Ok(
         Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace)
             .list(&ListParams::default().labels(&selector))
@@ -234,14 +235,6 @@ async fn list_claims(
             .filter(|claim| storage::is_buffer_claim(collector, &claim.name_any()))
             .collect(),
     )
-}
-
-fn label_selector(labels: &std::collections::BTreeMap<String, String>) -> String {
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Drains the buffer claims of removed replicas (see [`drain`]): starts, finishes and cancels drain Jobs, deletes
@@ -262,7 +255,7 @@ async fn reconcile_drains(
         storage::claim_ordinal(collector, &claim.name_any())
             .is_some_and(|ordinal| ordinal >= collector.spec.replicas)
     });
-    let job_selector = label_selector(&drain::job_selector_labels(collector));
+    let job_selector = build::label_selector(&drain::job_selector_labels(collector));
     let jobs = jobs_api
         .list(&ListParams::default().labels(&job_selector))
         .await
@@ -272,7 +265,10 @@ async fn reconcile_drains(
         return Ok(Vec::new());
     }
     let pods = pods_api
-        .list(&ListParams::default().labels(&label_selector(&build::selector_labels(collector))))
+        .list(
+            &ListParams::default()
+                .labels(&build::label_selector(&build::selector_labels(collector))),
+        )
         .await
         .map_err(failed(format!(
             "listing the collector's pods in {namespace}"
@@ -595,7 +591,7 @@ pub async fn run(
                 Err(error) => tracing::warn!(%error, "controller"),
             }
             let collectors = store.state();
-            prune.prune_failures(|key| collectors.iter().any(|c| key_of(c.meta()) == key));
+            prune.prune_failures(|| collectors.iter().map(|c| key_of(c.meta())).collect());
             let not_ready = collectors.iter().filter(|c| !is_ready(c)).count();
             metrics
                 .collectors
