@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod build;
+pub mod caches;
 pub mod crd;
 pub mod drain;
 pub mod inject;

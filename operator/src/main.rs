@@ -1,7 +1,8 @@
 //! The `tally-operator` binary: `crd` prints the CustomResourceDefinition, `run` runs the operator.
 //!
 //! `run` is: parse the command line → set up logging → connect to Kubernetes → serve /metrics, /healthz and
-//! /readyz → spawn the long-running tasks (the reconciler, behind leader election) → wait until a signal or a
+//! /readyz → spawn the long-running tasks (the watch caches on every replica, the reconciler behind leader election)
+//! → wait until a signal or a
 //! failed task stops them all. Exit codes: 0 after SIGTERM or SIGINT, 1 on a runtime error (a lost lease
 //! included), 2 on a usage error.
 
@@ -18,6 +19,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use prometheus_client::registry::Registry;
+use tally_operator::caches;
 use tally_operator::inject::WebhookArgs;
 use tally_operator::inject::metrics::WebhookMetrics;
 use tally_operator::leader::{self, Election};
@@ -203,12 +205,18 @@ async fn operate(args: RunArgs, election: Election) -> anyhow::Result<()> {
         metrics.clone(),
         Some(election.identity.clone()),
     ));
+    // Followers keep the caches too, so a new leader starts reconciling without listing anything.
+    let (triggers, watches) = caches::watch(&client, &metrics, shutdown.requested());
+    tasks.spawn("the watch caches", async move {
+        watches.await;
+        Ok(())
+    });
     if args.leader.leader_elect {
         tasks.spawn("the elected reconciler", async move {
             leader::lead_when_elected(client, election, metrics, shutdown.requested(), |stop| {
                 // A lost lease ends the process, so leadership is never taken back here.
                 leading.send_replace(true);
-                reconcile::run(ctx, async move {
+                reconcile::run(ctx, triggers, async move {
                     let _ = stop.await;
                 })
             })
@@ -219,7 +227,7 @@ async fn operate(args: RunArgs, election: Election) -> anyhow::Result<()> {
         tracing::warn!("--leader-elect=false: reconciling without a lease; run only one replica");
         metrics.leader.set(1);
         tasks.spawn("the reconciler", async move {
-            reconcile::run(ctx, shutdown.requested()).await;
+            reconcile::run(ctx, triggers, shutdown.requested()).await;
             Ok(())
         });
     }

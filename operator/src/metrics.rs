@@ -21,6 +21,12 @@ pub struct DrainLabels {
     pub result: &'static str,
 }
 
+/// The kind of object a watch cache holds.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
 /// The reconciler's counters, histogram and gauge.
 #[derive(Debug)]
 pub struct Metrics {
@@ -37,6 +43,8 @@ pub struct Metrics {
     pub drained_events: Counter,
     /// Buffer claims of removed replicas whose drain finished, by what became of the claim.
     pub drained_claims: Family<DrainLabels, Counter>,
+    /// Objects in this replica's watch caches, by kind; followers keep them too.
+    pub cached_objects: Family<KindLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -50,6 +58,7 @@ impl Default for Metrics {
             leader: Gauge::default(),
             drained_events: Counter::default(),
             drained_claims: Family::default(),
+            cached_objects: Family::default(),
         }
     }
 }
@@ -104,6 +113,18 @@ impl Metrics {
             "Buffer claims of removed replicas whose drain finished: deleted when empty, kept when undelivered events remain",
             self.drained_claims.clone(),
         );
+        registry.register(
+            "cached_objects",
+            "Objects in this replica's watch caches, by kind: MeteringCollectors, and the children labelled app.kubernetes.io/managed-by=tally-operator; followers keep them warm so a new leader reconciles at once",
+            self.cached_objects.clone(),
+        );
+    }
+
+    /// The gauge of the watch cache of `kind` (it shares its value with the one registered).
+    pub fn cached(&self, kind: &'static str) -> Gauge {
+        self.cached_objects
+            .get_or_create(&KindLabels { kind })
+            .clone()
     }
 
     /// Every `error` label [`Metrics::failed`] is called with, so each series exists (at 0) before the first failure

@@ -9,23 +9,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::error_boundary::InvalidObject;
 use kube::core::{ApiResource, DeserializeGuard, DynamicObject};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::apply::{self, Applied, apply, deleted};
 use crate::build;
+use crate::caches::Triggers;
 use crate::crd::{FIELD_MANAGER, MeteringCollector, MeteringCollectorStatus};
 use crate::drain::{self, Step};
 use crate::metrics::Metrics;
@@ -549,40 +549,36 @@ pub fn error_policy(
     Action::requeue(delay)
 }
 
-/// The label every child carries (see [`build::labels`]); the owned watches select on it, so the operator watches
-/// its own objects, not every ConfigMap, Service and StatefulSet of the cluster.
-pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=tally-operator";
-
-/// Runs the controller until `shutdown` resolves: watches MeteringCollectors in every namespace and the children
-/// they own.
+/// Runs the controller until `shutdown` resolves, on the watch caches of [`caches::watch`]: opens their triggers,
+/// reconciles every collector once (whatever changed while nobody led is in the caches but woke nobody), then each
+/// collector whose object or children change.
 ///
 /// Collectors are watched through [`DeserializeGuard`]: a plain typed watch fails its whole list when one stored
 /// object does not fit the Rust type (one written under an earlier CRD version, say), which would stop every
 /// collector from being reconciled. A malformed one reaches [`reconcile_object`] as such and is reported instead.
-/// Children are watched by label and for their metadata only (kube-runtime's `owns` asks for metadata): a change
-/// only needs to wake their owner, which then reads what it needs.
+/// Children are watched by label and for their metadata only: a change only needs to wake their owner, which then
+/// reads what it needs.
 pub async fn run(
     ctx: Arc<Context>,
+    triggers: Triggers,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
-    let collectors = Api::<DeserializeGuard<MeteringCollector>>::all(client.clone());
-    let config = watcher::Config::default().any_semantic();
-    let owned = config.clone().labels(MANAGED_BY_SELECTOR);
     let metrics = ctx.metrics.clone();
     let prune = ctx.clone();
-    let controller = Controller::new(collectors, config);
-    let store = controller.store();
-    controller
-        .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(
-            Api::<PodDisruptionBudget>::all(client.clone()),
-            owned.clone(),
-        )
-        .owns(Api::<DaemonSet>::all(client.clone()), owned.clone())
-        .owns(Api::<Job>::all(client), owned)
+    let store = triggers.collectors.clone();
+    let ready = store.clone();
+    triggers.open();
+    Controller::for_shared_stream(triggers.collector_changes, store.clone())
+        .owns_shared_stream(triggers.stateful_sets)
+        .owns_shared_stream(triggers.config_maps)
+        .owns_shared_stream(triggers.services)
+        .owns_shared_stream(triggers.pod_disruption_budgets)
+        .owns_shared_stream(triggers.daemon_sets)
+        .owns_shared_stream(triggers.jobs)
+        .reconcile_all_on(futures::stream::once(async move {
+            // An error means the watch is gone, which only happens on shutdown.
+            let _ = ready.wait_until_ready().await;
+        }))
         .graceful_shutdown_on(shutdown)
         .run(reconcile_object, error_policy, ctx)
         .for_each(|result| {

@@ -1,6 +1,6 @@
 //! Leader election between real `tally-operator` processes against a real control plane (tally-e2e): exactly one
-//! holds the Lease and reconciles; when it is SIGKILLed the other takes the Lease over and reconciles what is
-//! created afterwards; a SIGTERMed leader exits 0 and releases the Lease so the follower takes over long before it
+//! holds the Lease and reconciles while the other keeps its watch caches warm; when the leader is SIGKILLed the
+//! other takes the Lease over, reconciles what changed while nobody led, and what is created afterwards; a SIGTERMed leader exits 0 and releases the Lease so the follower takes over long before it
 //! would expire; a leader whose Lease is taken from it stops and exits 1.
 
 mod support;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use support::{WITHIN, collector, control_plane_with_crd, create, eventually};
 use tally_e2e::ControlPlane;
@@ -83,8 +83,22 @@ async fn only_the_leader_reconciles_and_the_follower_takes_over_when_it_is_kille
         "the follower reconciled: {follower_metrics}"
     );
     assert!(follower.ready().await, "a follower is ready too");
+    eventually(
+        "the follower caches the collector and its StatefulSet without leading",
+        || async {
+            let metrics = Exposition::parse(&follower.metrics().await?);
+            let cached = |kind: &str| {
+                metrics.value(&format!("tally_operator_cached_objects{{kind=\"{kind}\"}}"))
+            };
+            (cached("MeteringCollector") == 1.0 && cached("StatefulSet") == 1.0).then_some(())
+        },
+    )
+    .await;
 
     leader.kill();
+    // A change while nobody leads reaches the follower's cache but wakes no controller: the new leader must
+    // reconcile every cached collector when it takes over.
+    cluster.scale_collector("first", 3).await;
     let lease = eventually("the follower takes the Lease over", || async {
         let lease = cluster.lease().await?;
         (lease.holder_identity.as_deref() == Some(follower.identity.as_str())).then_some(lease)
@@ -94,6 +108,8 @@ async fn only_the_leader_reconciles_and_the_follower_takes_over_when_it_is_kille
         lease.lease_transitions.unwrap_or(0) > transitions_before,
         "leaseTransitions did not increase: {lease:?}"
     );
+
+    cluster.stateful_set_has_replicas("first", 3).await;
 
     cluster.create_collector("second").await;
     cluster.stateful_set_appears("second").await;
@@ -274,6 +290,29 @@ impl Cluster {
     async fn create_collector(&self, name: &str) {
         let api = Api::<MeteringCollector>::namespaced(self.client.clone(), &self.namespace);
         create(&api, &collector(&COLLECTOR.replace("NAME", name))).await;
+    }
+
+    async fn scale_collector(&self, name: &str, replicas: i32) {
+        Api::<MeteringCollector>::namespaced(self.client.clone(), &self.namespace)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "spec": { "replicas": replicas } })),
+            )
+            .await
+            .expect("patching the collector's replicas");
+    }
+
+    async fn stateful_set_has_replicas(&self, name: &str, replicas: i32) {
+        let api = Api::<StatefulSet>::namespaced(self.client.clone(), &self.namespace);
+        eventually(
+            &format!("the StatefulSet {name} asks for {replicas} replicas"),
+            || async {
+                let spec = api.get(name).await.ok()?.spec;
+                (spec.replicas == Some(replicas)).then_some(())
+            },
+        )
+        .await;
     }
 
     async fn stateful_set_appears(&self, name: &str) {

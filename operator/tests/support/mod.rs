@@ -19,6 +19,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, CustomResourceExt};
 use tally_e2e::ControlPlane;
+use tally_operator::caches;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::metrics::Metrics;
 use tally_operator::reconcile::{self, Context};
@@ -125,12 +126,21 @@ pub fn context(client: &Client) -> Arc<Context> {
 }
 
 impl RunningController {
+    /// Starts the watch caches and the controller on them, as a replica that leads from its start.
     pub fn start(client: &Client) -> Self {
         let ctx = context(client);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(reconcile::run(ctx.clone(), async move {
+        let (triggers, watches) = caches::watch(client, &ctx.metrics, std::future::pending());
+        let controller = reconcile::run(ctx.clone(), triggers, async move {
             let _ = stopped.await;
-        }));
+        });
+        // The caches live as long as the controller.
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                () = controller => {}
+                () = watches => {}
+            }
+        });
         RunningController { ctx, stop, task }
     }
 

@@ -1,0 +1,223 @@
+//! The watch caches: every replica keeps them from its start, leader or not, so the one that is elected reconciles
+//! at once instead of first listing every collector and child (what controller-runtime does with its informers).
+//!
+//! One watch per kind feeds a store: the MeteringCollectors (read through [`DeserializeGuard`], see
+//! [`crate::reconcile::run`]) and, by the label [`MANAGED_BY_SELECTOR`] and for their metadata only, the children
+//! whose changes wake their owner. While the replica follows, the watches only keep the stores current. When it
+//! leads, [`Triggers::open`] lets every change through to the controller, which also reconciles every collector
+//! in the store once: changes made while nobody led reached the store but woke nobody.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt};
+use prometheus_client::metrics::gauge::Gauge;
+use serde::de::DeserializeOwned;
+
+use crate::crd::MeteringCollector;
+use crate::metrics::Metrics;
+
+/// A MeteringCollector as watched: the object, or why it does not fit the type.
+pub type Collector = DeserializeGuard<MeteringCollector>;
+/// What is kept of a child: its metadata.
+pub type Child<K> = PartialObjectMeta<K>;
+
+/// The label every child carries (see [`crate::build::labels`]); the children's watches select on it, so the
+/// operator watches its own objects, not every ConfigMap, Service and StatefulSet of the cluster.
+pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=tally-operator";
+
+/// How many changes may wait for the controller before a watch waits for it.
+const PENDING_CHANGES: usize = 1024;
+
+/// The controller's side of the caches: the collectors' store, and the changes it is woken by once opened.
+pub struct Triggers {
+    /// Every MeteringCollector in the cluster.
+    pub collectors: Store<Collector>,
+    open: Arc<AtomicBool>,
+    pub collector_changes: async_channel::Receiver<Arc<Collector>>,
+    pub stateful_sets: async_channel::Receiver<Arc<Child<StatefulSet>>>,
+    pub config_maps: async_channel::Receiver<Arc<Child<ConfigMap>>>,
+    pub services: async_channel::Receiver<Arc<Child<Service>>>,
+    pub pod_disruption_budgets: async_channel::Receiver<Arc<Child<PodDisruptionBudget>>>,
+    pub daemon_sets: async_channel::Receiver<Arc<Child<DaemonSet>>>,
+    pub jobs: async_channel::Receiver<Arc<Child<Job>>>,
+}
+
+impl Triggers {
+    /// From now on every change reaches the controller. Whatever changed before is in the stores: the controller
+    /// reconciles every collector once when it starts.
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Release);
+    }
+}
+
+/// Starts nothing by itself: returns the [`Triggers`] and the future that runs every watch until `shutdown`
+/// resolves, to be spawned when the process starts.
+pub fn watch<S: Future<Output = ()> + Send + 'static>(
+    client: &Client,
+    metrics: &Metrics,
+    shutdown: S,
+) -> (Triggers, impl Future<Output = ()> + Send + 'static + use<S>) {
+    let open = Arc::new(AtomicBool::new(false));
+    let config = watcher::Config::default().any_semantic();
+    let children = config.clone().labels(MANAGED_BY_SELECTOR);
+    let gauge = |kind: &'static str| metrics.cached(kind);
+
+    let (collectors, writer) = reflector::store();
+    let (collector_feed, collector_changes) = Feed::new(&open, Wake::OnApply);
+    let collectors_watch = keep(
+        "MeteringCollector",
+        watcher::watcher(Api::<Collector>::all(client.clone()), config),
+        writer,
+        collector_feed,
+        gauge("MeteringCollector"),
+    );
+    let (stateful_sets, stateful_sets_watch) =
+        child::<StatefulSet>(client, &children, &open, metrics);
+    let (config_maps, config_maps_watch) = child::<ConfigMap>(client, &children, &open, metrics);
+    let (services, services_watch) = child::<Service>(client, &children, &open, metrics);
+    let (pod_disruption_budgets, pod_disruption_budgets_watch) =
+        child::<PodDisruptionBudget>(client, &children, &open, metrics);
+    let (daemon_sets, daemon_sets_watch) = child::<DaemonSet>(client, &children, &open, metrics);
+    let (jobs, jobs_watch) = child::<Job>(client, &children, &open, metrics);
+
+    let watches = async move {
+        tokio::join!(
+            collectors_watch,
+            stateful_sets_watch,
+            config_maps_watch,
+            services_watch,
+            pod_disruption_budgets_watch,
+            daemon_sets_watch,
+            jobs_watch,
+        );
+    };
+    let run = async move {
+        tokio::select! {
+            () = watches => {}
+            () = shutdown => {}
+        }
+    };
+    let triggers = Triggers {
+        collectors,
+        open,
+        collector_changes,
+        stateful_sets,
+        config_maps,
+        services,
+        pod_disruption_budgets,
+        daemon_sets,
+        jobs,
+    };
+    (triggers, run)
+}
+
+/// The watch of one kind of child: label-selected, metadata only, without the managed fields nobody reads here.
+fn child<K>(
+    client: &Client,
+    config: &watcher::Config,
+    open: &Arc<AtomicBool>,
+    metrics: &Metrics,
+) -> (
+    async_channel::Receiver<Arc<Child<K>>>,
+    impl Future<Output = ()> + Send + 'static + use<K>,
+)
+where
+    K: Resource<DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let kind = <K as k8s_openapi::Resource>::KIND;
+    let (_, writer) = reflector::store::<Child<K>>();
+    // A deleted child wakes its owner too, which puts it back.
+    let (feed, changes) = Feed::new(open, Wake::OnApplyAndDelete);
+    // An Api of PartialObjectMeta asks the API server for metadata only.
+    let stream =
+        watcher::watcher(Api::<Child<K>>::all(client.clone()), config.clone()).modify(|child| {
+            child.managed_fields_mut().clear();
+        });
+    (
+        changes,
+        keep(kind, stream, writer, feed, metrics.cached(kind)),
+    )
+}
+
+/// Which changes wake the controller.
+#[derive(Clone, Copy)]
+enum Wake {
+    OnApply,
+    OnApplyAndDelete,
+}
+
+/// Where one watch sends the changes, once the controller has opened the triggers.
+struct Feed<K> {
+    open: Arc<AtomicBool>,
+    wake: Wake,
+    changes: async_channel::Sender<Arc<K>>,
+}
+
+impl<K> Feed<K> {
+    fn new(open: &Arc<AtomicBool>, wake: Wake) -> (Self, async_channel::Receiver<Arc<K>>) {
+        let (changes, receiver) = async_channel::bounded(PENDING_CHANGES);
+        let feed = Feed {
+            open: open.clone(),
+            wake,
+            changes,
+        };
+        (feed, receiver)
+    }
+}
+
+/// Keeps one store current with its watch, retrying a failed watch with kube-runtime's default backoff (as client-go
+/// does), publishes the store's size, and passes changes on once the triggers are open.
+async fn keep<K>(
+    kind: &'static str,
+    stream: impl futures::Stream<Item = watcher::Result<Event<K>>> + Send,
+    writer: reflector::store::Writer<K>,
+    feed: Feed<K>,
+    size: Gauge,
+) where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
+    let reader = writer.as_reader();
+    let stream = stream.default_backoff().reflect(writer);
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(kind, %error, "watch failed; retrying with backoff");
+                continue;
+            }
+        };
+        size.set(i64::try_from(reader.len()).unwrap_or(i64::MAX));
+        if !feed.open.load(Ordering::Acquire) {
+            continue;
+        }
+        let changed = match (event, feed.wake) {
+            (Event::Apply(object) | Event::InitApply(object), _)
+            | (Event::Delete(object), Wake::OnApplyAndDelete) => object,
+            _ => continue,
+        };
+        // The receiver is gone when the controller stopped, which only happens on shutdown.
+        let _ = feed.changes.send(Arc::new(changed)).await;
+    }
+}
