@@ -10,6 +10,9 @@
 //!    StatefulSet and a status whose observedGeneration is current; reconciles/s from the operator's
 //!    `tally_operator_reconciliations_total` over that interval; the operator's peak RSS (VmHWM), and its RSS once
 //!    the reconcile counter has been still for 5 s.
+//! 4. Failover: a second operator starts as a follower; time until its watch caches hold every collector
+//!    (`tally_operator_cached_objects`); then the leader gets SIGTERM (it releases the Lease): time until the
+//!    follower leads, and from then until it has reconciled every collector once, from its warm caches.
 //!
 //! `TALLY_BENCH_COLLECTORS` changes the count (every collector has a ClusterIP Service; tally-e2e's Service range,
 //! `10.0.0.0/16`, has room for about 65,000).
@@ -117,7 +120,7 @@ async fn run() -> anyhow::Result<()> {
 
     let ceiling = apply_ceiling(&control_plane, &client).await?;
 
-    let mut operator = OperatorProcess::start(&control_plane, &operator_namespace)?;
+    let mut operator = OperatorProcess::start(&control_plane, &operator_namespace, "bench")?;
     println!(
         "operator pid {}, log {}",
         operator.child.id(),
@@ -141,6 +144,7 @@ async fn run() -> anyhow::Result<()> {
     };
     let scale = scale(&control_plane, &client, &mut operator, count).await?;
     operator.ensure_running()?;
+    let failover = failover(&control_plane, &operator_namespace, operator).await?;
 
     let mut figures = vec![
         Figure::new(
@@ -217,6 +221,26 @@ async fn run() -> anyhow::Result<()> {
         "/s",
         None,
     ));
+    figures.extend([
+        Figure::new(
+            "Failover: follower start -> caches hold every collector",
+            failover.warm.as_secs_f64() * 1000.0,
+            "ms",
+            None,
+        ),
+        Figure::new(
+            "Failover: leader SIGTERM -> follower leads",
+            failover.elected.as_secs_f64() * 1000.0,
+            "ms",
+            None,
+        ),
+        Figure::new(
+            "Failover: new leader -> every collector reconciled",
+            failover.caught_up.as_secs_f64() * 1000.0,
+            "ms",
+            None,
+        ),
+    ]);
     println!(
         "\nScale run: {count} MeteringCollectors in {SCALE_NAMESPACES} namespaces, {IN_FLIGHT} creates in flight"
     );
@@ -429,6 +453,79 @@ async fn scale(
     })
 }
 
+/// What the failover phase measured.
+struct Failover {
+    warm: Duration,
+    elected: Duration,
+    caught_up: Duration,
+}
+
+/// Starts a follower, waits until its caches hold every collector the leader sees, SIGTERMs the leader, and times
+/// the follower's election and its first reconcile of every collector.
+async fn failover(
+    control_plane: &ControlPlane,
+    namespace: &str,
+    leader: OperatorProcess,
+) -> anyhow::Result<Failover> {
+    let collectors = leader
+        .metric("tally_operator_collectors")
+        .await
+        .context("reading the leader's /metrics")?;
+    let started = Instant::now();
+    let mut follower = OperatorProcess::start(control_plane, namespace, "bench-follower")?;
+    println!(
+        "follower pid {}, log {}",
+        follower.child.id(),
+        follower.log.display()
+    );
+    let cached = r#"tally_operator_cached_objects{kind="MeteringCollector"}"#;
+    eventually(
+        "the follower's caches hold every collector",
+        Duration::from_secs(120),
+        || async {
+            let text = follower.metrics().await?;
+            (Exposition::parse(&text).value(cached) >= collectors).then_some(())
+        },
+    )
+    .await?;
+    let warm = started.elapsed();
+    follower.ensure_running()?;
+    if follower.metric("tally_operator_leader").await != Some(0.0) {
+        bail!("the follower leads while the leader runs");
+    }
+
+    let terminated = Instant::now();
+    leader.terminate()?;
+    eventually_every(
+        "the follower leads",
+        Duration::from_secs(60),
+        Duration::from_millis(10),
+        || async { (follower.metric("tally_operator_leader").await? == 1.0).then_some(()) },
+    )
+    .await?;
+    let elected_at = Instant::now();
+    let elected = elected_at - terminated;
+    eventually_every(
+        "the new leader reconciles every collector",
+        Duration::from_secs(300),
+        Duration::from_millis(10),
+        || async {
+            let reconciled = follower
+                .metric("tally_operator_reconciliations_total")
+                .await?;
+            (reconciled >= collectors).then_some(())
+        },
+    )
+    .await?;
+    let caught_up = elected_at.elapsed();
+    follower.ensure_running()?;
+    Ok(Failover {
+        warm,
+        elected,
+        caught_up,
+    })
+}
+
 /// StatefulSets, and collectors whose status.observedGeneration equals their generation, in `namespaces`.
 async fn progress(client: &Client, namespaces: &[String]) -> anyhow::Result<(usize, usize)> {
     let mut stateful_sets = 0;
@@ -464,7 +561,11 @@ struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    fn start(control_plane: &ControlPlane, namespace: &str) -> anyhow::Result<Self> {
+    fn start(
+        control_plane: &ControlPlane,
+        namespace: &str,
+        identity: &str,
+    ) -> anyhow::Result<Self> {
         let binary = env!("CARGO_BIN_EXE_tally-operator");
         let http = SocketAddr::from((Ipv4Addr::LOCALHOST, unused_port()));
         let help = Command::new(binary)
@@ -477,7 +578,9 @@ impl OperatorProcess {
         } else {
             &[]
         };
-        let log = control_plane.dir().join("tally-operator.log");
+        let log = control_plane
+            .dir()
+            .join(format!("tally-operator-{identity}.log"));
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = Command::new(binary);
@@ -486,7 +589,7 @@ impl OperatorProcess {
             .arg("run")
             .arg(format!("--http={http}"))
             .arg(format!("--namespace={namespace}"))
-            .arg("--identity=bench")
+            .arg(format!("--identity={identity}"))
             .args(webhook)
             .env("KUBECONFIG", control_plane.kubeconfig_path())
             .stdin(Stdio::null())
@@ -505,6 +608,19 @@ impl OperatorProcess {
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
             .collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// SIGTERM: the operator stops reconciling, releases the Lease and exits.
+    fn terminate(&self) -> anyhow::Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("the operator's pid")?;
+        // SAFETY: kill(2) with the pid of our own child and a valid signal number.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            bail!(
+                "SIGTERM to the operator: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
     }
 
     fn ensure_running(&mut self) -> anyhow::Result<()> {
@@ -599,7 +715,16 @@ async fn eventually<T>(
     within: Duration,
     check: impl AsyncFnMut() -> Option<T>,
 ) -> anyhow::Result<T> {
-    poll(within, Duration::from_millis(100), check)
+    eventually_every(what, within, Duration::from_millis(100), check).await
+}
+
+async fn eventually_every<T>(
+    what: &str,
+    within: Duration,
+    interval: Duration,
+    check: impl AsyncFnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    poll(within, interval, check)
         .await
         .map_err(|()| anyhow!("timed out after {within:?} waiting until {what}"))
 }

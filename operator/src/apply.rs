@@ -1,23 +1,24 @@
 //! The apply stage: writes a collector's children and removes the ones its spec no longer asks for.
 //!
 //! Every write is a server-side apply with the one field manager [`FIELD_MANAGER`], forced, so applying what is
-//! already there writes nothing. Children are found for removal by label (every child carries
-//! [`build::labels`]) and must also name the collector as their owner; drain Jobs and buffer claims are not
-//! children in this sense: the drain stage decides about them.
+//! already there writes nothing. Children are found for removal in the watch caches ([`ChildStores`]), by label
+//! (every child carries [`build::labels`]) and owner: they must also name the collector as their owner. A cache
+//! that lags behind only delays a removal: the child's own watch event wakes its owner again. Drain Jobs and buffer
+//! claims are not children in this sense: the drain stage decides about them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::build::{self, CollectorObjects};
+use crate::caches::{Child, ChildStores};
 use crate::crd::{FIELD_MANAGER, MeteringCollector};
 use crate::reconcile::Error;
 
@@ -32,6 +33,7 @@ pub struct Applied {
 /// collector that `objects` no longer holds.
 pub async fn apply_children(
     client: &Client,
+    children: &ChildStores,
     collector: &MeteringCollector,
     namespace: &str,
     objects: &CollectorObjects,
@@ -55,35 +57,21 @@ pub async fn apply_children(
         services.insert(name(&agent.service));
         daemon_sets.insert(name(&agent.daemon_set));
     }
-    // The labels every child carries.
-    let selector = build::label_selector(&build::labels(collector));
+    let ours = Ours {
+        labels: build::labels(collector),
+        owner: collector.metadata.uid.as_deref().unwrap_or_default(),
+        namespace,
+        collector: collector.name_any(),
+    };
     // Workloads first, so a removed agent's pods stop before its Service goes.
-    delete_orphans::<DaemonSet>(client, collector, namespace, &selector, &daemon_sets).await?;
-    delete_orphans::<StatefulSet>(
-        client,
-        collector,
-        namespace,
-        &selector,
-        &BTreeSet::from([name(&objects.stateful_set)]),
-    )
-    .await?;
-    delete_orphans::<Service>(client, collector, namespace, &selector, &services).await?;
-    delete_orphans::<ConfigMap>(
-        client,
-        collector,
-        namespace,
-        &selector,
-        &BTreeSet::from([name(&objects.config_map)]),
-    )
-    .await?;
-    delete_orphans::<PodDisruptionBudget>(
-        client,
-        collector,
-        namespace,
-        &selector,
-        &BTreeSet::from([name(&objects.pod_disruption_budget)]),
-    )
-    .await?;
+    delete_orphans(client, &children.daemon_sets, &ours, &daemon_sets).await?;
+    let stateful_set_name = BTreeSet::from([name(&objects.stateful_set)]);
+    delete_orphans(client, &children.stateful_sets, &ours, &stateful_set_name).await?;
+    delete_orphans(client, &children.services, &ours, &services).await?;
+    let config_map = BTreeSet::from([name(&objects.config_map)]);
+    delete_orphans(client, &children.config_maps, &ours, &config_map).await?;
+    let budget = BTreeSet::from([name(&objects.pod_disruption_budget)]);
+    delete_orphans(client, &children.pod_disruption_budgets, &ours, &budget).await?;
     Ok(Applied {
         stateful_set,
         node_agent,
@@ -127,12 +115,37 @@ fn name<K: Resource>(object: &K) -> String {
     object.meta().name.clone().unwrap_or_default()
 }
 
-/// Deletes the objects of kind `K` that carry the collector's labels and name it as owner, but are not in `keep`.
+/// Whose children an orphan sweep looks for.
+struct Ours<'a> {
+    /// The labels every child of the collector carries.
+    labels: BTreeMap<String, String>,
+    /// The collector's uid, which its children name as owner.
+    owner: &'a str,
+    namespace: &'a str,
+    collector: String,
+}
+
+impl Ours<'_> {
+    fn owns<K: Resource>(&self, child: &Child<K>) -> bool {
+        child.metadata.namespace.as_deref() == Some(self.namespace)
+            && !self.owner.is_empty()
+            && child
+                .owner_references()
+                .iter()
+                .any(|owner| owner.uid == self.owner)
+            && self
+                .labels
+                .iter()
+                .all(|(key, value)| child.labels().get(key) == Some(value))
+    }
+}
+
+/// Deletes the cached objects of kind `K` that carry the collector's labels and name it as owner, but are not in
+/// `keep` (nor already being deleted).
 async fn delete_orphans<K>(
     client: &Client,
-    collector: &MeteringCollector,
-    namespace: &str,
-    selector: &str,
+    store: &Store<Child<K>>,
+    ours: &Ours<'_>,
     keep: &BTreeSet<String>,
 ) -> Result<(), Error>
 where
@@ -142,31 +155,23 @@ where
         + DeserializeOwned
         + Debug,
 {
-    let api = Api::<K>::namespaced(client.clone(), namespace);
-    let failed = |name: String| {
-        move |source| Error::Apply {
-            kind: <K as k8s_openapi::Resource>::KIND,
-            name,
-            source,
-        }
-    };
-    let listed = api
-        .list_metadata(&ListParams::default().labels(selector))
-        .await
-        .map_err(failed(format!("({selector})")))?;
-    for object in listed.items {
-        let name = object.name_any();
-        let ours = object
-            .owner_references()
-            .iter()
-            .any(|owner| Some(&owner.uid) == collector.metadata.uid.as_ref());
-        if !ours || keep.contains(&name) || object.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        deleted(api.delete(&name, &DeleteParams::background()).await)
-            .map_err(failed(name.clone()))?;
+    let orphans = store.state_filter(|child| {
+        ours.owns(child)
+            && child.metadata.deletion_timestamp.is_none()
+            && !keep.contains(child.metadata.name.as_deref().unwrap_or_default())
+    });
+    let api = Api::<K>::namespaced(client.clone(), ours.namespace);
+    for orphan in orphans {
+        let name = orphan.name_any();
+        deleted(api.delete(&name, &DeleteParams::background()).await).map_err(|source| {
+            Error::Apply {
+                kind: <K as k8s_openapi::Resource>::KIND,
+                name: name.clone(),
+                source,
+            }
+        })?;
         tracing::info!(
-            collector = %format!("{namespace}/{}", collector.name_any()),
+            collector = %format!("{}/{}", ours.namespace, ours.collector),
             kind = <K as k8s_openapi::Resource>::KIND,
             %name,
             "deleted a child the spec no longer asks for"

@@ -3,7 +3,8 @@
 //!
 //! One watch per kind feeds a store: the MeteringCollectors (read through [`DeserializeGuard`], see
 //! [`crate::reconcile::run`]) and, by the label [`MANAGED_BY_SELECTOR`] and for their metadata only, the children
-//! whose changes wake their owner. While the replica follows, the watches only keep the stores current. When it
+//! whose changes wake their owner; the apply stage finds the orphans to delete in the children's stores
+//! ([`ChildStores`]) instead of listing them on every reconcile. While the replica follows, the watches only keep the stores current. When it
 //! leads, [`Triggers::open`] lets every change through to the controller, which also reconciles every collector
 //! in the store once: changes made while nobody led reached the store but woke nobody.
 
@@ -38,6 +39,9 @@ pub type Child<K> = PartialObjectMeta<K>;
 /// operator watches its own objects, not every ConfigMap, Service and StatefulSet of the cluster.
 pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=tally-operator";
 
+/// The changes of one kind a watch passes to the controller.
+pub type Changes<K> = async_channel::Receiver<Arc<K>>;
+
 /// How many changes may wait for the controller before a watch waits for it.
 const PENDING_CHANGES: usize = 1024;
 
@@ -46,13 +50,13 @@ pub struct Triggers {
     /// Every MeteringCollector in the cluster.
     pub collectors: Store<Collector>,
     open: Arc<AtomicBool>,
-    pub collector_changes: async_channel::Receiver<Arc<Collector>>,
-    pub stateful_sets: async_channel::Receiver<Arc<Child<StatefulSet>>>,
-    pub config_maps: async_channel::Receiver<Arc<Child<ConfigMap>>>,
-    pub services: async_channel::Receiver<Arc<Child<Service>>>,
-    pub pod_disruption_budgets: async_channel::Receiver<Arc<Child<PodDisruptionBudget>>>,
-    pub daemon_sets: async_channel::Receiver<Arc<Child<DaemonSet>>>,
-    pub jobs: async_channel::Receiver<Arc<Child<Job>>>,
+    pub collector_changes: Changes<Collector>,
+    pub stateful_sets: Changes<Child<StatefulSet>>,
+    pub config_maps: Changes<Child<ConfigMap>>,
+    pub services: Changes<Child<Service>>,
+    pub pod_disruption_budgets: Changes<Child<PodDisruptionBudget>>,
+    pub daemon_sets: Changes<Child<DaemonSet>>,
+    pub jobs: Changes<Child<Job>>,
 }
 
 impl Triggers {
@@ -63,13 +67,27 @@ impl Triggers {
     }
 }
 
-/// Starts nothing by itself: returns the [`Triggers`] and the future that runs every watch until `shutdown`
+/// The children's caches, by kind: their metadata, without managed fields.
+#[derive(Clone)]
+pub struct ChildStores {
+    pub stateful_sets: Store<Child<StatefulSet>>,
+    pub config_maps: Store<Child<ConfigMap>>,
+    pub services: Store<Child<Service>>,
+    pub pod_disruption_budgets: Store<Child<PodDisruptionBudget>>,
+    pub daemon_sets: Store<Child<DaemonSet>>,
+}
+
+/// Starts nothing by itself: returns the [`Triggers`], the children's stores, and the future that runs every watch until `shutdown`
 /// resolves, to be spawned when the process starts.
 pub fn watch<S: Future<Output = ()> + Send + 'static>(
     client: &Client,
     metrics: &Metrics,
     shutdown: S,
-) -> (Triggers, impl Future<Output = ()> + Send + 'static + use<S>) {
+) -> (
+    Triggers,
+    ChildStores,
+    impl Future<Output = ()> + Send + 'static + use<S>,
+) {
     let open = Arc::new(AtomicBool::new(false));
     let config = watcher::Config::default().any_semantic();
     let children = config.clone().labels(MANAGED_BY_SELECTOR);
@@ -84,14 +102,17 @@ pub fn watch<S: Future<Output = ()> + Send + 'static>(
         collector_feed,
         gauge("MeteringCollector"),
     );
-    let (stateful_sets, stateful_sets_watch) =
+    let (stateful_sets_store, stateful_sets, stateful_sets_watch) =
         child::<StatefulSet>(client, &children, &open, metrics);
-    let (config_maps, config_maps_watch) = child::<ConfigMap>(client, &children, &open, metrics);
-    let (services, services_watch) = child::<Service>(client, &children, &open, metrics);
-    let (pod_disruption_budgets, pod_disruption_budgets_watch) =
+    let (config_maps_store, config_maps, config_maps_watch) =
+        child::<ConfigMap>(client, &children, &open, metrics);
+    let (services_store, services, services_watch) =
+        child::<Service>(client, &children, &open, metrics);
+    let (pod_disruption_budgets_store, pod_disruption_budgets, pod_disruption_budgets_watch) =
         child::<PodDisruptionBudget>(client, &children, &open, metrics);
-    let (daemon_sets, daemon_sets_watch) = child::<DaemonSet>(client, &children, &open, metrics);
-    let (jobs, jobs_watch) = child::<Job>(client, &children, &open, metrics);
+    let (daemon_sets_store, daemon_sets, daemon_sets_watch) =
+        child::<DaemonSet>(client, &children, &open, metrics);
+    let (_, jobs, jobs_watch) = child::<Job>(client, &children, &open, metrics);
 
     let watches = async move {
         tokio::join!(
@@ -121,7 +142,14 @@ pub fn watch<S: Future<Output = ()> + Send + 'static>(
         daemon_sets,
         jobs,
     };
-    (triggers, run)
+    let stores = ChildStores {
+        stateful_sets: stateful_sets_store,
+        config_maps: config_maps_store,
+        services: services_store,
+        pod_disruption_budgets: pod_disruption_budgets_store,
+        daemon_sets: daemon_sets_store,
+    };
+    (triggers, stores, run)
 }
 
 /// The watch of one kind of child: label-selected, metadata only, without the managed fields nobody reads here.
@@ -131,7 +159,8 @@ fn child<K>(
     open: &Arc<AtomicBool>,
     metrics: &Metrics,
 ) -> (
-    async_channel::Receiver<Arc<Child<K>>>,
+    Store<Child<K>>,
+    Changes<Child<K>>,
     impl Future<Output = ()> + Send + 'static + use<K>,
 )
 where
@@ -145,7 +174,7 @@ where
         + 'static,
 {
     let kind = <K as k8s_openapi::Resource>::KIND;
-    let (_, writer) = reflector::store::<Child<K>>();
+    let (store, writer) = reflector::store::<Child<K>>();
     // A deleted child wakes its owner too, which puts it back.
     let (feed, changes) = Feed::new(open, Wake::OnApplyAndDelete);
     // An Api of PartialObjectMeta asks the API server for metadata only.
@@ -153,10 +182,8 @@ where
         watcher::watcher(Api::<Child<K>>::all(client.clone()), config.clone()).modify(|child| {
             child.managed_fields_mut().clear();
         });
-    (
-        changes,
-        keep(kind, stream, writer, feed, metrics.cached(kind)),
-    )
+    let watch = keep(kind, stream, writer, feed, metrics.cached(kind));
+    (store, changes, watch)
 }
 
 /// Which changes wake the controller.
@@ -174,7 +201,7 @@ struct Feed<K> {
 }
 
 impl<K> Feed<K> {
-    fn new(open: &Arc<AtomicBool>, wake: Wake) -> (Self, async_channel::Receiver<Arc<K>>) {
+    fn new(open: &Arc<AtomicBool>, wake: Wake) -> (Self, Changes<K>) {
         let (changes, receiver) = async_channel::bounded(PENDING_CHANGES);
         let feed = Feed {
             open: open.clone(),

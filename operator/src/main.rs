@@ -200,13 +200,14 @@ async fn operate(args: RunArgs, election: Election) -> anyhow::Result<()> {
         ),
     );
 
+    // Followers keep the caches too, so a new leader starts reconciling without listing anything.
+    let (triggers, children, watches) = caches::watch(&client, &metrics, shutdown.requested());
     let ctx = Arc::new(Context::new(
         client.clone(),
         metrics.clone(),
+        children,
         Some(election.identity.clone()),
     ));
-    // Followers keep the caches too, so a new leader starts reconciling without listing anything.
-    let (triggers, watches) = caches::watch(&client, &metrics, shutdown.requested());
     tasks.spawn("the watch caches", async move {
         watches.await;
         Ok(())

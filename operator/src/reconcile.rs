@@ -25,7 +25,7 @@ use serde_json::json;
 
 use crate::apply::{self, Applied, apply, deleted};
 use crate::build;
-use crate::caches::Triggers;
+use crate::caches::{ChildStores, Triggers};
 use crate::crd::{FIELD_MANAGER, MeteringCollector, MeteringCollectorStatus};
 use crate::drain::{self, Step};
 use crate::metrics::Metrics;
@@ -77,6 +77,8 @@ impl Error {
 pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
+    /// The children's watch caches, where the apply stage finds orphans.
+    pub children: ChildStores,
     recorder: Recorder,
     /// Consecutive failures per collector (`namespace/name`), for the backoff.
     failures: parking_lot::Mutex<HashMap<String, u32>>,
@@ -84,7 +86,12 @@ pub struct Context {
 
 impl Context {
     /// `instance` names this replica in the Events it publishes (the leader-election identity).
-    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        children: ChildStores,
+        instance: Option<String>,
+    ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance,
@@ -93,6 +100,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            children,
             failures: parking_lot::Mutex::new(HashMap::new()),
         }
     }
@@ -172,7 +180,8 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
         })?;
     storage::keep_claim_templates(&mut objects.stateful_set, existing.as_ref());
 
-    let applied = apply::apply_children(&ctx.client, collector, namespace, &objects).await;
+    let applied =
+        apply::apply_children(&ctx.client, &ctx.children, collector, namespace, &objects).await;
     let Applied {
         stateful_set,
         node_agent,

@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, CustomResourceExt};
 use tally_e2e::ControlPlane;
-use tally_operator::caches;
+use tally_operator::caches::{self, Triggers};
 use tally_operator::crd::MeteringCollector;
 use tally_operator::metrics::Metrics;
 use tally_operator::reconcile::{self, Context};
@@ -116,31 +116,28 @@ pub struct RunningController {
     task: JoinHandle<()>,
 }
 
-/// A controller context for `client` with fresh metrics and no leader election.
+/// A controller context for `client` with fresh metrics and no leader election, on watch caches that run until
+/// the test ends.
 pub fn context(client: &Client) -> Arc<Context> {
-    Arc::new(Context::new(
-        client.clone(),
-        Arc::new(Metrics::default()),
-        None,
-    ))
+    context_and_triggers(client).0
+}
+
+fn context_and_triggers(client: &Client) -> (Arc<Context>, Triggers) {
+    let metrics = Arc::new(Metrics::default());
+    let (triggers, children, watches) = caches::watch(client, &metrics, std::future::pending());
+    tokio::spawn(watches);
+    let ctx = Arc::new(Context::new(client.clone(), metrics, children, None));
+    (ctx, triggers)
 }
 
 impl RunningController {
     /// Starts the watch caches and the controller on them, as a replica that leads from its start.
     pub fn start(client: &Client) -> Self {
-        let ctx = context(client);
+        let (ctx, triggers) = context_and_triggers(client);
         let (stop, stopped) = oneshot::channel::<()>();
-        let (triggers, watches) = caches::watch(client, &ctx.metrics, std::future::pending());
-        let controller = reconcile::run(ctx.clone(), triggers, async move {
+        let task = tokio::spawn(reconcile::run(ctx.clone(), triggers, async move {
             let _ = stopped.await;
-        });
-        // The caches live as long as the controller.
-        let task = tokio::spawn(async move {
-            tokio::select! {
-                () = controller => {}
-                () = watches => {}
-            }
-        });
+        }));
         RunningController { ctx, stop, task }
     }
 
