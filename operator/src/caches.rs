@@ -4,9 +4,11 @@
 //! One watch per kind feeds a store: the MeteringCollectors (read through [`DeserializeGuard`], see
 //! [`crate::reconcile::run`]) and, by the label [`MANAGED_BY_SELECTOR`] and for their metadata only, the children
 //! whose changes wake their owner; the apply stage finds the orphans to delete in the children's stores
-//! ([`ChildStores`]) instead of listing them on every reconcile. While the replica follows, the watches only keep the stores current. When it
-//! leads, [`Triggers::open`] lets every change through to the controller, which also reconciles every collector
-//! in the store once: changes made while nobody led reached the store but woke nobody.
+//! ([`ChildStores`]) instead of listing them on every reconcile.
+//!
+//! While the replica follows, the watches only keep the stores current. When it leads, [`Triggers::open`] lets
+//! every change through to the controller, which also reconciles every collector in the store once: changes made
+//! while nobody led reached the store but woke nobody.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -77,8 +79,8 @@ pub struct ChildStores {
     pub daemon_sets: Store<Child<DaemonSet>>,
 }
 
-/// Starts nothing by itself: returns the [`Triggers`], the children's stores, and the future that runs every watch until `shutdown`
-/// resolves, to be spawned when the process starts.
+/// Starts nothing by itself: returns the [`Triggers`], the children's stores, and the future that runs every watch
+/// until `shutdown` resolves, to be spawned when the process starts.
 pub fn watch<S: Future<Output = ()> + Send + 'static>(
     client: &Client,
     metrics: &Metrics,
@@ -91,7 +93,6 @@ pub fn watch<S: Future<Output = ()> + Send + 'static>(
     let open = Arc::new(AtomicBool::new(false));
     let config = watcher::Config::default().any_semantic();
     let children = config.clone().labels(MANAGED_BY_SELECTOR);
-    let gauge = |kind: &'static str| metrics.cached(kind);
 
     let (collectors, writer) = reflector::store();
     let (collector_feed, collector_changes) = Feed::new(&open, Wake::OnApply);
@@ -100,7 +101,7 @@ pub fn watch<S: Future<Output = ()> + Send + 'static>(
         watcher::watcher(Api::<Collector>::all(client.clone()), config),
         writer,
         collector_feed,
-        gauge("MeteringCollector"),
+        metrics.cached("MeteringCollector"),
     );
     let (stateful_sets_store, stateful_sets, stateful_sets_watch) =
         child::<StatefulSet>(client, &children, &open, metrics);
