@@ -281,6 +281,18 @@ impl Sender {
     /// returns once the batch is settled one way or the other; retries forever unless
     /// `maxElapsed` is set or the pattern fails fast.
     pub async fn settle(&self, records: Vec<Record>, ticket: Ticket) -> Outcome {
+        self.settle_then(records, ticket, || {}).await
+    }
+
+    /// [`Sender::settle`], calling `answered` as soon as the output has answered for good (delivered, or refused
+    /// so the batch goes to the dead letters), before the settlement is recorded with the buffer. Recording
+    /// waits for the buffer's next group commit, which waits for the disk: the output need not.
+    pub async fn settle_then(
+        &self,
+        records: Vec<Record>,
+        ticket: Ticket,
+        answered: impl FnOnce(),
+    ) -> Outcome {
         let labels = self.metrics.output(&self.name);
         let in_flight = self
             .metrics
@@ -288,8 +300,12 @@ impl Sender {
             .get_or_create(&labels)
             .clone();
         in_flight.inc();
-        let outcome = match self.deliver(&records, &labels).await {
+        let refused = self.deliver(&records, &labels).await;
+        in_flight.dec();
+        answered();
+        match refused {
             None => {
+                drop(records);
                 self.record(ticket, Settlement::Delivered).await;
                 Outcome::Delivered
             }
@@ -297,9 +313,7 @@ impl Sender {
                 self.dead_letter(records, ticket, reason, status).await;
                 Outcome::DeadLettered
             }
-        };
-        in_flight.dec();
-        outcome
+        }
     }
 
     /// Moves the batch to this output's dead-letter store, which settles its ticket.
@@ -422,6 +436,10 @@ impl Sender {
     }
 }
 
+/// How many batches per `maxInFlight` place a forwarder holds at most, sent or answered and waiting for their
+/// settlement to be recorded: bounds the memory a slow disk can make a fast output hold.
+const UNSETTLED_PER_SLOT: usize = 4;
+
 /// One output of a fan-out pattern, with its own cursor.
 pub struct Forwarder {
     pub reader: BatchReader,
@@ -433,9 +451,11 @@ pub struct Forwarder {
 impl Forwarder {
     /// Runs until `draining` turns true and everything buffered for this output is settled. Up to
     /// `max_in_flight` batches are sent at once; each settles its own ticket, and the buffer moves the cursor over
-    /// the settled ones in order. Reading waits while that many are in flight (backpressure). Dropping the future
-    /// at any point loses nothing: the cursor only moves after delivery, and the batches in flight are dropped
-    /// with it.
+    /// the settled ones in order. A batch frees its place as soon as the output has answered, while its
+    /// settlement waits for the buffer's next group commit; at most [`UNSETTLED_PER_SLOT`] times `max_in_flight`
+    /// batches are sent or waiting so. Reading waits while either limit is reached (backpressure). Dropping the
+    /// future at any point loses nothing: the cursor only moves after delivery, and the batches in flight are
+    /// dropped with it.
     pub async fn run(self, mut draining: watch::Receiver<bool>) {
         let Forwarder {
             mut reader,
@@ -443,10 +463,17 @@ impl Forwarder {
             max_in_flight,
         } = self;
         let sender = Arc::new(sender);
-        let slots = Arc::new(Semaphore::new(max_in_flight.max(1)));
+        let max_in_flight = max_in_flight.max(1);
+        let slots = Arc::new(Semaphore::new(max_in_flight));
+        let unsettled = Arc::new(Semaphore::new(
+            max_in_flight.saturating_mul(UNSETTLED_PER_SLOT),
+        ));
         let mut in_flight = JoinSet::new();
         loop {
-            // Never closed, so acquiring only waits for a batch in flight to settle.
+            // Never closed, so acquiring only waits for batches in flight to be answered or settled.
+            let Ok(place) = unsettled.clone().acquire_owned().await else {
+                break;
+            };
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 break;
             };
@@ -455,8 +482,10 @@ impl Forwarder {
             };
             let sender = sender.clone();
             in_flight.spawn(async move {
-                sender.settle(batch.records, batch.ticket).await;
-                drop(slot);
+                sender
+                    .settle_then(batch.records, batch.ticket, || drop(slot))
+                    .await;
+                drop(place);
             });
             while in_flight.try_join_next().is_some() {}
         }

@@ -321,7 +321,7 @@ impl Metrics {
         );
         registry.register(
             "output_batches_in_flight",
-            "Batches sent to this output and not yet settled (at most maxInFlight)",
+            "Batches sent to this output and not yet answered for good, retries included (at most maxInFlight)",
             m.output_batches_in_flight.clone(),
         );
         registry.register(
