@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -259,12 +259,6 @@ impl BatchReader {
     }
 }
 
-/// What happened to a batch.
-pub enum Outcome {
-    Delivered,
-    DeadLettered,
-}
-
 /// Sends batches to one output: retries with backoff, or dead-letters.
 pub struct Sender {
     pub name: String,
@@ -277,22 +271,12 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Delivers the batch, or moves it to the dead-letter store, then settles its ticket. Only
-    /// returns once the batch is settled one way or the other; retries forever unless
-    /// `maxElapsed` is set or the pattern fails fast.
-    pub async fn settle(&self, records: Vec<Record>, ticket: Ticket) -> Outcome {
-        self.settle_then(records, ticket, || {}).await
-    }
-
-    /// [`Sender::settle`], calling `answered` as soon as the output has answered for good (delivered, or refused
-    /// so the batch goes to the dead letters), before the settlement is recorded with the buffer. Recording
-    /// waits for the buffer's next group commit, which waits for the disk: the output need not.
-    pub async fn settle_then(
-        &self,
-        records: Vec<Record>,
-        ticket: Ticket,
-        answered: impl FnOnce(),
-    ) -> Outcome {
+    /// Delivers the batch, or moves it to the dead-letter store, then settles its ticket. Only returns once the
+    /// batch is settled one way or the other; retries forever unless `maxElapsed` is set or the pattern fails
+    /// fast. Calls `answered` as soon as the output has answered for good (delivered, or refused so the batch goes
+    /// to the dead letters), before the settlement is recorded with the buffer: recording waits for the buffer's
+    /// next group commit, which waits for the disk, and the output need not.
+    pub async fn settle(&self, records: Vec<Record>, ticket: Ticket, answered: impl FnOnce()) {
         let labels = self.metrics.output(&self.name);
         let in_flight = self
             .metrics
@@ -307,12 +291,8 @@ impl Sender {
             None => {
                 drop(records);
                 self.record(ticket, Settlement::Delivered).await;
-                Outcome::Delivered
             }
-            Some((reason, status)) => {
-                self.dead_letter(records, ticket, reason, status).await;
-                Outcome::DeadLettered
-            }
+            Some((reason, status)) => self.dead_letter(records, ticket, reason, status).await,
         }
     }
 
@@ -483,7 +463,7 @@ impl Forwarder {
             let sender = sender.clone();
             in_flight.spawn(async move {
                 sender
-                    .settle_then(batch.records, batch.ticket, || drop(slot))
+                    .settle(batch.records, batch.ticket, || drop(slot))
                     .await;
                 drop(place);
             });
@@ -535,8 +515,12 @@ impl Dispatcher {
                 }
                 Choice::Greedy => greedy_rx.clone(),
             };
-            for _ in 0..max_in_flight.max(1) {
-                workers.spawn(work(sender.clone(), queue.clone()));
+            let max_in_flight = max_in_flight.max(1);
+            let unsettled = Arc::new(Semaphore::new(
+                max_in_flight.saturating_mul(UNSETTLED_PER_SLOT),
+            ));
+            for _ in 0..max_in_flight {
+                workers.spawn(work(sender.clone(), queue.clone(), unsettled.clone()));
             }
         }
         drop(greedy_rx);
@@ -562,12 +546,38 @@ impl Dispatcher {
     }
 }
 
-/// One output of a shared pattern: settles each batch it takes, until the dispatcher closes the
-/// queue.
-async fn work(sender: Arc<Sender>, queue: async_channel::Receiver<Batch>) {
-    while let Ok(batch) = queue.recv().await {
-        sender.settle(batch.records, batch.ticket).await;
+/// One `maxInFlight` place of an output of a shared pattern, until the dispatcher closes the queue: takes the next
+/// batch once the output has answered the last one, whose settlement is recorded behind it. The output's workers
+/// share `unsettled`, which bounds the batches they hold, answered or not, as [`Forwarder::run`] does.
+async fn work(
+    sender: Arc<Sender>,
+    queue: async_channel::Receiver<Batch>,
+    unsettled: Arc<Semaphore>,
+) {
+    let mut settling = JoinSet::new();
+    loop {
+        // Never closed, so acquiring only waits for settlements to be recorded.
+        let Ok(place) = unsettled.clone().acquire_owned().await else {
+            break;
+        };
+        let Ok(batch) = queue.recv().await else {
+            break;
+        };
+        let (answered, on_answer) = oneshot::channel();
+        let sender = sender.clone();
+        settling.spawn(async move {
+            sender
+                .settle(batch.records, batch.ticket, || {
+                    let _ = answered.send(());
+                })
+                .await;
+            drop(place);
+        });
+        // An error means the task is gone, which frees the place as well.
+        let _ = on_answer.await;
+        while settling.try_join_next().is_some() {}
     }
+    while settling.join_next().await.is_some() {}
 }
 
 /// When an output of the fallback pattern may be tried again.
