@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
@@ -278,14 +279,14 @@ impl Sender {
     /// next group commit, which waits for the disk, and the output need not.
     pub async fn settle(&self, records: Vec<Record>, ticket: Ticket, answered: impl FnOnce()) {
         let labels = self.metrics.output(&self.name);
-        let in_flight = self
-            .metrics
-            .output_batches_in_flight
-            .get_or_create(&labels)
-            .clone();
-        in_flight.inc();
+        let in_flight = InFlight::enter(
+            self.metrics
+                .output_batches_in_flight
+                .get_or_create(&labels)
+                .clone(),
+        );
         let refused = self.deliver(&records, &labels).await;
-        in_flight.dec();
+        drop(in_flight);
         answered();
         match refused {
             None => {
@@ -413,6 +414,22 @@ impl Sender {
             attempt = attempt.saturating_add(1);
             self.metrics.output_retries.get_or_create(labels).inc();
         }
+    }
+}
+
+/// One batch counted in `tally_output_batches_in_flight` until dropped, also when its task is (on shutdown).
+struct InFlight(Gauge);
+
+impl InFlight {
+    fn enter(gauge: Gauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
