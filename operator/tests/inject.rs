@@ -1,8 +1,9 @@
 //! The sidecar-injection webhook against a real control plane (tally-e2e): the API server calls the operator's
 //! webhook over TLS at `https://127.0.0.1:<port>/mutate`, with the CA the operator generated and published in the
 //! MutatingWebhookConfiguration. Pods the real ReplicaSet controller creates come out injected exactly once; pods
-//! that are opted out, excluded, Tally's own or not opted in are left alone; a stopped webhook blocks nothing;
-//! certificates rotate without an admission failing; replicas converge on one Secret.
+//! that are opted out, excluded, Tally's own or not opted in are left alone; a stored collector that does not fit
+//! the type does not hide the valid ones; a stopped webhook blocks nothing; certificates rotate without an admission
+//! failing; replicas converge on one Secret.
 //!
 //! Most tests run the webhook in-process (`tally_operator::inject::run`, what `tally-operator run` spawns), so it can
 //! be stopped and its certificate lifetime shortened; one runs the real binary and reads its /metrics. Nothing
@@ -23,7 +24,9 @@ use kube::{Api, Client, ResourceExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
-use support::{RunningController, WITHIN, control_plane_with_crd, create, env, eventually};
+use support::{
+    RunningController, WITHIN, control_plane_with_crd, create, env, eventually, store_malformed,
+};
 use tally_e2e::ControlPlane;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::inject::certs;
@@ -704,6 +707,38 @@ async fn with_cert_manager_the_operator_serves_its_secret_and_leaves_the_ca_bund
             .then_some(())
     })
     .await;
+    webhook.stop().await;
+    control_plane.stop();
+}
+
+/// A stored MeteringCollector that does not fit the Rust type (written under an earlier, permissive CRD) is left
+/// out of what the webhook knows; it does not leave the webhook without the valid collector next to it.
+#[tokio::test]
+async fn a_malformed_collector_does_not_stop_injection() {
+    let Cluster {
+        control_plane,
+        client,
+        operator_ns,
+        apps,
+    } = Cluster::start().await;
+    store_malformed(
+        &client,
+        &apps,
+        &[("broken", json!({ "replicas": "three" }))],
+    )
+    .await;
+    let batch = control_plane
+        .new_namespace("batch")
+        .await
+        .expect("namespace");
+    create_collector(&client, &apps, &[&batch]).await;
+    let webhook = Webhook::start(&client, &operator_ns, Duration::from_secs(3600));
+    // The valid collector's excludeNamespaces reach the configuration: the webhook has read it.
+    configuration_ready(&client, &operator_ns, &[&operator_ns, &batch]).await;
+    assert_injected_once(
+        &create_pod(&client, &apps, &pod("next-to-a-broken-one", &[])).await,
+        &format!("{apps}/meter"),
+    );
     webhook.stop().await;
     control_plane.stop();
 }

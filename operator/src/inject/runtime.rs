@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use kube::core::DeserializeGuard;
+use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::net::TcpListener;
@@ -251,15 +253,18 @@ pub async fn run(
     tokio::pin!(shutdown);
 
     // Every MeteringCollector: the handler picks from them, and their excludeNamespaces shape the configuration.
+    // Watched through DeserializeGuard, so one stored collector that does not fit the type (the controller reports
+    // it) is left out instead of failing the whole list, which would leave the webhook without any collector.
     let (collectors, writer) = reflector::store::<MeteringCollector>();
     let changed = Arc::new(Notify::new());
     let _watch = AbortOnDrop(tokio::spawn({
         let changed = changed.clone();
         watcher(
-            Api::<MeteringCollector>::all(client.clone()),
+            Api::<DeserializeGuard<MeteringCollector>>::all(client.clone()),
             watcher::Config::default().any_semantic(),
         )
         .default_backoff()
+        .filter_map(|event| futures::future::ready(well_formed(event)))
         .reflect(writer)
         .for_each(move |event| {
             match event {
@@ -409,4 +414,24 @@ pub async fn run(
         Ok(result) => result.context("serving the webhook"),
         Err(error) => Err(error).context("the webhook server task"),
     }
+}
+
+/// A watch event of collectors read through [`DeserializeGuard`], without the collectors that do not fit the type.
+/// A collector updated from fitting to unfit (which a CRD matching this operator refuses) keeps its last fitting
+/// version in the store until it is fixed, or until the next relist after its deletion.
+fn well_formed(
+    event: watcher::Result<Event<DeserializeGuard<MeteringCollector>>>,
+) -> Option<watcher::Result<Event<MeteringCollector>>> {
+    let event = match event {
+        Ok(event) => event,
+        Err(error) => return Some(Err(error)),
+    };
+    let event = match event {
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+        Event::InitApply(collector) => Event::InitApply(collector.0.ok()?),
+        Event::Apply(collector) => Event::Apply(collector.0.ok()?),
+        Event::Delete(collector) => Event::Delete(collector.0.ok()?),
+    };
+    Some(Ok(event))
 }

@@ -14,9 +14,12 @@ use k8s_openapi::api::core::v1::{
     Container, HostPathVolumeSource, PersistentVolume, PersistentVolumeSpec,
 };
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, CustomResourceValidation, JSONSchemaProps,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, DynamicObject};
 use kube::{Api, Client, CustomResourceExt};
 use tally_e2e::ControlPlane;
 use tally_operator::caches::{self, Triggers};
@@ -60,6 +63,68 @@ pub async fn apply_crd(client: &Client, crd: &CustomResourceDefinition) {
 /// Installs the operator's CRD.
 pub async fn install_crd(client: &Client) {
     apply_crd(client, &MeteringCollector::crd()).await;
+}
+
+/// Stores MeteringCollectors that do not fit the Rust type, as an earlier CRD version that accepted anything
+/// would have: applies such a CRD, creates `objects` (name, spec) in `namespace`, then puts the operator's CRD back
+/// in force (the API server then refuses such objects, but the stored ones stay as they are). Returns an untyped
+/// Api of the collectors in `namespace`.
+pub async fn store_malformed(
+    client: &Client,
+    namespace: &str,
+    objects: &[(&str, serde_json::Value)],
+) -> Api<DynamicObject> {
+    let mut permissive = MeteringCollector::crd();
+    permissive.spec.versions[0].schema = Some(CustomResourceValidation {
+        open_api_v3_schema: Some(JSONSchemaProps {
+            type_: Some("object".into()),
+            x_kubernetes_preserve_unknown_fields: Some(true),
+            ..JSONSchemaProps::default()
+        }),
+    });
+    apply_crd(client, &permissive).await;
+    let resource = ApiResource::erase::<MeteringCollector>(&());
+    let raw = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
+    let object = |name: &str, spec: &serde_json::Value| -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "metering.tally.dev/v1alpha1",
+            "kind": "MeteringCollector",
+            "metadata": { "name": name },
+            "spec": spec,
+        }))
+        .expect("object")
+    };
+    for (name, spec) in objects {
+        eventually(
+            "the permissive CRD stores the malformed collector",
+            || async {
+                raw.create(&PostParams::default(), &object(name, spec))
+                    .await
+                    .ok()
+            },
+        )
+        .await;
+    }
+    install_crd(client).await;
+    // A number that is a string: refused once the real schema is in force.
+    let probe = object("probe", &serde_json::json!({ "replicas": "three" }));
+    eventually("the real schema is in force", || async {
+        match raw.create(&PostParams::default(), &probe).await {
+            Err(kube::Error::Api(status)) if status.code == 422 => Some(()),
+            Ok(_) => {
+                let _ = raw.delete("probe", &Default::default()).await;
+                None
+            }
+            Err(_) => None,
+        }
+    })
+    .await;
+    let typed = Api::<MeteringCollector>::namespaced(client.clone(), namespace);
+    assert!(
+        typed.list(&Default::default()).await.is_err(),
+        "a typed list of the namespace should fail on the malformed objects, or the test proves nothing"
+    );
+    raw
 }
 
 /// Starts a control plane (without fake nodes), installs the operator's CRD and creates a namespace whose name
