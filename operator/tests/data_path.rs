@@ -9,6 +9,8 @@
 //! Every acknowledged event arrives upstream with `k8snamespace` and `k8spod`; events from a pod in one of the
 //! collector's `excludeNamespaces` are dropped by the collector and counted.
 
+mod support;
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Container;
@@ -34,13 +36,9 @@ fn example_collector() -> MeteringCollector {
 
 /// The value of an environment variable the container sets literally.
 fn env_value(container: &Container, name: &str) -> String {
-    container
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == name)
-        .and_then(|e| e.value.clone())
+    support::env(container, name)
         .unwrap_or_else(|| panic!("the container {} sets no {name}", container.name))
+        .to_string()
 }
 
 /// Runs tests/python/metered_app.py with `OPENMETER_URL` pointing at `sidecar`; returns the ids it sent (each one

@@ -437,6 +437,14 @@ impl Drop for InFlight {
 /// settlement to be recorded: bounds the memory a slow disk can make a fast output hold.
 const UNSETTLED_PER_SLOT: usize = 4;
 
+/// The places of one output's batches, sent or waiting for their settlement: [`UNSETTLED_PER_SLOT`] per
+/// `maxInFlight` place.
+fn unsettled_places(max_in_flight: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(
+        max_in_flight.saturating_mul(UNSETTLED_PER_SLOT),
+    ))
+}
+
 /// One output of a fan-out pattern, with its own cursor.
 pub struct Forwarder {
     pub reader: BatchReader,
@@ -462,9 +470,7 @@ impl Forwarder {
         let sender = Arc::new(sender);
         let max_in_flight = max_in_flight.max(1);
         let slots = Arc::new(Semaphore::new(max_in_flight));
-        let unsettled = Arc::new(Semaphore::new(
-            max_in_flight.saturating_mul(UNSETTLED_PER_SLOT),
-        ));
+        let unsettled = unsettled_places(max_in_flight);
         let mut in_flight = JoinSet::new();
         loop {
             // Never closed, so acquiring only waits for batches in flight to be answered or settled.
@@ -533,9 +539,7 @@ impl Dispatcher {
                 Choice::Greedy => greedy_rx.clone(),
             };
             let max_in_flight = max_in_flight.max(1);
-            let unsettled = Arc::new(Semaphore::new(
-                max_in_flight.saturating_mul(UNSETTLED_PER_SLOT),
-            ));
+            let unsettled = unsettled_places(max_in_flight);
             for _ in 0..max_in_flight {
                 workers.spawn(work(sender.clone(), queue.clone(), unsettled.clone()));
             }

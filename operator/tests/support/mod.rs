@@ -2,7 +2,8 @@
 //! `robustness`, `storage`): starting a control plane with the CRD installed (with a real node for `ready` and
 //! `lifecycle`), creating collectors while the new type is not served yet, running the controller in the background,
 //! polling with a deadline, reading the Events a collector has, creating PersistentVolumes for the binder, and the
-//! assertions several of them make (a request refused as invalid, a container's environment).
+//! assertions several of them make (a request refused as invalid, a container's environment, which `data_path`
+//! reads too).
 
 #![allow(dead_code)]
 
