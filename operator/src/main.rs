@@ -2,9 +2,8 @@
 //!
 //! `run` is: parse the command line → set up logging → connect to Kubernetes → serve /metrics, /healthz and
 //! /readyz → spawn the long-running tasks (the watch caches on every replica, the reconciler behind leader election)
-//! → wait until a signal or a
-//! failed task stops them all. Exit codes: 0 after SIGTERM or SIGINT, 1 on a runtime error (a lost lease
-//! included), 2 on a usage error.
+//! → wait until a signal or a failed task stops them all. Exit codes: 0 after SIGTERM or SIGINT, 1 on a runtime
+//! error (a lost lease included), 2 on a usage error.
 
 use std::future::Future;
 use std::net::SocketAddr;
