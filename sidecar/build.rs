@@ -2,7 +2,7 @@
 //! lld 15+). The sidecar is a position-independent executable, and the classic `.rela.dyn` table describing
 //! where to add the load address takes 24 bytes per pointer: about 800 KB here, all read and kept resident
 //! at start-up. DT_RELR encodes the same relocations in under 10 KB, which lowers the idle RSS of every
-//! injected sidecar by about 1.6 MiB (BENCHMARKS.md, "packed relocations") without giving up ASLR.
+//! injected sidecar by about 1.2 MiB (BENCHMARKS.md, "a smaller binary") without giving up ASLR.
 //! Only the binaries are linked this way; the dependencies and the library are unchanged.
 
 fn main() {
