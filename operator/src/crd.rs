@@ -270,6 +270,15 @@ fn pipeline_schema(generator: &mut SchemaGenerator) -> Schema {
     schema
 }
 
+/// `namespace/name`, the key of a collector's backoff, of its log lines and of the webhook's choice.
+pub fn key_of(meta: &kube::api::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
+
 /// The CRD as YAML, what `tally-operator crd` prints and `crds/meteringcollector.yaml` holds.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&MeteringCollector::crd())

@@ -26,8 +26,9 @@ use serde_json::json;
 use crate::apply::{self, Applied, apply, deleted};
 use crate::build;
 use crate::caches::{ChildStores, Triggers};
-use crate::crd::{FIELD_MANAGER, MeteringCollector, MeteringCollectorStatus};
+use crate::crd::{FIELD_MANAGER, MeteringCollector, MeteringCollectorStatus, key_of};
 use crate::drain::{self, Step};
+use crate::inject::collector_key;
 use crate::metrics::Metrics;
 use crate::status::{self, Observation};
 use crate::storage::{self, ClaimAction, StorageProblem};
@@ -126,19 +127,6 @@ impl Context {
     }
 }
 
-fn key(collector: &MeteringCollector) -> String {
-    key_of(collector.meta())
-}
-
-/// `namespace/name`, the key of a collector's backoff and of its log lines.
-fn key_of(meta: &kube::api::ObjectMeta) -> String {
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or_default(),
-        meta.name.as_deref().unwrap_or_default()
-    )
-}
-
 /// Reconciles one collector.
 pub async fn reconcile(
     collector: Arc<MeteringCollector>,
@@ -148,7 +136,7 @@ pub async fn reconcile(
     let result = reconcile_stages(&collector, &ctx).await;
     ctx.metrics.observe(started.elapsed());
     if result.is_ok() {
-        ctx.reset_failures(&key(&collector));
+        ctx.reset_failures(&collector_key(&collector));
     }
     result
 }
@@ -158,7 +146,7 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
     let validated = match validate::validate(collector) {
         Ok(validated) => validated,
         Err(invalid) => {
-            tracing::info!(collector = %key(collector), %invalid, "invalid spec");
+            tracing::info!(collector = %collector_key(collector), %invalid, "invalid spec");
             let status =
                 status::desired_status(collector, &Observation::InvalidSpec(&invalid), &now);
             write_status(ctx, collector, status).await?;
@@ -300,7 +288,7 @@ async fn reconcile_drains(
             Step::Start { claim, ordinal } => {
                 let job = drain::job(validated, stateful_set, claim, *ordinal);
                 apply(&ctx.client, namespace, &job).await?;
-                tracing::info!(collector = %key(collector), %claim, "draining the buffer of a removed replica");
+                tracing::info!(collector = %collector_key(collector), %claim, "draining the buffer of a removed replica");
                 Some((
                     EventType::Normal,
                     "DrainStarted",
@@ -396,7 +384,7 @@ async fn reconcile_drains(
                 secondary: None,
             };
             if let Err(error) = ctx.recorder.publish(&event, &reference).await {
-                tracing::warn!(collector = %key(collector), %error, "publishing an event failed");
+                tracing::warn!(collector = %collector_key(collector), %error, "publishing an event failed");
             }
         }
     }
@@ -464,7 +452,7 @@ async fn reconcile_storage(
                 ),
                 source,
             })?;
-        tracing::info!(collector = %key(collector), %claim, from = %from.0, to = %desired.0, "expanded a buffer claim");
+        tracing::info!(collector = %collector_key(collector), %claim, from = %from.0, to = %desired.0, "expanded a buffer claim");
         let event = Event {
             type_: EventType::Normal,
             reason: "StorageExpanded".into(),
@@ -476,7 +464,7 @@ async fn reconcile_storage(
             secondary: None,
         };
         if let Err(error) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(collector = %key(collector), %error, "publishing an event failed");
+            tracing::warn!(collector = %collector_key(collector), %error, "publishing an event failed");
         }
     }
     Ok(StorageOutcome {
@@ -536,7 +524,7 @@ async fn write_status(
         };
         // Events are a courtesy: failing to publish one must not fail the reconcile.
         if let Err(error) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(collector = %key(collector), %error, "publishing an event failed");
+            tracing::warn!(collector = %collector_key(collector), %error, "publishing an event failed");
         }
     }
     Ok(())

@@ -210,11 +210,7 @@ pub fn is_injected(pod: &Pod) -> bool {
 
 /// `namespace/name` of a collector.
 pub fn collector_key(collector: &MeteringCollector) -> String {
-    format!(
-        "{}/{}",
-        collector.namespace().unwrap_or_default(),
-        collector.name_any()
-    )
+    crate::crd::key_of(&collector.metadata)
 }
 
 /// The injection-enabled collector a pod forwards to: the one its [`COLLECTOR_ANNOTATION`] names, else the only
