@@ -69,7 +69,13 @@ bench-peers: deps build benthos ## tally-sidecar beside its peer (the OpenMeter 
 benthos: ## build the peer of bench-peers from the github.com/redpanda-data/benthos/v4 Go module (cached by version)
 	tests/benches/peers/benthos/build.sh
 
+# Each crate's incremental state lives in its own directory, which every compile of that crate updates and cargo
+# never removes. Directories not updated for two days are mostly of builds that no longer happen (old versions of a
+# crate, other feature sets) and only take disk: without this the shared target directory grew past 60 GiB. A crate
+# whose state was removed compiles in full the next time it changes, once.
 build:
+	@if [ -d "$(CARGO_TARGET_DIR)/release/incremental" ]; then \
+		find "$(CARGO_TARGET_DIR)/release/incremental" -mindepth 1 -maxdepth 1 -type d -mtime +2 -exec rm -rf {} +; fi
 	$(CARGO_RELEASE) build --release --workspace --bins
 
 lint:
