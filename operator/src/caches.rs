@@ -6,6 +6,8 @@
 //! whose changes wake their owner; the apply stage finds the orphans to delete in the children's stores
 //! ([`ChildStores`]) instead of listing them on every reconcile.
 //!
+//! The sidecar-injection webhook reads the same collectors' store ([`CollectorView`]), on every replica.
+//!
 //! While the replica follows, the watches only keep the stores current. When it leads, [`Triggers::open`] lets
 //! every change through to the controller, which also reconciles every collector in the store once: changes made
 //! while nobody led reached the store but woke nobody.
@@ -28,6 +30,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use prometheus_client::metrics::gauge::Gauge;
 use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
 
 use crate::crd::MeteringCollector;
 use crate::metrics::Metrics;
@@ -51,6 +54,7 @@ const PENDING_CHANGES: usize = 1024;
 pub struct Triggers {
     /// Every MeteringCollector in the cluster.
     pub collectors: Store<Collector>,
+    collectors_changed: Arc<Notify>,
     open: Arc<AtomicBool>,
     pub collector_changes: Changes<Collector>,
     pub stateful_sets: Changes<Child<StatefulSet>>,
@@ -66,6 +70,35 @@ impl Triggers {
     /// reconciles every collector once when it starts.
     pub fn open(&self) {
         self.open.store(true, Ordering::Release);
+    }
+
+    /// The collectors as the webhook reads them, whether or not this replica leads.
+    pub fn collector_view(&self) -> CollectorView {
+        CollectorView {
+            store: self.collectors.clone(),
+            changed: self.collectors_changed.clone(),
+        }
+    }
+}
+
+/// The MeteringCollectors' store and a signal on each of its changes (one permit is kept while nobody waits, so a
+/// change is never missed): what the sidecar-injection webhook picks collectors from and shapes its configuration by.
+#[derive(Clone)]
+pub struct CollectorView {
+    pub store: Store<Collector>,
+    pub changed: Arc<Notify>,
+}
+
+impl CollectorView {
+    /// The collectors that fit the type. One that does not (stored under an earlier, permissive CRD) is left out
+    /// instead of hiding the others, and so is one updated to a version that does not fit, until it is fixed; the
+    /// controller reports either.
+    pub fn well_formed(&self) -> Vec<Arc<MeteringCollector>> {
+        self.store
+            .state()
+            .iter()
+            .filter_map(|collector| collector.0.as_ref().ok().cloned().map(Arc::new))
+            .collect()
     }
 }
 
@@ -95,6 +128,7 @@ pub fn watch<S: Future<Output = ()> + Send + 'static>(
     let children = config.clone().labels(MANAGED_BY_SELECTOR);
 
     let (collectors, writer) = reflector::store();
+    let collectors_changed = Arc::new(Notify::new());
     let (collector_feed, collector_changes) = Feed::new(&open, Wake::OnApply);
     let collectors_watch = keep(
         "MeteringCollector",
@@ -102,6 +136,7 @@ pub fn watch<S: Future<Output = ()> + Send + 'static>(
         writer,
         collector_feed,
         metrics.cached("MeteringCollector"),
+        Some(collectors_changed.clone()),
     );
     let (stateful_sets_store, stateful_sets, stateful_sets_watch) =
         child::<StatefulSet>(client, &children, &open, metrics);
@@ -134,6 +169,7 @@ pub fn watch<S: Future<Output = ()> + Send + 'static>(
     };
     let triggers = Triggers {
         collectors,
+        collectors_changed,
         open,
         collector_changes,
         stateful_sets,
@@ -183,7 +219,7 @@ where
         watcher::watcher(Api::<Child<K>>::all(client.clone()), config.clone()).modify(|child| {
             child.managed_fields_mut().clear();
         });
-    let watch = keep(kind, stream, writer, feed, metrics.cached(kind));
+    let watch = keep(kind, stream, writer, feed, metrics.cached(kind), None);
     (store, changes, watch)
 }
 
@@ -214,13 +250,15 @@ impl<K> Feed<K> {
 }
 
 /// Keeps one store current with its watch, retrying a failed watch with kube-runtime's default backoff (as client-go
-/// does), publishes the store's size, and passes changes on once the triggers are open.
+/// does), publishes the store's size, signals `changed` (if any) whatever the triggers, and passes changes on once
+/// the triggers are open.
 async fn keep<K>(
     kind: &'static str,
     stream: impl futures::Stream<Item = watcher::Result<Event<K>>> + Send,
     writer: reflector::store::Writer<K>,
     feed: Feed<K>,
     size: Gauge,
+    changed: Option<Arc<Notify>>,
 ) where
     K: Resource + Clone + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default,
@@ -237,6 +275,9 @@ async fn keep<K>(
             }
         };
         size.set(i64::try_from(reader.len()).unwrap_or(i64::MAX));
+        if let Some(changed) = &changed {
+            changed.notify_one();
+        }
         if !feed.open.load(Ordering::Acquire) {
             continue;
         }

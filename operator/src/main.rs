@@ -185,12 +185,17 @@ async fn operate(args: RunArgs, election: Election) -> anyhow::Result<()> {
         serve_http(listener, Arc::new(registry), shutdown.requested()),
     );
 
+    // Followers keep the caches too, so a new leader starts reconciling without listing anything. The webhook reads
+    // the collectors from them as well.
+    let (triggers, children, watches) = caches::watch(&client, &metrics, shutdown.requested());
+
     // Every replica serves the webhook; only the leader writes its configuration.
     let (leading, leading_rx) = tokio::sync::watch::channel(!args.leader.leader_elect);
     tasks.spawn(
         "the sidecar-injection webhook",
         tally_operator::inject::run(
             client.clone(),
+            triggers.collector_view(),
             args.namespace.clone(),
             args.webhook.clone(),
             webhook_metrics,
@@ -199,8 +204,6 @@ async fn operate(args: RunArgs, election: Election) -> anyhow::Result<()> {
         ),
     );
 
-    // Followers keep the caches too, so a new leader starts reconciling without listing anything.
-    let (triggers, children, watches) = caches::watch(&client, &metrics, shutdown.requested());
     let ctx = Arc::new(Context::new(
         client.clone(),
         metrics.clone(),

@@ -28,11 +28,13 @@ use support::{
     RunningController, WITHIN, control_plane_with_crd, create, env, eventually, store_malformed,
 };
 use tally_e2e::ControlPlane;
+use tally_operator::caches;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::inject::certs;
 use tally_operator::inject::config::{CertificateSource, FailurePolicy, INJECT_CA_FROM};
 use tally_operator::inject::metrics::{AdmissionLabels, WebhookMetrics};
 use tally_operator::inject::{self, INJECTED_ANNOTATION, SIDECAR_NAME, WebhookArgs};
+use tally_operator::metrics::Metrics;
 use tally_tests::ports::unused_port;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -47,6 +49,8 @@ struct Webhook {
     port: u16,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
+    /// The watch caches the webhook reads the collectors from, as `tally-operator run` starts them.
+    caches: JoinHandle<()>,
     metrics: Arc<WebhookMetrics>,
 }
 
@@ -87,9 +91,13 @@ impl Webhook {
         leading: tokio::sync::watch::Receiver<bool>,
     ) -> Webhook {
         let metrics = Arc::new(WebhookMetrics::default());
+        let (triggers, _, watches) =
+            caches::watch(client, &Metrics::default(), std::future::pending());
+        let caches = tokio::spawn(watches);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(inject::run(
             client.clone(),
+            triggers.collector_view(),
             namespace.to_string(),
             args,
             metrics.clone(),
@@ -102,6 +110,7 @@ impl Webhook {
             port,
             stop: Some(stop),
             task,
+            caches,
             metrics,
         }
     }
@@ -128,6 +137,7 @@ impl Webhook {
 impl Drop for Webhook {
     fn drop(&mut self) {
         self.task.abort();
+        self.caches.abort();
     }
 }
 

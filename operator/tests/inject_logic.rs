@@ -13,9 +13,11 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::prelude::BASE64_STANDARD;
 use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::core::DeserializeGuard;
 use kube::runtime::{reflector, watcher};
 use serde_json::{Value, json};
 use support::env;
+use tally_operator::caches::CollectorView;
 use tally_operator::crd::MeteringCollector;
 use tally_operator::inject::certs::{self, Assessment, CertificateSettings};
 use tally_operator::inject::config::{
@@ -28,6 +30,7 @@ use tally_operator::inject::{
 };
 use tally_sidecar::config::{Config, OutputKind, SecretSource};
 use time::OffsetDateTime;
+use tokio::sync::Notify;
 
 const COLLECTOR: &str = r#"
 apiVersion: metering.tally.dev/v1alpha1
@@ -650,12 +653,18 @@ fn a_new_ca_keeps_the_old_one_in_the_bundle_until_it_expires() {
 }
 
 /// A reflector store holding `collectors`, as the running webhook has.
-fn store(collectors: &[Arc<MeteringCollector>]) -> reflector::Store<MeteringCollector> {
+/// The controller's cache of collectors, as the webhook reads it, holding `collectors`.
+fn store(collectors: &[Arc<MeteringCollector>]) -> CollectorView {
     let (store, mut writer) = reflector::store();
     for collector in collectors {
-        writer.apply_watcher_event(&watcher::Event::Apply(collector.as_ref().clone()));
+        writer.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(collector
+            .as_ref()
+            .clone()))));
     }
-    store
+    CollectorView {
+        store,
+        changed: Arc::new(Notify::new()),
+    }
 }
 
 fn admission_review(pod: &Pod) -> Vec<u8> {

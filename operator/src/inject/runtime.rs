@@ -1,6 +1,6 @@
 //! The webhook as `tally-operator run` runs it on every replica (serving needs no lease): its flags, the
-//! certificate Secret, the TLS server, the MeteringCollector watch, and the MutatingWebhookConfiguration kept
-//! current.
+//! certificate Secret, the TLS server, and the MutatingWebhookConfiguration kept current. It reads the
+//! MeteringCollectors from the controller's watch cache ([`CollectorView`]), which every replica keeps.
 //!
 //! One loop does the maintenance, on a timer and whenever a MeteringCollector changes: read (and, when due, renew)
 //! the certificate Secret, then apply the configuration if its caBundle or excluded namespaces changed, then serve
@@ -18,14 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use kube::core::DeserializeGuard;
-use kube::runtime::watcher::Event;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
+use kube::Client;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::certs::{self, CertificateSettings, Issued};
@@ -36,10 +32,10 @@ use super::config::{
 use super::metrics::WebhookMetrics;
 use super::server::{self, CertificateSlot, Injector, MUTATE_PATH};
 use super::{ALWAYS_EXCLUDED, excluded_namespaces};
-use crate::crd::MeteringCollector;
+use crate::caches::CollectorView;
 
-/// Longest wait for the first list of MeteringCollectors before the configuration is applied anyway (the CRD
-/// may not be installed yet; the watch keeps retrying).
+/// Longest wait for the cache's first list of MeteringCollectors before the configuration is applied anyway (the
+/// CRD may not be installed yet; the watch keeps retrying).
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(10);
 /// The configuration is applied again this often even when nothing changed, to undo edits by others.
 const REAPPLY_EVERY: Duration = Duration::from_secs(300);
@@ -222,7 +218,7 @@ fn url_host(url: &str) -> Result<Host, ArgsError> {
     })
 }
 
-/// Aborts a task when dropped, so no watch outlives the webhook.
+/// Aborts a task when dropped, so the server does not outlive the webhook.
 struct AbortOnDrop<T>(JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
@@ -231,11 +227,12 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Runs the webhook until `shutdown` resolves: certificate, server, collector watch and configuration.
-/// Returns at once when `--webhook false`. `leading` says whether this replica holds the leader-election Lease
-/// (always true without leader election); only then does it write the configuration.
+/// Runs the webhook until `shutdown` resolves: certificate, server and configuration, on the `collectors` of the
+/// controller's cache. Returns at once when `--webhook false`. `leading` says whether this replica holds the
+/// leader-election Lease (always true without leader election); only then does it write the configuration.
 pub async fn run(
     client: Client,
+    collectors: CollectorView,
     namespace: String,
     args: WebhookArgs,
     metrics: Arc<WebhookMetrics>,
@@ -251,29 +248,6 @@ pub async fn run(
     let static_excluded = args.static_excluded(&namespace);
     let poll = args.poll_interval();
     tokio::pin!(shutdown);
-
-    // Every MeteringCollector: the handler picks from them, and their excludeNamespaces shape the configuration.
-    // Watched through DeserializeGuard, so one stored collector that does not fit the type (the controller reports
-    // it) is left out instead of failing the whole list, which would leave the webhook without any collector.
-    let (collectors, writer) = reflector::store::<MeteringCollector>();
-    let changed = Arc::new(Notify::new());
-    let _watch = AbortOnDrop(tokio::spawn({
-        let changed = changed.clone();
-        watcher(
-            Api::<DeserializeGuard<MeteringCollector>>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-        )
-        .default_backoff()
-        .filter_map(|event| futures::future::ready(well_formed(event)))
-        .reflect(writer)
-        .for_each(move |event| {
-            match event {
-                Ok(_) => changed.notify_one(),
-                Err(error) => tracing::warn!(%error, "watching MeteringCollectors for the webhook"),
-            }
-            futures::future::ready(())
-        })
-    }));
 
     let from_cert_manager = args.webhook_certificates == CertificateSource::CertManager;
     let obtain = || async {
@@ -318,7 +292,7 @@ pub async fn run(
 
     tokio::select! {
         () = &mut shutdown => return Ok(()),
-        _ = tokio::time::timeout(FIRST_SYNC_WAIT, collectors.wait_until_ready()) => {}
+        _ = tokio::time::timeout(FIRST_SYNC_WAIT, collectors.store.wait_until_ready()) => {}
     }
 
     let mut applied: Option<(MutatingWebhookConfiguration, Instant)> = None;
@@ -335,7 +309,7 @@ pub async fn run(
             .material
             .ca_bundle
             .clone();
-        let excluded = excluded_namespaces(&collectors.state(), &static_excluded);
+        let excluded = excluded_namespaces(&collectors.well_formed(), &static_excluded);
         let mut desired = webhook_configuration(
             &args.webhook_configuration,
             &endpoint,
@@ -397,7 +371,7 @@ pub async fn run(
         }
         tokio::select! {
             () = &mut shutdown => break,
-            () = changed.notified() => {}
+            () = collectors.changed.notified() => {}
             Ok(()) = leading.changed() => {}
             () = tokio::time::sleep(poll) => {}
             result = &mut server.0 => {
@@ -414,24 +388,4 @@ pub async fn run(
         Ok(result) => result.context("serving the webhook"),
         Err(error) => Err(error).context("the webhook server task"),
     }
-}
-
-/// A watch event of collectors read through [`DeserializeGuard`], without the collectors that do not fit the type.
-/// A collector updated from fitting to unfit (which a CRD matching this operator refuses) keeps its last fitting
-/// version in the store until it is fixed, or until the next relist after its deletion.
-fn well_formed(
-    event: watcher::Result<Event<DeserializeGuard<MeteringCollector>>>,
-) -> Option<watcher::Result<Event<MeteringCollector>>> {
-    let event = match event {
-        Ok(event) => event,
-        Err(error) => return Some(Err(error)),
-    };
-    let event = match event {
-        Event::Init => Event::Init,
-        Event::InitDone => Event::InitDone,
-        Event::InitApply(collector) => Event::InitApply(collector.0.ok()?),
-        Event::Apply(collector) => Event::Apply(collector.0.ok()?),
-        Event::Delete(collector) => Event::Delete(collector.0.ok()?),
-    };
-    Some(Ok(event))
 }

@@ -25,7 +25,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use kube::runtime::reflector::Store;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -38,7 +37,7 @@ use tokio_rustls::TlsAcceptor;
 use super::certs::TlsMaterial;
 use super::metrics::WebhookMetrics;
 use super::{Decision, decide};
-use crate::crd::MeteringCollector;
+use crate::caches::CollectorView;
 
 /// The path the API server posts AdmissionReviews to.
 pub const MUTATE_PATH: &str = "/mutate";
@@ -100,10 +99,10 @@ fn certified_key(material: &TlsMaterial) -> Result<CertifiedKey, TlsError> {
     Ok(CertifiedKey::new(chain, signer))
 }
 
-/// Answers AdmissionReviews from what the operator knows: the MeteringCollectors (a reflector store) and the
+/// Answers AdmissionReviews from what the operator knows: the MeteringCollectors (the controller's cache) and the
 /// namespaces excluded by flags.
 pub struct Injector {
-    pub collectors: Store<MeteringCollector>,
+    pub collectors: CollectorView,
     /// `--exclude-namespaces`, the operator's own namespace and kube-system.
     pub static_excluded: BTreeSet<String>,
     pub metrics: Arc<WebhookMetrics>,
@@ -162,7 +161,7 @@ impl Injector {
             .clone()
             .or_else(|| pod.metadata.generate_name.clone())
             .unwrap_or_default();
-        let collectors = self.collectors.state();
+        let collectors = self.collectors.well_formed();
         match decide(pod, &namespace, &collectors, &self.static_excluded) {
             Ok(Decision::Inject { collector, patch }) => match response.clone().with_patch(patch) {
                 Ok(patched) => {
