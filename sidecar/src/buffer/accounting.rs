@@ -67,12 +67,12 @@ impl Accounting {
         taken
     }
 
-    /// Events in the chunks wholly at or below `floor`: what `take_through(floor)` would take.
-    pub fn deletable(&self, floor: u64) -> u64 {
+    /// Bytes of the chunks wholly at or below `floor`: what `take_through(floor)` would take.
+    pub fn deletable_bytes(&self, floor: u64) -> u64 {
         self.chunks
             .iter()
             .take_while(|c| c.last <= floor)
-            .map(|c| c.events)
+            .map(|c| c.bytes)
             .sum()
     }
 

@@ -36,8 +36,9 @@ mod retention;
 const MAX_GROUP: usize = 512;
 /// The shortest pause between two attempts to reopen the database after a failed write.
 const REOPEN_GAP: Duration = Duration::from_secs(1);
-/// Fewest delivered events deleted at once outside maintenance (see `write_cursors_and_trim`).
-const TRIM_MIN_EVENTS: u64 = 16_384;
+/// Outside maintenance, delivered events are deleted once they fill this part of the events'
+/// memtable (see `write_cursors_and_trim`).
+const TRIM_PARTS: u64 = 8;
 
 type AppendReply = oneshot::Sender<Result<Appended, AppendError>>;
 type SettleReply = oneshot::Sender<Result<(), BufferError>>;
@@ -77,6 +78,8 @@ impl Group {
 /// The writer's own state.
 struct Writer {
     inner: Arc<Inner>,
+    /// Delivered bytes that are deleted at once outside maintenance.
+    trim_bytes: u64,
     last_reopen: Option<Instant>,
     last_retention: Option<Instant>,
     /// Where compactions go (see [`space`]); `None` if the compactor thread could not start.
@@ -103,8 +106,14 @@ pub(super) fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriterCommand>) {
             tracing::error!(error = %e, "cannot start the compactor thread; deleted events are reclaimed by RocksDB's own compactions only");
         })
         .ok();
+    let events_memtable = inner
+        .options
+        .budget
+        .memory(inner.options.profile)
+        .events_write_buffer;
     let mut writer = Writer {
         inner,
+        trim_bytes: events_memtable / TRIM_PARTS,
         last_reopen: None,
         last_retention: None,
         compactor: compactor.is_some().then_some(compactions),
@@ -499,9 +508,11 @@ impl Writer {
     }
 
     /// Writes every consumer's cursor and deletes what all of them have (unsynced). Unless
-    /// `now` (maintenance, `maxLag`) or the buffer is full, deletion waits until at least
-    /// [`TRIM_MIN_EVENTS`] can go at once: every range deletion leaves a tombstone that reads
-    /// must step over until a compaction, so one per settled batch would slow delivery.
+    /// `now` (maintenance, `maxLag`) or the buffer is full, deletion waits until what can go
+    /// fills a [`TRIM_PARTS`]th of the events' memtable: every range deletion leaves a
+    /// tombstone that reads must step over until a compaction, so one per settled batch would
+    /// slow delivery; but events deleted in the memtable they were written to are dropped by
+    /// its flush, while those deleted later were written to disk first and cost a compaction.
     fn write_cursors_and_trim(&self, db: &DB, now: bool) {
         let options = &self.inner.options;
         let result = (|| -> Result<(), BufferError> {
@@ -518,7 +529,7 @@ impl Writer {
                 let due = now
                     || self.inner.full.load(Ordering::Relaxed)
                     || self.inner.space.over()
-                    || accounting.deletable(floor) >= TRIM_MIN_EVENTS;
+                    || accounting.deletable_bytes(floor) >= self.trim_bytes;
                 if due {
                     accounting.take_through(floor)
                 } else {

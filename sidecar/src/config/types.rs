@@ -202,8 +202,9 @@ pub enum BufferProfile {
     /// filter, since they are only scanned, and dedup index files are kept small: 16 MiB here.)
     #[default]
     Collector,
-    /// Write buffers of at most 4 MiB and a 1 MiB block cache, for a process next to every
-    /// pod: more, smaller flushes in exchange for a footprint of tens of MiB.
+    /// Write buffers of at most 4 MiB and a 1 MiB block cache that also holds the files'
+    /// index and filter blocks, in 4 KiB partitions, for a process next to every pod: more,
+    /// smaller flushes in exchange for a footprint of tens of MiB.
     Sidecar,
 }
 
