@@ -90,15 +90,16 @@ pub struct CollectorView {
 }
 
 impl CollectorView {
-    /// The collectors that fit the type. One that does not (stored under an earlier, permissive CRD) is left out
-    /// instead of hiding the others, and so is one updated to a version that does not fit, until it is fixed; the
-    /// controller reports either.
-    pub fn well_formed(&self) -> Vec<Arc<MeteringCollector>> {
-        self.store
-            .state()
+    /// Calls `f` with the collectors that fit the type, borrowed from the store without a copy. One that does not
+    /// fit (stored under an earlier, permissive CRD) is left out instead of hiding the others, and so is one updated
+    /// to a version that does not fit, until it is fixed; the controller reports either.
+    pub fn with_well_formed<R>(&self, f: impl FnOnce(&[&MeteringCollector]) -> R) -> R {
+        let state = self.store.state();
+        let fitting: Vec<&MeteringCollector> = state
             .iter()
-            .filter_map(|collector| collector.0.as_ref().ok().cloned().map(Arc::new))
-            .collect()
+            .filter_map(|collector| collector.0.as_ref().ok())
+            .collect();
+        f(&fitting)
     }
 }
 

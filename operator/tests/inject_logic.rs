@@ -65,8 +65,8 @@ spec:
       env: [ { name: OTHER, value: x } ]
 "#;
 
-fn collector(yaml: &str) -> Arc<MeteringCollector> {
-    Arc::new(serde_yaml::from_str(yaml).expect("fixture is a MeteringCollector"))
+fn collector(yaml: &str) -> MeteringCollector {
+    serde_yaml::from_str(yaml).expect("fixture is a MeteringCollector")
 }
 
 fn pod(yaml: &str) -> Pod {
@@ -78,7 +78,7 @@ fn static_excluded() -> BTreeSet<String> {
 }
 
 /// Applies the decision's patch to the pod as the API server would, or fails the test.
-fn injected(pod: &Pod, namespace: &str, collectors: &[Arc<MeteringCollector>]) -> Pod {
+fn injected(pod: &Pod, namespace: &str, collectors: &[&MeteringCollector]) -> Pod {
     let decision = decide(pod, namespace, collectors, &static_excluded()).expect("decide");
     let Decision::Inject { collector, patch } = decision else {
         panic!("expected an injection, got {decision:?}");
@@ -92,7 +92,7 @@ fn injected(pod: &Pod, namespace: &str, collectors: &[Arc<MeteringCollector>]) -
 fn skipped(
     pod: &Pod,
     namespace: &str,
-    collectors: &[Arc<MeteringCollector>],
+    collectors: &[&MeteringCollector],
 ) -> (SkipReason, Option<String>) {
     match decide(pod, namespace, collectors, &static_excluded()).expect("decide") {
         Decision::Skip { reason, warning } => (reason, warning),
@@ -102,7 +102,7 @@ fn skipped(
 
 #[test]
 fn an_opted_in_pod_gets_the_native_sidecar_the_volume_the_url_and_the_annotation() {
-    let pod = injected(&pod(POD), "apps", &[collector(COLLECTOR)]);
+    let pod = injected(&pod(POD), "apps", &[&collector(COLLECTOR)]);
     let spec = pod.spec.as_ref().expect("spec");
     let init: Vec<_> = spec
         .init_containers
@@ -240,7 +240,7 @@ spec:
     let Decision::Inject { patch, .. } = decide(
         &original,
         "apps",
-        &[collector(COLLECTOR)],
+        &[&collector(COLLECTOR)],
         &static_excluded(),
     )
     .expect("decide") else {
@@ -263,7 +263,7 @@ spec:
         "{paths:?}"
     );
 
-    let pod = injected(&original, "apps", &[collector(COLLECTOR)]);
+    let pod = injected(&original, "apps", &[&collector(COLLECTOR)]);
     let annotations = pod.metadata.annotations.as_ref().expect("annotations");
     assert_eq!(annotations["a~b/c"], "kept");
     assert_eq!(annotations[INJECTED_ANNOTATION], "tally/meter");
@@ -280,7 +280,7 @@ spec:
 
     // A pod with none of the arrays and maps the patch adds to.
     let bare = pod_without_anything();
-    let pod = injected(&bare, "apps", &[collector(COLLECTOR)]);
+    let pod = injected(&bare, "apps", &[&collector(COLLECTOR)]);
     let spec = pod.spec.as_ref().expect("spec");
     assert_eq!(spec.init_containers.as_ref().map(Vec::len), Some(1));
     assert_eq!(spec.volumes.as_ref().map(Vec::len), Some(1));
@@ -298,9 +298,9 @@ fn pod_without_anything() -> Pod {
 
 #[test]
 fn a_second_admission_of_an_injected_pod_changes_nothing() {
-    let once = injected(&pod(POD), "apps", &[collector(COLLECTOR)]);
+    let once = injected(&pod(POD), "apps", &[&collector(COLLECTOR)]);
     assert_eq!(
-        skipped(&once, "apps", &[collector(COLLECTOR)]).0,
+        skipped(&once, "apps", &[&collector(COLLECTOR)]).0,
         SkipReason::AlreadyInjected
     );
     // A pod carrying the sidecar without the annotation is not injected twice either.
@@ -312,14 +312,15 @@ fn a_second_admission_of_an_injected_pod_changes_nothing() {
         });
     }
     assert_eq!(
-        skipped(&sidecar_only, "apps", &[collector(COLLECTOR)]).0,
+        skipped(&sidecar_only, "apps", &[&collector(COLLECTOR)]).0,
         SkipReason::AlreadyInjected
     );
 }
 
 #[test]
 fn opted_out_own_and_excluded_pods_are_not_injected() {
-    let collectors = [collector(COLLECTOR)];
+    let meter = collector(COLLECTOR);
+    let collectors = [&meter];
     let labelled = |key: &str, value: &str| {
         let mut pod = pod(POD);
         pod.metadata
@@ -360,7 +361,7 @@ fn opted_out_own_and_excluded_pods_are_not_injected() {
             .replace("enabled: true", "enabled: false")
             .replace("[batch]", "[apps]"),
     );
-    injected(&pod(POD), "apps", &[collector(COLLECTOR), passive]);
+    injected(&pod(POD), "apps", &[&meter, &passive]);
 }
 
 #[test]
@@ -373,14 +374,14 @@ fn the_collector_is_the_annotated_one_or_the_only_one() {
             .replace("enabled: true", "enabled: false"),
     );
 
-    let (reason, warning) = skipped(&pod(POD), "apps", std::slice::from_ref(&disabled));
+    let (reason, warning) = skipped(&pod(POD), "apps", &[&disabled]);
     assert_eq!(reason, SkipReason::NoCollector);
     assert_eq!(
         warning.as_deref(),
         Some("tally-sidecar not injected: no MeteringCollector has spec.injection.enabled: true")
     );
 
-    let (reason, warning) = skipped(&pod(POD), "web", &[meter.clone(), other.clone()]);
+    let (reason, warning) = skipped(&pod(POD), "web", &[&meter, &other]);
     assert_eq!(reason, SkipReason::AmbiguousCollector);
     let warning = warning.expect("a warning");
     assert!(warning.contains("2 MeteringCollectors"), "{warning}");
@@ -399,17 +400,9 @@ fn the_collector_is_the_annotated_one_or_the_only_one() {
         pod
     };
     // `<namespace>/<name>`, and `<name>` in the pod's own namespace.
-    injected(
-        &annotated("tally/meter"),
-        "web",
-        &[meter.clone(), other.clone()],
-    );
-    injected(
-        &annotated("meter"),
-        "tally",
-        &[meter.clone(), other.clone()],
-    );
-    let (reason, warning) = skipped(&annotated("tally/off"), "web", &[meter, disabled]);
+    injected(&annotated("tally/meter"), "web", &[&meter, &other]);
+    injected(&annotated("meter"), "tally", &[&meter, &other]);
+    let (reason, warning) = skipped(&annotated("tally/off"), "web", &[&meter, &disabled]);
     assert_eq!(reason, SkipReason::NoCollector);
     assert!(warning.expect("a warning").contains("names tally/off"));
 }
@@ -442,7 +435,7 @@ fn the_sidecar_configuration_forwards_to_the_collector_service() {
 
 #[test]
 fn the_configuration_opts_in_by_namespace_or_pod_label_and_excludes_namespaces_and_own_pods() {
-    let excluded = inject::excluded_namespaces(&[collector(COLLECTOR)], &static_excluded());
+    let excluded = inject::excluded_namespaces(&[&collector(COLLECTOR)], &static_excluded());
     let configuration = webhook_configuration(
         "tally-operator",
         &WebhookEndpoint::Url("https://127.0.0.1:9443/mutate".into()),
@@ -652,14 +645,13 @@ fn a_new_ca_keeps_the_old_one_in_the_bundle_until_it_expires() {
     );
 }
 
-/// A reflector store holding `collectors`, as the running webhook has.
 /// The controller's cache of collectors, as the webhook reads it, holding `collectors`.
-fn store(collectors: &[Arc<MeteringCollector>]) -> CollectorView {
+fn store(collectors: &[&MeteringCollector]) -> CollectorView {
     let (store, mut writer) = reflector::store();
     for collector in collectors {
-        writer.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(collector
-            .as_ref()
-            .clone()))));
+        writer.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(
+            (*collector).clone()
+        ))));
     }
     CollectorView {
         store,
@@ -689,7 +681,7 @@ fn admission_review(pod: &Pod) -> Vec<u8> {
 fn the_handler_answers_with_a_base64_json_patch_and_nothing_on_reinvocation() {
     let metrics = Arc::new(WebhookMetrics::default());
     let injector = Injector {
-        collectors: store(&[collector(COLLECTOR)]),
+        collectors: store(&[&collector(COLLECTOR)]),
         static_excluded: static_excluded(),
         metrics: metrics.clone(),
     };

@@ -15,7 +15,6 @@ pub mod server;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
@@ -141,7 +140,7 @@ pub enum InjectError {
 /// The namespaces never injected: `static_excluded` (the operator's `--exclude-namespaces`, its own namespace
 /// and kube-system) and the `excludeNamespaces` of every injection-enabled collector.
 pub fn excluded_namespaces(
-    collectors: &[Arc<MeteringCollector>],
+    collectors: &[&MeteringCollector],
     static_excluded: &BTreeSet<String>,
 ) -> BTreeSet<String> {
     let mut excluded = static_excluded.clone();
@@ -157,7 +156,7 @@ pub fn excluded_namespaces(
 pub fn decide(
     pod: &Pod,
     namespace: &str,
-    collectors: &[Arc<MeteringCollector>],
+    collectors: &[&MeteringCollector],
     static_excluded: &BTreeSet<String>,
 ) -> Result<Decision, InjectError> {
     let skip = |reason| {
@@ -218,11 +217,11 @@ pub fn collector_key(collector: &MeteringCollector) -> String {
 pub fn select_collector<'a>(
     pod: &Pod,
     namespace: &str,
-    collectors: &'a [Arc<MeteringCollector>],
+    collectors: &[&'a MeteringCollector],
 ) -> Result<&'a MeteringCollector, (SkipReason, String)> {
     let mut enabled: Vec<&MeteringCollector> = collectors
         .iter()
-        .map(Arc::as_ref)
+        .copied()
         .filter(|c| c.spec.injection.enabled)
         .collect();
     enabled.sort_by_key(|c| collector_key(c));

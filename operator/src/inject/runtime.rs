@@ -309,7 +309,8 @@ pub async fn run(
             .material
             .ca_bundle
             .clone();
-        let excluded = excluded_namespaces(&collectors.well_formed(), &static_excluded);
+        let excluded =
+            collectors.with_well_formed(|fitting| excluded_namespaces(fitting, &static_excluded));
         let mut desired = webhook_configuration(
             &args.webhook_configuration,
             &endpoint,

@@ -161,8 +161,10 @@ impl Injector {
             .clone()
             .or_else(|| pod.metadata.generate_name.clone())
             .unwrap_or_default();
-        let collectors = self.collectors.well_formed();
-        match decide(pod, &namespace, &collectors, &self.static_excluded) {
+        let decided = self.collectors.with_well_formed(|collectors| {
+            decide(pod, &namespace, collectors, &self.static_excluded)
+        });
+        match decided {
             Ok(Decision::Inject { collector, patch }) => match response.clone().with_patch(patch) {
                 Ok(patched) => {
                     self.metrics.admitted("injected", "opted_in");
