@@ -721,20 +721,24 @@ struct Ingest {
 }
 
 /// The YAML of a sidecar with durable acks forwarding to `upstream_port` with `batching` (a YAML
-/// flow mapping, as [`BATCH_1000`]).
+/// flow mapping, as [`BATCH_1000`]) and `buffer.profile: profile` (left out when `None`, for a
+/// binary older than the key).
 fn upstream_config(
     dir: &Path,
     upstream_port: u16,
     batching: &str,
     retry: &str,
-    profile: &str,
+    profile: Option<&str>,
 ) -> String {
+    let profile = profile
+        .map(|p| format!(", profile: {p}"))
+        .unwrap_or_default();
     format!(
         "listen: 127.0.0.1:0\n\
          dataDir: {data}\n\
          durability: sync\n\
          shutdownTimeout: 5s\n\
-         buffer: {{ maxBytes: 4Gi, whenFull: reject, profile: {profile} }}\n\
+         buffer: {{ maxBytes: 4Gi, whenFull: reject{profile} }}\n\
          outputs:\n  \
            targets:\n    \
              - name: upstream\n      \
@@ -748,7 +752,7 @@ fn upstream_config(
 
 const DEFAULT_RETRY: &str = "{ initialInterval: 500ms, maxInterval: 30s }";
 /// The default `buffer.profile`, the collector StatefulSet's.
-const COLLECTOR: &str = "collector";
+const COLLECTOR: Option<&str> = Some("collector");
 /// The output batching of the ingest, half-rate and drain runs.
 const BATCH_1000: &str = "{ count: 1000 }";
 

@@ -23,7 +23,7 @@
 //! `TALLY_BENTHOS_BIN` (the peer; by default the one [`PEER_DIR`]`/build.sh` builds, which is run
 //! and skips the build when the binary exists), `TALLY_PEERS_ROUNDS` (default 3),
 //! `TALLY_BENCH_SECONDS` (each measured load, default 10), `TALLY_PEERS_PROFILE` (Tally's
-//! `buffer.profile`, `collector` or `sidecar`; default `collector`).
+//! `buffer.profile`, `collector` or `sidecar`, or `none` to leave it out; default `collector`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -200,7 +200,7 @@ pub async fn run() -> anyhow::Result<bool> {
         "peers: tally-sidecar ({}, buffer.profile {}) and Benthos {} with the http-server preset ({}); \
          {} rounds of {}s, {} connections x {} events of ~{} bytes; load average {}",
         binaries.sidecar.display(),
-        tally_profile()?,
+        tally_profile()?.as_deref().unwrap_or("left out"),
         benthos_version.as_deref().unwrap_or("?"),
         binaries.benthos.display(),
         rounds,
@@ -352,12 +352,14 @@ fn peer_config() -> PathBuf {
 
 /// Tally's `buffer.profile`: `TALLY_PEERS_PROFILE`, by default `collector` (the collector
 /// StatefulSet's, like the peer, which is a collector too); `sidecar` is what the injector gives
-/// the sidecar next to each workload, with a quarter of the memory and half the throughput.
-fn tally_profile() -> anyhow::Result<String> {
+/// the sidecar next to each workload, with a third of the memory for four fifths of the
+/// throughput; `none` leaves the key out, to measure a binary older than it.
+fn tally_profile() -> anyhow::Result<Option<String>> {
     match std::env::var("TALLY_PEERS_PROFILE") {
-        Err(_) => Ok("collector".into()),
-        Ok(p) if p == "sidecar" || p == "collector" => Ok(p),
-        Ok(p) => bail!("TALLY_PEERS_PROFILE={p:?}: use sidecar or collector"),
+        Err(_) => Ok(Some("collector".into())),
+        Ok(p) if p == "sidecar" || p == "collector" => Ok(Some(p)),
+        Ok(p) if p == "none" => Ok(None),
+        Ok(p) => bail!("TALLY_PEERS_PROFILE={p:?}: use sidecar, collector or none"),
     }
 }
 
@@ -464,7 +466,7 @@ impl Running {
                     upstream_port,
                     BATCHING,
                     DEFAULT_RETRY,
-                    &tally_profile()?,
+                    tally_profile()?.as_deref(),
                 );
                 Running::Tally(start_ready(&binaries.sidecar, dir, &config).await?)
             }
