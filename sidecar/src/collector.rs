@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::buffer::{Budget, BufferOptions, DurableBuffer, SHARED_CONSUMER};
 use crate::config::{BrokerPattern, Config};
-use crate::forward::{BatchReader, Choice, Dispatcher, Fallback, Forwarder, Sender};
+use crate::forward::{BatchReader, Choice, Dispatcher, FailureLog, Fallback, Forwarder, Sender};
 use crate::metrics::Metrics;
 use crate::output::Output;
 use crate::server::{AppState, router};
@@ -77,6 +77,7 @@ fn spawn_forwarders(
                 fail_fast: pattern.fail_fast(),
                 buffer: buffer.clone(),
                 metrics: metrics.clone(),
+                failures: FailureLog::default(),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

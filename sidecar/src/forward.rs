@@ -17,6 +17,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -269,6 +270,88 @@ pub struct Sender {
     pub fail_fast: bool,
     pub buffer: DurableBuffer,
     pub metrics: Arc<Metrics>,
+    pub failures: FailureLog,
+}
+
+/// The shortest time between two log lines at WARN about one streak of an output's failures.
+const FAILING_REMINDER: Duration = Duration::from_secs(60);
+
+/// Logs an output's failed attempts as one streak instead of a line per batch and attempt, which with
+/// `maxInFlight` batches retrying at once would repeat the same error dozens of times per backoff step: a WARN
+/// when the output starts failing, another at most once per [`FAILING_REMINDER`] while it still does (each
+/// attempt at DEBUG), and an INFO once it delivers again. `tally_output_errors_total` and
+/// `tally_output_retries_total` count every attempt either way.
+#[derive(Default)]
+pub struct FailureLog {
+    /// Whether a streak is open: read without the lock on every delivered batch.
+    failing: AtomicBool,
+    streak: parking_lot::Mutex<Option<Streak>>,
+}
+
+struct Streak {
+    since: Instant,
+    failed_attempts: u64,
+    warned: Instant,
+}
+
+impl FailureLog {
+    /// A failed attempt that will be retried in `retry_in`.
+    fn failed(&self, output: &str, retry_in: Duration, error: &str) {
+        let now = Instant::now();
+        let mut streak = self.streak.lock();
+        let Some(open) = streak.as_mut() else {
+            *streak = Some(Streak {
+                since: now,
+                failed_attempts: 1,
+                warned: now,
+            });
+            self.failing.store(true, Ordering::Relaxed);
+            tracing::warn!(
+                output = %output,
+                ?retry_in,
+                error = %error,
+                "delivery is failing; every batch is kept and retried with backoff until the output takes it"
+            );
+            return;
+        };
+        open.failed_attempts += 1;
+        if now.duration_since(open.warned) >= FAILING_REMINDER {
+            open.warned = now;
+            let failing_for = to_millis(now.duration_since(open.since));
+            tracing::warn!(
+                output = %output,
+                ?failing_for,
+                failed_attempts = open.failed_attempts,
+                error = %error,
+                "delivery still failing; retrying"
+            );
+        } else {
+            tracing::debug!(output = %output, ?retry_in, error = %error, "delivery failed; will retry");
+        }
+    }
+
+    /// A delivered batch: closes the streak, if one is open.
+    fn delivered(&self, output: &str) {
+        if !self.failing.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut streak = self.streak.lock();
+        if let Some(closed) = streak.take() {
+            self.failing.store(false, Ordering::Relaxed);
+            let failed_for = to_millis(closed.since.elapsed());
+            tracing::info!(
+                output = %output,
+                ?failed_for,
+                failed_attempts = closed.failed_attempts,
+                "delivering again"
+            );
+        }
+    }
+}
+
+/// `d` to the millisecond, as it is logged.
+fn to_millis(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Sender {
@@ -374,9 +457,7 @@ impl Sender {
         loop {
             let (status, detail, retry_after) = match self.attempt(records, labels).await {
                 Ok(()) => {
-                    if attempt > 0 {
-                        tracing::info!(output = %self.name, attempts = attempt + 1, "delivered after retries");
-                    }
+                    self.failures.delivered(&self.name);
                     return None;
                 }
                 Err(SendError::Permanent { status, detail }) => return Some((detail, status)),
@@ -407,9 +488,7 @@ impl Sender {
             if let Some(after) = retry_after {
                 delay = delay.max(after.min(MAX_RETRY_AFTER));
             }
-            if attempt == 0 || attempt.is_power_of_two() {
-                tracing::warn!(output = %self.name, attempt = attempt + 1, retry_in = ?delay, error = %detail, "delivery failed; will retry");
-            }
+            self.failures.failed(&self.name, delay, &detail);
             tokio::time::sleep(delay).await;
             attempt = attempt.saturating_add(1);
             self.metrics.output_retries.get_or_create(labels).inc();

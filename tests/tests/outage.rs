@@ -161,6 +161,65 @@ async fn an_unreachable_upstream_is_retried_until_it_is_back() {
         .await;
 }
 
+/// Lines of `log` that contain `text`.
+fn lines_with(log: &str, text: &str) -> usize {
+    log.lines().filter(|line| line.contains(text)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
+    let upstream = TestUpstream::start().await;
+    upstream.fail(503, None);
+    // Eight batches of 5 retrying at once, every 20 – 50ms: one line per attempt would be hundreds.
+    let sidecar = builder(&upstream, "20ms", "50ms")
+        .set("outputs.targets.0.batching.count", json!(5))
+        .set("outputs.targets.0.maxInFlight", json!(8))
+        .start()
+        .await;
+    let batch: Vec<Value> = (0..40).map(|i| event(&format!("streak-{i}"))).collect();
+    for request in batch.chunks(5) {
+        sidecar.send_ok(request).await;
+    }
+    sidecar
+        .wait_metric(
+            Duration::from_secs(20),
+            "100 failed attempts",
+            "tally_output_errors_total{output=\"upstream\",kind=\"retryable_status\"}",
+            |errors| errors >= 100.0,
+        )
+        .await;
+    upstream.accept();
+    upstream
+        .wait_delivered(batch.iter().map(id_of), DELIVERY)
+        .await;
+    poll_until(DELIVERY, "the end of the outage to be logged", async || {
+        (lines_with(&sidecar.stderr(), "delivering again") > 0).then_some(())
+    })
+    .await;
+
+    let log = sidecar.stderr();
+    let started = lines_with(&log, "delivery is failing");
+    let ended = lines_with(&log, "delivering again");
+    let warnings = log
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("upstream"))
+        .count();
+    assert_eq!(started, 1, "one line when the outage starts:\n{log}");
+    assert_eq!(ended, 1, "one line when it ends:\n{log}");
+    assert_eq!(
+        warnings, 1,
+        "no WARN per batch or attempt in a 100-attempt outage shorter than a minute:\n{log}"
+    );
+    let ending = log
+        .lines()
+        .find(|line| line.contains("delivering again"))
+        .unwrap_or_default();
+    assert!(
+        ending.contains("output=upstream") && ending.contains("failed_attempts="),
+        "the line names the output and counts the failed attempts: {ending}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_failing_longer_than_max_elapsed_is_dead_lettered() {
     let upstream = TestUpstream::start().await;
