@@ -132,14 +132,7 @@ async fn an_unreachable_upstream_is_retried_until_it_is_back() {
     let sidecar = builder(&upstream, "50ms", "300ms").start().await;
     let batch: Vec<Value> = (0..10).map(|i| event(&format!("down-{i}"))).collect();
     sidecar.send_ok(&batch).await;
-    sidecar
-        .wait_metric(
-            Duration::from_secs(10),
-            "network errors to be counted",
-            "tally_output_errors_total{output=\"upstream\",kind=\"network\"}",
-            |errors| errors >= 2.0,
-        )
-        .await;
+    wait_errors(&sidecar, "network", 2.0, Duration::from_secs(10)).await;
     assert_eq!(
         sidecar
             .metric("tally_output_lag_events{output=\"upstream\"}")
@@ -157,6 +150,18 @@ async fn an_unreachable_upstream_is_retried_until_it_is_back() {
             "the lag to return to 0",
             "tally_output_lag_events{output=\"upstream\"}",
             |lag| lag == 0.0,
+        )
+        .await;
+}
+
+/// Waits until the output `upstream` counted at least `at_least` failed attempts of `kind`.
+async fn wait_errors(sidecar: &Sidecar, kind: &str, at_least: f64, within: Duration) {
+    sidecar
+        .wait_metric(
+            within,
+            &format!("{at_least} failed attempts of kind {kind}"),
+            &format!("tally_output_errors_total{{output=\"upstream\",kind=\"{kind}\"}}"),
+            |errors| errors >= at_least,
         )
         .await;
 }
@@ -180,14 +185,7 @@ async fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
     for request in batch.chunks(5) {
         sidecar.send_ok(request).await;
     }
-    sidecar
-        .wait_metric(
-            Duration::from_secs(20),
-            "100 failed attempts",
-            "tally_output_errors_total{output=\"upstream\",kind=\"retryable_status\"}",
-            |errors| errors >= 100.0,
-        )
-        .await;
+    wait_errors(&sidecar, "retryable_status", 100.0, Duration::from_secs(20)).await;
     upstream.accept();
     upstream
         .wait_delivered(batch.iter().map(id_of), DELIVERY)
