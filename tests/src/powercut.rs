@@ -117,7 +117,49 @@ pub struct CutReport {
 pub struct PowerCutFs {
     mountpoint: PathBuf,
     model: Arc<Mutex<Model>>,
+    stall: Arc<Stall>,
     session: Option<MountedSession>,
+}
+
+/// A disk that stops answering: while closed, an `fsync` waits, and with it the whole filesystem (one FUSE
+/// session thread answers every request in turn).
+#[derive(Default)]
+struct Stall {
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    waiting: std::sync::atomic::AtomicU64,
+}
+
+/// The disk stays stalled while this lives; see [`PowerCutFs::stall`].
+#[must_use = "the disk is stalled only while the guard lives"]
+pub struct Stalled {
+    stall: Arc<Stall>,
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        self.stall.set(false);
+    }
+}
+
+impl Stall {
+    fn set(&self, closed: bool) {
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = closed;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        if *closed {
+            self.waiting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            while *closed {
+                closed = self.opened.wait(closed).unwrap_or_else(|e| e.into_inner());
+            }
+            self.waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// The FUSE session of one mount.
@@ -134,6 +176,7 @@ impl PowerCutFs {
         let mut fs = PowerCutFs {
             mountpoint: dir.canonicalize()?,
             model: Arc::new(Mutex::new(Model::new())),
+            stall: Arc::default(),
             session: None,
         };
         fs.remount()?;
@@ -180,6 +223,7 @@ impl PowerCutFs {
         ];
         let fs = PowerCutFilesystem {
             model: self.model.clone(),
+            stall: self.stall.clone(),
             generation,
         };
         let mut session = Session::new(fs, &self.mountpoint, &config)?;
@@ -200,6 +244,21 @@ impl PowerCutFs {
         Ok(report)
     }
 
+    /// Stalls the disk: from now on an `fsync` does not return, and every request behind it waits too, until the
+    /// returned guard is dropped (or the filesystem unmounted). Declare the guard after the processes using the
+    /// filesystem, so that a failing test lets them go before it waits for them to exit.
+    pub fn stall(&self) -> Stalled {
+        self.stall.set(true);
+        Stalled {
+            stall: self.stall.clone(),
+        }
+    }
+
+    /// How many `fsync`s the [`stall`](Self::stall) holds now.
+    pub fn stalled_fsyncs(&self) -> u64 {
+        self.stall.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> Stats {
         self.model.lock().stats
@@ -210,6 +269,7 @@ impl PowerCutFs {
     /// on, answering `EIO` to everything (it belongs to an older generation), until the last
     /// reference goes; it is not waited for.
     fn unmount(&mut self) -> io::Result<()> {
+        self.stall.set(false);
         let Some(MountedSession {
             mut unmounter,
             thread,
@@ -809,6 +869,7 @@ fn time_of(time: TimeOrNow) -> SystemTime {
 /// The FUSE side: each request locks the model, refuses with `EIO` after a cut, and answers.
 struct PowerCutFilesystem {
     model: Arc<Mutex<Model>>,
+    stall: Arc<Stall>,
     /// The mount this session serves; see [`Model::generation`].
     generation: u64,
 }
@@ -1085,6 +1146,7 @@ impl Filesystem for PowerCutFilesystem {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.stall.pass();
         answer!(reply, self.with(|m| m.fsync_file(ino.0, datasync)), |()| {
             reply.ok()
         })
@@ -1164,6 +1226,7 @@ impl Filesystem for PowerCutFilesystem {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.stall.pass();
         answer!(reply, self.with(|m| m.fsync_dir(ino.0)), |()| reply.ok())
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tally_tests::events::id_of;
-use tally_tests::{Sidecar, TestUpstream, event};
+use tally_tests::{PowerCutFs, Sidecar, TestUpstream, event, poll_until};
 
 const DELIVERY: Duration = Duration::from_secs(30);
 /// How long the upstream holds every answer back.
@@ -85,4 +85,102 @@ async fn an_output_keeps_up_to_max_in_flight_batches_outstanding() {
 async fn max_in_flight_1_sends_one_batch_at_a_time() {
     let at_once = deliver_through_slow_upstream(1, 4).await;
     assert_eq!(at_once, 1, "one batch at a time");
+}
+
+/// Batches the upstream has accepted.
+fn accepted_batches(upstream: &TestUpstream) -> usize {
+    upstream.requests().iter().filter(|r| r.delivered()).count()
+}
+
+/// A batch holds its place until its settlement is recorded, and recording waits for the disk: a stalled disk
+/// stops a fast output after 4 × `maxInFlight` batches, instead of letting it read and hold the whole backlog in
+/// memory. The data directory is on the power-cut filesystem, whose `fsync`s the test holds back: the stalled disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_disk_stops_delivery_at_four_times_max_in_flight_unsettled_batches() {
+    let dir = tempfile::Builder::new()
+        .prefix("tally-stall-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("temporary directory: {e}"));
+    let fs = PowerCutFs::mount(dir.path())
+        .unwrap_or_else(|e| panic!("mounting the power-cut filesystem: {e}"));
+    let upstream = TestUpstream::start().await;
+    upstream.fail(503, None);
+    let sidecar = Sidecar::builder()
+        .openmeter_output("upstream", &upstream.url())
+        .set("dataDir", json!(fs.path()))
+        .set(
+            "outputs.targets.0.batching",
+            json!({ "count": 5, "period": "20ms" }),
+        )
+        .set("outputs.targets.0.maxInFlight", json!(2))
+        .set(
+            "outputs.targets.0.retry",
+            json!({ "initialInterval": "10ms", "maxInterval": "20ms" }),
+        )
+        .start()
+        .await;
+    // A backlog of 80 batches, stored and acknowledged before the disk stalls.
+    let events: Vec<_> = (0..400).map(|i| event(&format!("stall-{i}"))).collect();
+    sidecar.send_ok(&events).await;
+    poll_until(DELIVERY, "the output to be retrying", async || {
+        (upstream.request_count() >= 4).then_some(())
+    })
+    .await;
+
+    let stalled = fs.stall();
+    // One more request: its durable write waits for the disk, and every settlement queues behind it.
+    let late = json!([event("stall-late")]).to_string();
+    let pending = tokio::spawn(
+        sidecar
+            .request(reqwest::Method::POST, "/api/v1/events")
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(late)
+            .send(),
+    );
+    poll_until(
+        DELIVERY,
+        "a write to wait for the stalled disk",
+        async || (fs.stalled_fsyncs() > 0).then_some(()),
+    )
+    .await;
+    upstream.accept();
+    const BOUND: usize = 4 * 2;
+    // More than maxInFlight accepted shows answered batches held waiting for their settlement.
+    poll_until(
+        DELIVERY,
+        "batches beyond maxInFlight to be accepted",
+        async || (accepted_batches(&upstream) > 2).then_some(()),
+    )
+    .await;
+    // Nothing else can show that reading stopped: give the output a second in which, unbounded, it would send
+    // the other 70-odd batches of the backlog to an upstream that answers at once.
+    let watch_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < watch_until {
+        let accepted = accepted_batches(&upstream);
+        assert!(
+            accepted <= BOUND,
+            "{accepted} batches accepted while the disk was stalled; at most 4 x maxInFlight = {BOUND}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !pending.is_finished(),
+        "the request acknowledged while the disk was stalled"
+    );
+
+    drop(stalled);
+    let answer = pending
+        .await
+        .unwrap_or_else(|e| panic!("the late request's task: {e}"))
+        .unwrap_or_else(|e| panic!("the late request: {e}"));
+    assert_eq!(
+        answer.status(),
+        204,
+        "the late request once the disk is back"
+    );
+    upstream
+        .wait_delivered(events.iter().map(id_of).chain(["stall-late"]), DELIVERY)
+        .await;
+    drop(sidecar);
+    drop(fs);
 }
