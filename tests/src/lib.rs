@@ -35,7 +35,7 @@ pub use checkout::workspace_root;
 pub use events::{EventIds, event, event_from};
 pub use poll::{poll, poll_for, poll_until, poll_until_every, poll_until_ok};
 pub use postgres::TestPostgres;
-pub use powercut::PowerCutFs;
+pub use powercut::{PowerCutFs, TempMount};
 pub use problem::assert_problem;
 pub use sidecar::{CliOutput, Sidecar, SidecarBuilder};
 pub use upstream::{Behaviour, ReceivedRequest, RetryAfter, TestUpstream};

@@ -121,6 +121,27 @@ pub struct PowerCutFs {
     session: Option<MountedSession>,
 }
 
+/// A [`PowerCutFs`] mounted on a fresh temporary directory. The filesystem is the first field, so it is unmounted
+/// before the directory is removed (a struct's fields are dropped in the order they are declared).
+pub struct TempMount {
+    pub fs: PowerCutFs,
+    _dir: tempfile::TempDir,
+}
+
+impl TempMount {
+    /// Mounts one, or panics saying what went wrong (mounting needs root and `/dev/fuse`).
+    pub fn mount() -> TempMount {
+        let dir = tempfile::Builder::new()
+            .prefix("tally-powercut-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("temporary directory: {e}"));
+        let fs = PowerCutFs::mount(dir.path()).unwrap_or_else(|e| {
+            panic!("mounting the power-cut filesystem (needs root and /dev/fuse): {e}")
+        });
+        TempMount { fs, _dir: dir }
+    }
+}
+
 /// A disk that stops answering: while closed, an `fsync` waits, and with it the whole filesystem (one FUSE
 /// session thread answers every request in turn).
 #[derive(Default)]

@@ -437,6 +437,15 @@ impl Sidecar {
         content_type: Option<&str>,
         body: impl Into<reqwest::Body>,
     ) -> reqwest::Result<reqwest::Response> {
+        self.post_request(content_type, body).send().await
+    }
+
+    /// The request [`Sidecar::post`] sends, unsent: a test can send it from a task of its own.
+    pub fn post_request(
+        &self,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::RequestBuilder {
         let mut request = self.http.post(self.events_url()).body(body);
         if let Some(content_type) = content_type {
             request = request.header(http::header::CONTENT_TYPE, content_type);
@@ -444,7 +453,7 @@ impl Sidecar {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        request.send().await
+        request
     }
 
     /// Sends a batch (`application/cloudevents-batch+json`).

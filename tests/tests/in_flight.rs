@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tally_tests::events::id_of;
-use tally_tests::{PowerCutFs, Sidecar, TestUpstream, event, poll_until};
+use tally_tests::{Sidecar, TempMount, TestUpstream, event, poll_until};
 
 const DELIVERY: Duration = Duration::from_secs(30);
 /// How long the upstream holds every answer back.
@@ -97,12 +97,8 @@ fn accepted_batches(upstream: &TestUpstream) -> usize {
 /// memory. The data directory is on the power-cut filesystem, whose `fsync`s the test holds back: the stalled disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_disk_stops_delivery_at_four_times_max_in_flight_unsettled_batches() {
-    let dir = tempfile::Builder::new()
-        .prefix("tally-stall-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("temporary directory: {e}"));
-    let fs = PowerCutFs::mount(dir.path())
-        .unwrap_or_else(|e| panic!("mounting the power-cut filesystem: {e}"));
+    let mount = TempMount::mount();
+    let fs = &mount.fs;
     let upstream = TestUpstream::start().await;
     upstream.fail(503, None);
     let sidecar = Sidecar::builder()
@@ -132,9 +128,7 @@ async fn a_stalled_disk_stops_delivery_at_four_times_max_in_flight_unsettled_bat
     let late = json!([event("stall-late")]).to_string();
     let pending = tokio::spawn(
         sidecar
-            .request(reqwest::Method::POST, "/api/v1/events")
-            .header("content-type", "application/cloudevents-batch+json")
-            .body(late)
+            .post_request(Some("application/cloudevents-batch+json"), late)
             .send(),
     );
     poll_until(
@@ -182,5 +176,5 @@ async fn a_stalled_disk_stops_delivery_at_four_times_max_in_flight_unsettled_bat
         .wait_delivered(events.iter().map(id_of).chain(["stall-late"]), DELIVERY)
         .await;
     drop(sidecar);
-    drop(fs);
+    drop(mount);
 }

@@ -1,9 +1,10 @@
 //! Power cuts: an event acknowledged with 204 survives the machine losing power at any instant,
 //! for every broker pattern that spreads events over outputs (`fanOut`, `roundRobin`, `greedy`).
 //!
-//! The real `tally-sidecar` runs with its `dataDir` on a [`PowerCutFs`] mount, a filesystem that
-//! keeps only what was made durable with `fsync`/`fdatasync` (of files, and of directories for
-//! their entries) and drops everything else at a cut (see `tests/src/powercut.rs` for the model).
+//! The real `tally-sidecar` runs with its `dataDir` on a [`PowerCutFs`](tally_tests::PowerCutFs)
+//! mount, a filesystem that keeps only what was made durable with `fsync`/`fdatasync` (of files,
+//! and of directories for their entries) and drops everything else at a cut (see
+//! `tests/src/powercut.rs` for the model).
 //! Concurrent senders keep it under load while its two upstreams fail part of the time; at random
 //! instants (after a random number of acknowledged events, sometimes right after a restart, while
 //! the buffer is being replayed) the sidecar is SIGKILLed and the power is cut at once, so
@@ -46,8 +47,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tally_tests::powercut::{CutReport, Stats};
 use tally_tests::senders::Senders;
-use tally_tests::{PowerCutFs, Sidecar, TestUpstream, poll_for, poll_until};
-use tempfile::TempDir;
+use tally_tests::{Sidecar, TempMount, TestUpstream, poll_for, poll_until};
 
 const SENDERS: usize = 4;
 const BATCH: usize = 10;
@@ -107,24 +107,6 @@ struct Outcome {
     elapsed: Duration,
 }
 
-/// The mount of one run: a temporary directory with a [`PowerCutFs`] on it (declared after the
-/// directory, so it is unmounted before the directory is removed).
-struct Mount {
-    _dir: TempDir,
-    fs: PowerCutFs,
-}
-
-fn mount() -> Mount {
-    let dir = tempfile::Builder::new()
-        .prefix("tally-powercut-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("temporary directory: {e}"));
-    let fs = PowerCutFs::mount(dir.path()).unwrap_or_else(|e| {
-        panic!("mounting the power-cut filesystem (needs root and /dev/fuse): {e}")
-    });
-    Mount { _dir: dir, fs }
-}
-
 /// Runs the sidecar with `pattern` over two outputs and `durability` on a power-cut filesystem,
 /// under load, through [`CUTS`] power cuts at random instants; then lets the upstreams accept
 /// and waits until every acknowledged event arrived where the pattern sends it (both upstreams
@@ -138,7 +120,7 @@ async fn power_cuts_under_load(pattern: &str, durability: &str, layout: DataDir)
     let mut rng = StdRng::seed_from_u64(seed);
     println!("{pattern}, durability {durability}, {layout:?}: seed {seed} (TALLY_POWERCUT_SEED)");
 
-    let mut mount = mount();
+    let mut mount = TempMount::mount();
     let data_dir: PathBuf = match layout {
         DataDir::VolumeRoot => mount.fs.path().to_path_buf(),
         DataDir::CreatedBySidecar => mount.fs.path().join("data"),

@@ -9,34 +9,31 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use tally_tests::PowerCutFs;
 use tally_tests::powercut::CutReport;
-use tempfile::TempDir;
+use tally_tests::{PowerCutFs, TempMount};
 
-/// A mounted filesystem in a fresh temporary directory. The filesystem is declared after the
-/// directory, so it is unmounted before the directory is removed.
-struct Mounted {
-    _dir: TempDir,
-    fs: PowerCutFs,
-}
+/// A mounted filesystem in a fresh temporary directory.
+struct Mounted(TempMount);
 
 impl Mounted {
     fn new() -> Mounted {
-        let dir = tempfile::Builder::new()
-            .prefix("tally-powercut-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("temporary directory: {e}"));
-        let fs = PowerCutFs::mount(dir.path())
-            .unwrap_or_else(|e| panic!("mounting the power-cut filesystem: {e}"));
-        Mounted { _dir: dir, fs }
+        Mounted(TempMount::mount())
+    }
+
+    fn fs(&self) -> &PowerCutFs {
+        &self.0.fs
+    }
+
+    fn fs_mut(&mut self) -> &mut PowerCutFs {
+        &mut self.0.fs
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.fs.path().join(name)
+        self.fs().path().join(name)
     }
 
     fn cut(&mut self) -> CutReport {
-        self.fs
+        self.fs_mut()
             .power_cut_and_remount()
             .unwrap_or_else(|e| panic!("power cut: {e}"))
     }
@@ -87,7 +84,7 @@ fn a_write_without_fsync_is_lost_and_an_fsynced_one_survives() {
         .sync_all()
         .unwrap_or_else(|e| panic!("fsync: {e}"));
     let _ = write_new(&unsynced, b"volatile");
-    fsync_dir(m.fs.path());
+    fsync_dir(m.fs().path());
     // Before the cut everything reads back.
     assert_eq!(read(&synced).as_deref(), Some(&b"durable"[..]));
     assert_eq!(read(&unsynced).as_deref(), Some(&b"volatile"[..]));
@@ -106,7 +103,7 @@ fn an_append_after_the_last_fsync_is_cut_off_and_fdatasync_counts_too() {
     let mut file = write_new(&path, b"one,");
     file.sync_data()
         .unwrap_or_else(|e| panic!("fdatasync: {e}"));
-    fsync_dir(m.fs.path());
+    fsync_dir(m.fs().path());
     file.write_all(b"two,").unwrap_or_else(|e| panic!("{e}"));
     file.sync_data()
         .unwrap_or_else(|e| panic!("fdatasync: {e}"));
@@ -116,7 +113,7 @@ fn an_append_after_the_last_fsync_is_cut_off_and_fdatasync_counts_too() {
 
     m.cut();
     assert_eq!(read(&path).as_deref(), Some(&b"one,two,"[..]));
-    let stats = m.fs.stats();
+    let stats = m.fs().stats();
     assert_eq!(stats.fdatasyncs, 2, "{stats:?}");
     assert_eq!(stats.fsyncs, 0, "{stats:?}");
     assert_eq!(stats.dir_syncs, 1, "{stats:?}");
@@ -132,14 +129,14 @@ fn a_created_and_fsynced_file_disappears_when_its_directory_was_not_fsynced() {
         .unwrap_or_else(|e| panic!("fsync: {e}"));
     let report = m.cut();
     assert_eq!(read(&path), None, "the entry was never made durable");
-    assert!(names(m.fs.path()).is_empty());
+    assert!(names(m.fs().path()).is_empty());
     assert_eq!(report.inodes_lost, 1, "{report:?}");
 
     // The same steps with the directory fsync keep it.
     write_new(&path, b"data")
         .sync_all()
         .unwrap_or_else(|e| panic!("fsync: {e}"));
-    fsync_dir(m.fs.path());
+    fsync_dir(m.fs().path());
     m.cut();
     assert_eq!(read(&path).as_deref(), Some(&b"data"[..]));
 }
@@ -154,7 +151,7 @@ fn a_rename_without_a_directory_fsync_is_undone_and_with_one_it_stays() {
     write_new(&tmp, b"MANIFEST-2")
         .sync_all()
         .unwrap_or_else(|e| panic!("{e}"));
-    fsync_dir(m.fs.path());
+    fsync_dir(m.fs().path());
     // Replacing rename, the way RocksDB installs CURRENT.
     fs::rename(&tmp, &current).unwrap_or_else(|e| panic!("rename: {e}"));
     assert_eq!(read(&current).as_deref(), Some(&b"MANIFEST-2"[..]));
@@ -169,11 +166,11 @@ fn a_rename_without_a_directory_fsync_is_undone_and_with_one_it_stays() {
     assert_eq!(read(&tmp).as_deref(), Some(&b"MANIFEST-2"[..]));
 
     fs::rename(&tmp, &current).unwrap_or_else(|e| panic!("rename: {e}"));
-    fsync_dir(m.fs.path());
+    fsync_dir(m.fs().path());
     m.cut();
     assert_eq!(read(&current).as_deref(), Some(&b"MANIFEST-2"[..]));
     assert_eq!(read(&tmp), None);
-    assert_eq!(names(m.fs.path()), ["CURRENT"]);
+    assert_eq!(names(m.fs().path()), ["CURRENT"]);
 }
 
 #[test]
@@ -183,14 +180,14 @@ fn an_unlink_without_a_directory_fsync_is_undone() {
     write_new(&path, b"kept")
         .sync_all()
         .unwrap_or_else(|e| panic!("{e}"));
-    fsync_dir(m.fs.path());
+    fsync_dir(m.fs().path());
     fs::remove_file(&path).unwrap_or_else(|e| panic!("unlink: {e}"));
     assert_eq!(read(&path), None);
     m.cut();
     assert_eq!(read(&path).as_deref(), Some(&b"kept"[..]));
 
     fs::remove_file(&path).unwrap_or_else(|e| panic!("unlink: {e}"));
-    fsync_dir(m.fs.path());
+    fsync_dir(m.fs().path());
     m.cut();
     assert_eq!(read(&path), None);
 }
@@ -212,7 +209,7 @@ fn directories_need_their_parent_fsynced_and_their_own_entries_fsynced() {
     );
 
     fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir: {e}"));
-    fsync_dir(m.fs.path());
+    fsync_dir(m.fs().path());
     write_new(&file, b"wal")
         .sync_all()
         .unwrap_or_else(|e| panic!("{e}"));
@@ -245,7 +242,7 @@ fn truncate_and_writes_at_offsets_follow_the_same_rules() {
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let file = write_new(&path, &big);
     file.sync_all().unwrap_or_else(|e| panic!("{e}"));
-    fsync_dir(m.fs.path());
+    fsync_dir(m.fs().path());
 
     file.write_all_at(b"XYZ", 70_000)
         .unwrap_or_else(|e| panic!("pwrite: {e}"));
@@ -340,7 +337,7 @@ fn an_unlinked_open_file_stays_usable_and_nothing_survives_that_was_not_synced()
     assert_eq!(back, b"12345678");
     drop(file);
     let report = m.cut();
-    assert!(names(m.fs.path()).is_empty());
+    assert!(names(m.fs().path()).is_empty());
     assert_eq!(report.inodes_kept, 1, "only the root: {report:?}");
 }
 
@@ -349,15 +346,18 @@ fn after_a_cut_every_request_fails_until_the_remount() {
     let mut m = Mounted::new();
     let path = m.path("f");
     let mut file = write_new(&path, b"x");
-    fsync_dir(m.fs.path());
-    m.fs.power_cut()
+    fsync_dir(m.fs().path());
+    m.fs_mut()
+        .power_cut()
         .unwrap_or_else(|e| panic!("power cut: {e}"));
-    assert!(!m.fs.is_mounted());
+    assert!(!m.fs().is_mounted());
     // The descriptor opened before the cut now points at a dead connection.
     assert!(file.write_all(b"y").is_err() || file.sync_all().is_err());
     drop(file);
     // The mount point is the empty directory underneath again.
-    assert!(names(m.fs.path()).is_empty());
-    m.fs.remount().unwrap_or_else(|e| panic!("remount: {e}"));
+    assert!(names(m.fs().path()).is_empty());
+    m.fs_mut()
+        .remount()
+        .unwrap_or_else(|e| panic!("remount: {e}"));
     assert_eq!(read(&path).as_deref(), Some(&b""[..]));
 }
