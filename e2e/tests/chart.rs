@@ -200,6 +200,29 @@ fn ci_values_files_render_what_they_ask_for() {
     }
 
     assert!(
+        !kinds(&defaults).iter().any(|k| k == "PodMonitor"),
+        "PodMonitors without podMonitor.enabled"
+    );
+    for (name, port) in [
+        ("tally-operator-collectors", "http"),
+        ("tally-operator-sidecars", "tally-http"),
+    ] {
+        let monitor = monitored
+            .get("PodMonitor", name)
+            .unwrap_or_else(|| panic!("podMonitor.enabled renders the PodMonitor {name}"));
+        assert_eq!(
+            monitor.labels().get("release").map(String::as_str),
+            Some("prometheus"),
+            "{name}"
+        );
+        let endpoint = &monitor.data["spec"]["podMetricsEndpoints"][0];
+        assert_eq!(endpoint["port"], port, "{name}");
+        assert_eq!(endpoint["path"], "/metrics", "{name}");
+        assert_eq!(endpoint["interval"], "15s", "{name}");
+        assert_eq!(endpoint["scrapeTimeout"], "5s", "{name}");
+    }
+
+    assert!(
         !kinds(&defaults)
             .iter()
             .any(|k| k == "Certificate" || k == "Issuer"),
@@ -432,8 +455,9 @@ fn operator_accepts_the_rendered_command_line() {
 /// namespace enforces the `restricted` Pod Security Standard, so the ReplicaSet controller creating both operator
 /// pods proves the pod template is admitted under it.
 ///
-/// The control plane has no Prometheus Operator: the ServiceMonitor and PrometheusRule documents are skipped (with a
-/// message) when their CRDs (`monitoring.coreos.com`) are absent, and only then.
+/// The control plane has no Prometheus Operator: the ServiceMonitor, PodMonitor and PrometheusRule documents are
+/// skipped (with a message) when their CRDs (`monitoring.coreos.com`) are absent, and only then. What the
+/// PodMonitors select is checked on real pods in `real_node.rs`.
 #[tokio::test]
 async fn rendered_chart_applies_to_a_real_api_server() {
     let control_plane = ControlPlane::start().await.expect("control plane starts");
@@ -500,7 +524,10 @@ async fn rendered_chart_applies_to_a_real_api_server() {
     }
     for object in manifests.objects() {
         // No Prometheus Operator here: its kinds were skipped above.
-        if !matches!(kind_of(object), "ServiceMonitor" | "PrometheusRule") {
+        if !matches!(
+            kind_of(object),
+            "ServiceMonitor" | "PodMonitor" | "PrometheusRule"
+        ) {
             assert_exists(&client, object).await;
         }
     }
@@ -881,7 +908,7 @@ async fn skip_unserved(client: &Client, object: &DynamicObject) -> bool {
     let kind = kind_of(object);
     if !matches!(
         kind,
-        "ServiceMonitor" | "PrometheusRule" | "Certificate" | "Issuer"
+        "ServiceMonitor" | "PodMonitor" | "PrometheusRule" | "Certificate" | "Issuer"
     ) {
         return false;
     }

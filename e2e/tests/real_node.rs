@@ -333,6 +333,100 @@ async fn the_chart_meters_an_injected_workload_end_to_end_on_a_real_node() {
         "events of the excluded namespace reached the upstream"
     );
 
+    // The chart's PodMonitors, as the Prometheus Operator would use them: each selects pods in any namespace by its
+    // labels and scrapes the container port its endpoint names. They find both collector pods and the injected app
+    // (not the excluded one), and every target serves Tally's metrics.
+    let monitors = helm
+        .template(
+            &chart_dir(),
+            "tally",
+            RELEASE_NAMESPACE,
+            &[&chart_dir().join("ci").join("servicemonitor-values.yaml")],
+        )
+        .unwrap_or_else(|e| panic!("helm template: {e}"));
+    let all_pods = Api::<Pod>::all(client.clone());
+    for (monitor, expected) in [
+        (
+            "tally-operator-collectors",
+            vec![
+                format!("{RELEASE_NAMESPACE}/meter-0"),
+                format!("{RELEASE_NAMESPACE}/meter-1"),
+            ],
+        ),
+        (
+            "tally-operator-sidecars",
+            vec![format!("{APP_NAMESPACE}/{app_name}")],
+        ),
+    ] {
+        let spec = &monitors
+            .get("PodMonitor", monitor)
+            .unwrap_or_else(|| panic!("podMonitor.enabled renders no PodMonitor {monitor}"))
+            .data["spec"];
+        assert_eq!(spec["namespaceSelector"]["any"], true, "{monitor}");
+        let selector = spec["selector"]["matchLabels"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{monitor} has no matchLabels"))
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let endpoint = &spec["podMetricsEndpoints"][0];
+        let port_name = endpoint["port"].as_str().unwrap_or_default();
+        let selected = all_pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .unwrap_or_else(|e| panic!("listing the pods {monitor} selects ({selector}): {e}"));
+        let mut found: Vec<String> = selected
+            .items
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+            .collect();
+        found.sort();
+        assert_eq!(found, expected, "the pods {monitor} selects by {selector}");
+        for pod in &selected.items {
+            let spec = pod.spec.clone().unwrap_or_default();
+            let port = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|p| p.name.as_deref() == Some(port_name))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{monitor}: pod {} has no port named {port_name}",
+                        pod.name_any()
+                    )
+                })
+                .container_port;
+            let ip = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.clone())
+                .unwrap_or_default();
+            let path = endpoint["path"].as_str().unwrap_or_default();
+            let text = reqwest::get(format!("http://{ip}:{port}{path}"))
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .unwrap_or_else(|e| panic!("{monitor}: scraping {}: {e}", pod.name_any()))
+                .text()
+                .await
+                .unwrap_or_else(|e| panic!("{monitor}: scraping {}: {e}", pod.name_any()));
+            let exposition = Exposition::parse(&text);
+            assert!(
+                exposition.exposes("tally_events_received_total"),
+                "{monitor}: pod {} serves no Tally metrics at {path}:\n{text}",
+                pod.name_any()
+            );
+            if monitor.ends_with("sidecars") {
+                assert!(
+                    exposition.value("tally_events_received_total") >= APP_EVENTS as f64,
+                    "{monitor}: the injected sidecar of {} counts fewer than the app's {APP_EVENTS} events",
+                    pod.name_any()
+                );
+            }
+        }
+    }
+
     let phases = Api::<Pod>::all(client.clone())
         .list(&ListParams::default())
         .await

@@ -270,13 +270,21 @@ fn pipeline_schema(generator: &mut SchemaGenerator) -> Schema {
     schema
 }
 
-/// `namespace/name`, the key of a collector's backoff, of its log lines and of the webhook's choice.
+/// `namespace/name`, the key of a collector's backoff, of its log lines and of the webhook's choice; of
+/// the object's metadata, so a collector that does not deserialize has one too.
 pub fn key_of(meta: &kube::api::ObjectMeta) -> String {
     format!(
         "{}/{}",
         meta.namespace.as_deref().unwrap_or_default(),
         meta.name.as_deref().unwrap_or_default()
     )
+}
+
+impl MeteringCollector {
+    /// See [`key_of`].
+    pub fn key(&self) -> String {
+        key_of(&self.metadata)
+    }
 }
 
 /// The CRD as YAML, what `tally-operator crd` prints and `crds/meteringcollector.yaml` holds.

@@ -28,7 +28,6 @@ use crate::build;
 use crate::caches::{ChildStores, Triggers};
 use crate::crd::{FIELD_MANAGER, MeteringCollector, MeteringCollectorStatus, key_of};
 use crate::drain::{self, Step};
-use crate::inject::collector_key;
 use crate::metrics::Metrics;
 use crate::status::{self, Observation};
 use crate::storage::{self, ClaimAction, StorageProblem};
@@ -136,7 +135,7 @@ pub async fn reconcile(
     let result = reconcile_stages(&collector, &ctx).await;
     ctx.metrics.observe(started.elapsed());
     if result.is_ok() {
-        ctx.reset_failures(&collector_key(&collector));
+        ctx.reset_failures(&collector.key());
     }
     result
 }
@@ -146,7 +145,7 @@ async fn reconcile_stages(collector: &MeteringCollector, ctx: &Context) -> Resul
     let validated = match validate::validate(collector) {
         Ok(validated) => validated,
         Err(invalid) => {
-            tracing::info!(collector = %collector_key(collector), %invalid, "invalid spec");
+            tracing::info!(collector = %collector.key(), %invalid, "invalid spec");
             let status =
                 status::desired_status(collector, &Observation::InvalidSpec(&invalid), &now);
             write_status(ctx, collector, status).await?;
@@ -288,7 +287,7 @@ async fn reconcile_drains(
             Step::Start { claim, ordinal } => {
                 let job = drain::job(validated, stateful_set, claim, *ordinal);
                 apply(&ctx.client, namespace, &job).await?;
-                tracing::info!(collector = %collector_key(collector), %claim, "draining the buffer of a removed replica");
+                tracing::info!(collector = %collector.key(), %claim, "draining the buffer of a removed replica");
                 Some((
                     EventType::Normal,
                     "DrainStarted",
@@ -384,7 +383,7 @@ async fn reconcile_drains(
                 secondary: None,
             };
             if let Err(error) = ctx.recorder.publish(&event, &reference).await {
-                tracing::warn!(collector = %collector_key(collector), %error, "publishing an event failed");
+                tracing::warn!(collector = %collector.key(), %error, "publishing an event failed");
             }
         }
     }
@@ -452,7 +451,7 @@ async fn reconcile_storage(
                 ),
                 source,
             })?;
-        tracing::info!(collector = %collector_key(collector), %claim, from = %from.0, to = %desired.0, "expanded a buffer claim");
+        tracing::info!(collector = %collector.key(), %claim, from = %from.0, to = %desired.0, "expanded a buffer claim");
         let event = Event {
             type_: EventType::Normal,
             reason: "StorageExpanded".into(),
@@ -464,7 +463,7 @@ async fn reconcile_storage(
             secondary: None,
         };
         if let Err(error) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(collector = %collector_key(collector), %error, "publishing an event failed");
+            tracing::warn!(collector = %collector.key(), %error, "publishing an event failed");
         }
     }
     Ok(StorageOutcome {
@@ -524,7 +523,7 @@ async fn write_status(
         };
         // Events are a courtesy: failing to publish one must not fail the reconcile.
         if let Err(error) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(collector = %collector_key(collector), %error, "publishing an event failed");
+            tracing::warn!(collector = %collector.key(), %error, "publishing an event failed");
         }
     }
     Ok(())

@@ -33,7 +33,9 @@ use tally_operator::crd::MeteringCollector;
 use tally_operator::inject::certs;
 use tally_operator::inject::config::{CertificateSource, FailurePolicy, INJECT_CA_FROM};
 use tally_operator::inject::metrics::{AdmissionLabels, WebhookMetrics};
-use tally_operator::inject::{self, INJECTED_ANNOTATION, SIDECAR_NAME, WebhookArgs};
+use tally_operator::inject::{
+    self, INJECTED_ANNOTATION, SIDECAR_LABEL, SIDECAR_LABEL_VALUE, SIDECAR_NAME, WebhookArgs,
+};
 use tally_operator::metrics::Metrics;
 use tally_tests::ports::unused_port;
 use tokio::sync::oneshot;
@@ -314,6 +316,11 @@ fn assert_injected_once(pod: &Pod, collector: &str) {
             .map(String::as_str),
         Some(collector),
         "{name}"
+    );
+    assert_eq!(
+        pod.labels().get(SIDECAR_LABEL).map(String::as_str),
+        Some(SIDECAR_LABEL_VALUE),
+        "{name}: the label a PodMonitor selects sidecars by"
     );
 }
 

@@ -26,7 +26,8 @@ use tally_operator::inject::config::{
 use tally_operator::inject::metrics::{AdmissionLabels, WebhookMetrics};
 use tally_operator::inject::server::Injector;
 use tally_operator::inject::{
-    self, Decision, INJECTED_ANNOTATION, SIDECAR_NAME, SkipReason, decide, sidecar_config,
+    self, Decision, INJECTED_ANNOTATION, SIDECAR_LABEL, SIDECAR_LABEL_VALUE, SIDECAR_NAME,
+    SkipReason, decide, sidecar_config,
 };
 use tally_sidecar::config::{Config, OutputKind, SecretSource};
 use time::OffsetDateTime;
@@ -222,6 +223,10 @@ fn an_opted_in_pod_gets_the_native_sidecar_the_volume_the_url_and_the_annotation
 
     let annotations = pod.metadata.annotations.as_ref().expect("annotations");
     assert_eq!(annotations[INJECTED_ANNOTATION], "tally/meter");
+    // The pod's own labels are kept, and the one a PodMonitor selects sidecars by is added.
+    let labels = pod.metadata.labels.as_ref().expect("labels");
+    assert_eq!(labels["app"], "web");
+    assert_eq!(labels[SIDECAR_LABEL], SIDECAR_LABEL_VALUE);
 }
 
 #[test]
@@ -267,6 +272,11 @@ spec:
     let annotations = pod.metadata.annotations.as_ref().expect("annotations");
     assert_eq!(annotations["a~b/c"], "kept");
     assert_eq!(annotations[INJECTED_ANNOTATION], "tally/meter");
+    // A pod without labels gets a map with the sidecar label.
+    assert_eq!(
+        pod.metadata.labels,
+        Some([(SIDECAR_LABEL.to_string(), SIDECAR_LABEL_VALUE.to_string())].into())
+    );
     let volumes: Vec<_> = pod
         .spec
         .as_ref()

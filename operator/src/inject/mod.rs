@@ -42,6 +42,11 @@ pub const INJECT_LABEL: &str = "metering.tally.dev/inject";
 pub const COLLECTOR_ANNOTATION: &str = "metering.tally.dev/collector";
 /// Pod annotation the injection adds: `<collector namespace>/<collector name>`.
 pub const INJECTED_ANNOTATION: &str = "metering.tally.dev/injected";
+/// Pod label the injection adds, with the value [`SIDECAR_LABEL_VALUE`]: what a Prometheus Operator
+/// PodMonitor selects the sidecars' pods by (the chart's `podMonitor`).
+pub const SIDECAR_LABEL: &str = "metering.tally.dev/sidecar";
+/// Value of [`SIDECAR_LABEL`].
+pub const SIDECAR_LABEL_VALUE: &str = "injected";
 /// Label of Tally's own pods (the collector StatefulSets); they are never injected.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`] on Tally's own objects.
@@ -188,7 +193,7 @@ pub fn decide(
         }
     };
     Ok(Decision::Inject {
-        collector: collector_key(collector),
+        collector: collector.key(),
         patch: injection_patch(pod, collector)?,
     })
 }
@@ -207,11 +212,6 @@ pub fn is_injected(pod: &Pod) -> bool {
             .any(|c| c.name == SIDECAR_NAME)
 }
 
-/// `namespace/name` of a collector.
-pub fn collector_key(collector: &MeteringCollector) -> String {
-    crate::crd::key_of(&collector.metadata)
-}
-
 /// The injection-enabled collector a pod forwards to: the one its [`COLLECTOR_ANNOTATION`] names, else the only
 /// one in the cluster. The error is the skip reason and a warning that says what to do.
 pub fn select_collector<'a>(
@@ -224,7 +224,7 @@ pub fn select_collector<'a>(
         .copied()
         .filter(|c| c.spec.injection.enabled)
         .collect();
-    enabled.sort_by_key(|c| collector_key(c));
+    enabled.sort_by_key(|c| c.key());
     if let Some(chosen) = pod.annotations().get(COLLECTOR_ANNOTATION) {
         let chosen = chosen.trim();
         let (want_namespace, want_name) = chosen.split_once('/').unwrap_or((namespace, chosen));
@@ -257,7 +257,7 @@ pub fn select_collector<'a>(
                 several.len(),
                 several
                     .iter()
-                    .map(|c| collector_key(c))
+                    .map(|c| c.key())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -356,7 +356,7 @@ pub fn locked_down(user: i64) -> SecurityContext {
 pub fn sidecar_container(collector: &MeteringCollector) -> Result<Container, InjectError> {
     let rendered = serde_yaml::to_string(&sidecar_config(collector)).map_err(|source| {
         InjectError::Render {
-            collector: collector_key(collector),
+            collector: collector.key(),
             source,
         }
     })?;
@@ -434,7 +434,8 @@ pub fn buffer_volume() -> Volume {
 
 /// The JSONPatch that injects `collector`'s sidecar into `pod`: the sidecar first among the init containers (so
 /// other init containers can meter too), the buffer volume, `OPENMETER_URL` in every app container that does not
-/// set it, and the injected annotation. Only `add` operations: nothing the pod already has is replaced.
+/// set it, the injected annotation and the [`SIDECAR_LABEL`]. Only `add` operations: nothing else the pod already
+/// has is replaced.
 pub fn injection_patch(pod: &Pod, collector: &MeteringCollector) -> Result<Patch, InjectError> {
     let sidecar = sidecar_container(collector)?;
     let mut ops = Vec::new();
@@ -473,7 +474,7 @@ pub fn injection_patch(pod: &Pod, collector: &MeteringCollector) -> Result<Patch
             )),
         }
     }
-    let injected = collector_key(collector);
+    let injected = collector.key();
     match &pod.metadata.annotations {
         Some(_) => ops.push(add(
             &["metadata", "annotations", INJECTED_ANNOTATION],
@@ -485,6 +486,16 @@ pub fn injection_patch(pod: &Pod, collector: &MeteringCollector) -> Result<Patch
                 INJECTED_ANNOTATION.to_string(),
                 Value::String(injected),
             )])),
+        )),
+    }
+    match &pod.metadata.labels {
+        Some(_) => ops.push(add(
+            &["metadata", "labels", SIDECAR_LABEL],
+            Value::String(SIDECAR_LABEL_VALUE.into()),
+        )),
+        None => ops.push(add(
+            &["metadata", "labels"],
+            json!({ SIDECAR_LABEL: SIDECAR_LABEL_VALUE }),
         )),
     }
     Ok(Patch(ops))
