@@ -75,7 +75,7 @@ pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, Inv
         return items
             .into_iter()
             .enumerate()
-            .map(|(i, item)| validate_text(item.get(), &format!("events[{i}]")))
+            .map(|(i, item)| validate_text(item.get(), At::Item(i)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| InvalidEvent { events: count, ..e });
     }
@@ -88,7 +88,7 @@ pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, Inv
     };
     match (first, shape) {
         (Some(b'{'), BodyShape::Single | BodyShape::Either) => {
-            Ok(vec![validate_text(text, "event")?])
+            Ok(vec![validate_text(text, At::Event)?])
         }
         (Some(b'['), _) => {
             let items: Vec<&RawValue> = serde_json::from_str(text).map_err(not_json)?;
@@ -126,7 +126,7 @@ pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, Inv
 /// forwarded as is, still holds both; receivers differ on which one counts (two `id`s could be
 /// deduplicated under one and billed under the other). `at` names the event in errors
 /// (`events[3]`).
-fn validate_text(text: &str, at: &str) -> Result<Event, InvalidEvent> {
+fn validate_text(text: &str, at: At) -> Result<Event, InvalidEvent> {
     use serde::de::DeserializeSeed;
     let text = text.trim();
     let repeated = RefCell::new(None);
@@ -151,6 +151,23 @@ fn validate_text(text: &str, at: &str) -> Result<Event, InvalidEvent> {
         },
     })?;
     validate(attributes, at, text)
+}
+
+/// Which event of a request an error is about: `event` or `events[3]`. Written out only when
+/// there is an error to name it in.
+#[derive(Clone, Copy)]
+enum At {
+    Event,
+    Item(usize),
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::Event => f.write_str("event"),
+            At::Item(i) => write!(f, "events[{i}]"),
+        }
+    }
 }
 
 /// Where a JSON node is, built only when an error names it.
@@ -494,7 +511,7 @@ pub fn parse_binary(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Event>, Inva
     }
     // The same rules as a structured event's, on the text that is stored: a key twice in the
     // data is named as `event.data...`, and a `ce-data` header beside a body is `data` twice.
-    Ok(vec![validate_text(&text, "event")?])
+    Ok(vec![validate_text(&text, At::Event)?])
 }
 
 /// The attribute value of a `ce-*` header. The CloudEvents HTTP binding (3.1.3.2) has senders
@@ -552,7 +569,7 @@ fn header_text(headers: &HeaderMap, name: &str, attr: &str) -> Result<String, In
 }
 
 /// Applies OpenMeter's rules to one scanned event, whose JSON text is `text`.
-fn validate(event: ScannedEvent<'_>, at: &str, text: &str) -> Result<Event, InvalidEvent> {
+fn validate(event: ScannedEvent<'_>, at: At, text: &str) -> Result<Event, InvalidEvent> {
     let fail = |field: &str, message: String| InvalidEvent {
         location: if field.is_empty() {
             at.to_string()

@@ -20,23 +20,43 @@ const V2: u8 = 2;
 /// version + crc + appended_ms + target length.
 const V2_HEADER: usize = 1 + 4 + 8 + 1;
 
+/// The length of a stored event's record.
+pub(super) fn record_len(target: &Target, json_len: usize) -> usize {
+    V2_HEADER + target_name(target).len() + json_len
+}
+
+fn target_name(target: &Target) -> &[u8] {
+    match target {
+        Target::All => &[],
+        // Output names are validated to at most 63 bytes; the length must fit in a byte.
+        Target::Only(name) => &name.as_bytes()[..name.len().min(u8::MAX as usize)],
+    }
+}
+
 /// Encodes a stored event.
 pub(super) fn encode_record(target: &Target, appended_ms: u64, json: &[u8]) -> Vec<u8> {
-    let name = match target {
-        Target::All => &[][..],
-        Target::Only(name) => name.as_bytes(),
-    };
-    let mut out = Vec::with_capacity(V2_HEADER + name.len() + json.len());
+    let mut out = Vec::with_capacity(record_len(target, json.len()));
+    encode_record_into(&mut out, target, appended_ms, json);
+    out
+}
+
+/// Encodes a stored event into `out`, replacing what it held.
+pub(super) fn encode_record_into(
+    out: &mut Vec<u8>,
+    target: &Target,
+    appended_ms: u64,
+    json: &[u8],
+) {
+    let name = target_name(target);
+    out.clear();
     out.push(V2);
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&appended_ms.to_be_bytes());
-    // Output names are validated to at most 63 bytes, so the length fits.
-    out.push(name.len().min(u8::MAX as usize) as u8);
-    out.extend_from_slice(&name[..name.len().min(u8::MAX as usize)]);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
     out.extend_from_slice(json);
     let crc = crc32c::crc32c(&out[5..]);
     out[1..5].copy_from_slice(&crc.to_be_bytes());
-    out
 }
 
 /// A decoded record, borrowing from the stored value.
@@ -110,12 +130,11 @@ pub(super) fn cursor_key(consumer: &str) -> Vec<u8> {
     format!("cursor/{consumer}").into_bytes()
 }
 
-pub(super) fn dedup_key(source: &str, id: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(4 + source.len() + id.len());
-    key.extend_from_slice(&(source.len() as u32).to_be_bytes());
-    key.extend_from_slice(source.as_bytes());
-    key.extend_from_slice(id.as_bytes());
-    key
+/// Appends the dedup key of `(source, id)` to `out`: the source's length, the source, the id.
+pub(super) fn push_dedup_key(out: &mut Vec<u8>, source: &str, id: &str) {
+    out.extend_from_slice(&(source.len() as u32).to_be_bytes());
+    out.extend_from_slice(source.as_bytes());
+    out.extend_from_slice(id.as_bytes());
 }
 
 /// Dead letters of one output sort together: output name, NUL, sequence.
@@ -159,6 +178,7 @@ mod tests {
         assert_eq!(record.appended_ms, 42);
         assert_eq!(record.target, Some(&b"b"[..]));
         assert_eq!(record.json, br#"{"id":"1"}"#);
+        assert_eq!(value.len(), record_len(&Target::Only("b".into()), 10));
 
         let mut flipped = value.clone();
         let last = flipped.len() - 2;

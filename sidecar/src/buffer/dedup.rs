@@ -6,11 +6,15 @@
 use rocksdb::{BlockBasedOptions, DB, DBCompressionType, Options, compaction_filter::Decision};
 
 use super::budget::Memory;
-use super::codec::{dedup_key, u64_value};
+use super::codec::{push_dedup_key, u64_value};
 use super::open::{CF_DEDUP, cf};
 use super::space::{DedupFilter, Removal};
 use super::{BufferError, now_ms};
 use crate::event::Event;
+
+/// The memtable filter's share of the memtable: a key with its timestamp and RocksDB's entry
+/// overhead takes about 60 bytes, so 2 % of them is about 10 bits a key.
+const MEMTABLE_BLOOM_RATIO: f64 = 0.02;
 
 /// Column family options of the index; without a filter (read-only opens, checks) nothing is
 /// removed.
@@ -21,6 +25,10 @@ pub(super) fn options(
 ) -> Options {
     let mut dedup = Options::default();
     dedup.set_write_buffer_size(memory.dedup_write_buffer as usize);
+    // Nearly every lookup is of a new event and misses: a bloom filter over each memtable's keys
+    // (about 10 bits a key) answers most of those without searching the memtable's skiplist.
+    dedup.set_memtable_whole_key_filtering(true);
+    dedup.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
     // A compaction holds every key's hash of the file it writes until the file's filter is
     // built: the file size bounds that memory.
     dedup.set_target_file_size_base(memory.dedup_file_size);
@@ -52,8 +60,18 @@ pub(super) fn options(
 /// inside the list are the caller's to find: whether the first one counts depends on whether
 /// its request is stored.
 pub(super) struct Seen {
-    pub keys: Vec<Vec<u8>>,
+    /// Every key, one after the other; key `i` ends at `ends[i]`.
+    keys: Vec<u8>,
+    ends: Vec<usize>,
     pub stored: Vec<bool>,
+}
+
+impl Seen {
+    /// The key of event `i`.
+    pub fn key(&self, i: usize) -> &[u8] {
+        let start = i.checked_sub(1).map_or(0, |before| self.ends[before]);
+        &self.keys[start..self.ends[i]]
+    }
 }
 
 /// Looks every event up in one multi-get; a window of 0 means dedup is off.
@@ -63,18 +81,23 @@ pub(super) fn lookup<'a>(
     filter: &DedupFilter,
     now: u64,
 ) -> Result<Seen, BufferError> {
+    let mut seen = Seen {
+        keys: Vec::new(),
+        ends: Vec::new(),
+        stored: Vec::new(),
+    };
     if filter.window_ms == 0 {
-        return Ok(Seen {
-            keys: Vec::new(),
-            stored: Vec::new(),
-        });
+        return Ok(seen);
     }
     let dedup_cf = cf(db, CF_DEDUP)?;
-    let keys: Vec<Vec<u8>> = events.map(|e| dedup_key(&e.source, &e.id)).collect();
-    let stored: Vec<bool> = db
-        .multi_get_cf(keys.iter().map(|k| (dedup_cf, k.as_slice())))
+    for event in events {
+        push_dedup_key(&mut seen.keys, &event.source, &event.id);
+        seen.ends.push(seen.keys.len());
+    }
+    seen.stored = db
+        .multi_get_cf((0..seen.ends.len()).map(|i| (dedup_cf, seen.key(i))))
         .into_iter()
         .map(|r| r.map(|v| v.is_some_and(|v| filter.keeps(u64_value(&v), now).is_ok())))
         .collect::<Result<_, _>>()?;
-    Ok(Seen { keys, stored })
+    Ok(seen)
 }

@@ -16,7 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use bytes::Bytes;
 use rocksdb::{
     BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB,
-    DBCompressionType, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
+    DBCompressionType, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
 };
 use serde::Serialize;
 use tokio::sync::watch;
@@ -455,16 +455,17 @@ pub(super) fn read(
     let events = cf(&db, CF_EVENTS)?;
     let mut read_opts = ReadOptions::default();
     read_opts.fill_cache(true);
-    let start = seq_key(after.saturating_add(1));
-    let iter = db.iterator_cf_opt(
-        events,
-        read_opts,
-        IteratorMode::From(&start, Direction::Forward),
-    );
+    // Nothing past the ceiling is read, nor are the deletions beyond it stepped over.
+    read_opts.set_iterate_upper_bound(seq_key(ceiling.saturating_add(1)));
+    let mut iter = db.raw_iterator_cf_opt(events, read_opts);
+    iter.seek(seq_key(after.saturating_add(1)));
     let mut batch = ReadBatch::default();
-    for item in iter {
-        let (key, value) = item?;
-        let Some(seq) = key_seq(&key) else {
+    // The batch's events go into one buffer that the records are slices of: one allocation
+    // and one copy per batch instead of per event.
+    let mut text: Vec<u8> = Vec::new();
+    let mut spans: Vec<(u64, usize)> = Vec::new();
+    while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+        let Some(seq) = key_seq(key) else {
             // Sorts after every sequence key; nothing readable follows it.
             inner.found_damaged.lock().push((key.to_vec(), Damage::Key));
             break;
@@ -472,38 +473,53 @@ pub(super) fn read(
         if seq > ceiling {
             break;
         }
-        let record = match decode_record(&value) {
+        let record = match decode_record(value) {
             Ok(record) => record,
             Err(damage) => {
                 // Step over it; the writer moves it to the quarantine before the cursor can
                 // pass it (see writer::run).
                 inner.found_damaged.lock().push((key.to_vec(), damage));
                 batch.last_scanned = seq;
+                iter.next();
                 continue;
             }
         };
-        if let Some(target) = record.target
-            && !any_target
-            && target != consumer.as_bytes()
-        {
-            batch.last_scanned = seq;
-            continue;
+        let wanted = match record.target {
+            Some(target) => any_target || target == consumer.as_bytes(),
+            None => true,
+        };
+        if wanted {
+            if !spans.is_empty()
+                && (spans.len() >= max_events || batch.bytes + record.json.len() > max_bytes)
+            {
+                break;
+            }
+            batch.bytes += record.json.len();
+            if text.is_empty() {
+                // Sized by the first event; at most 4 MiB up front, whatever the limits.
+                let guess = record.json.len().saturating_mul(max_events);
+                text.reserve(guess.min(max_bytes).min(4 << 20));
+            }
+            text.extend_from_slice(record.json);
+            spans.push((seq, text.len()));
         }
-        if !batch.records.is_empty()
-            && (batch.records.len() >= max_events || batch.bytes + record.json.len() > max_bytes)
-        {
-            break;
-        }
-        batch.bytes += record.json.len();
-        batch.records.push(Record {
-            seq,
-            json: Bytes::copy_from_slice(record.json),
-        });
         batch.last_scanned = seq;
-        if batch.records.len() >= max_events {
+        if spans.len() >= max_events {
             break;
         }
+        iter.next();
     }
+    iter.status()?;
+    let text = Bytes::from(text);
+    let mut start = 0;
+    batch.records = spans
+        .into_iter()
+        .map(|(seq, end)| {
+            let json = text.slice(start..end);
+            start = end;
+            Record { seq, json }
+        })
+        .collect();
     Ok(batch)
 }
 

@@ -21,7 +21,7 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::accounting::Chunk;
-use super::codec::{Target, cursor_key, encode_record, seq_key};
+use super::codec::{Target, cursor_key, encode_record_into, record_len, seq_key};
 use super::open::{CF_DEDUP, CF_EVENTS, CF_META, NEXT_SEQ_KEY, cf, open_db, quarantine};
 use super::space::{self, Compaction};
 use super::{
@@ -407,30 +407,31 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut group_bytes = 0u64;
         let mut key_index = 0;
+        // Each record is encoded here, then copied into the write batch.
+        let mut record = Vec::new();
         for (events, _) in requests {
             // Decide per request, so one request over the limit does not fail the others.
             let mut fresh = Vec::with_capacity(events.len());
             let mut duplicates = 0;
             for event in events {
                 if window > 0 {
-                    let key = seen.keys[key_index].as_slice();
-                    let is_dup = seen.stored[key_index] || in_group.contains(key);
+                    let key = seen.key(key_index);
+                    // Claimed for this request unless stored or claimed before.
+                    let is_dup = seen.stored[key_index] || !in_group.insert(key);
                     key_index += 1;
                     if is_dup {
                         duplicates += 1;
                         continue;
                     }
-                    in_group.insert(key);
                     fresh.push((event, Some(key)));
                 } else {
                     fresh.push((event, None));
                 }
             }
-            let records: Vec<Vec<u8>> = fresh
+            let needed: u64 = fresh
                 .iter()
-                .map(|(e, _)| encode_record(&Target::All, now, &e.json))
-                .collect();
-            let needed: u64 = records.iter().map(|r| r.len() as u64 + 8).sum();
+                .map(|(e, _)| record_len(&Target::All, e.json.len()) as u64 + 8)
+                .sum();
             let max = budget.events;
             if needed > max {
                 release_claims(&mut in_group, &fresh);
@@ -476,8 +477,9 @@ impl Writer {
                 }
             }
             let first = next;
-            for ((_, key), record) in fresh.iter().zip(records) {
-                batch.put_cf(events_cf, seq_key(next), record);
+            for (event, key) in &fresh {
+                encode_record_into(&mut record, &Target::All, now, &event.json);
+                batch.put_cf(events_cf, seq_key(next), &record);
                 if let Some(key) = key {
                     batch.put_cf(dedup_cf, key, now.to_be_bytes());
                     effects.dedup_inserted += 1;
