@@ -466,13 +466,11 @@ pub(super) fn read(
     let mut spans: Vec<(u64, usize)> = Vec::new();
     while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
         let Some(seq) = key_seq(key) else {
-            // Sorts after every sequence key; nothing readable follows it.
+            // Not a sequence key: the batch ends before it, and the writer moves it to the
+            // quarantine.
             inner.found_damaged.lock().push((key.to_vec(), Damage::Key));
             break;
         };
-        if seq > ceiling {
-            break;
-        }
         let record = match decode_record(value) {
             Ok(record) => record,
             Err(damage) => {
