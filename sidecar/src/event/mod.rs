@@ -13,6 +13,8 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::config::PodIdentity;
 
+mod scan;
+
 /// A validated event, ready to be buffered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -55,6 +57,30 @@ pub enum BodyShape {
 /// as the exact JSON text it was sent as, so numbers like `1.50` or 20-digit integers reach the
 /// outputs unchanged.
 pub fn parse_structured(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, InvalidEvent> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let batch = match (first, shape) {
+        (Some(b'['), BodyShape::Batch | BodyShape::Either) => true,
+        (Some(b'{'), BodyShape::Single | BodyShape::Either) => false,
+        _ => return parse_with_serde(body, shape),
+    };
+    let Some(items) = scan::scan(body, batch) else {
+        return parse_with_serde(body, shape);
+    };
+    let count = items.len();
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = if batch { At::Item(i) } else { At::Event };
+            validate(ScannedEvent::Object(item.attributes), at, item.text)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| InvalidEvent { events: count, ..e })
+}
+
+/// [`parse_structured`] by serde_json, for the bodies [`scan`] gives up on; it writes every
+/// error message about the JSON itself.
+fn parse_with_serde(body: &[u8], shape: BodyShape) -> Result<Vec<Event>, InvalidEvent> {
     let not_json = |e: serde_json::Error| InvalidEvent {
         location: "body".into(),
         message: format!("not valid JSON: {e}"),
