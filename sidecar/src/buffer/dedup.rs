@@ -7,7 +7,7 @@ use std::ffi::CStr;
 
 use rocksdb::compaction_filter::{CompactionFilter, Decision};
 use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
-use rocksdb::{BlockBasedOptions, DB, DBCompressionType, Options};
+use rocksdb::{BlockBasedOptions, DB, DBCompactionStyle, DBCompressionType, Options};
 
 use super::budget::Memory;
 use super::codec::{push_dedup_key, u64_value};
@@ -37,6 +37,13 @@ pub(super) fn options(
     // built: the file size bounds that memory.
     dedup.set_target_file_size_base(memory.dedup_file_size);
     dedup.set_compression_type(DBCompressionType::Lz4);
+    // Keys arrive in no order and are never rewritten, so under leveled compaction every flush's
+    // keys overlap the whole last level, and each merge into it rewrote the entire index (a
+    // fifth of the CPU under load in `make bench-peers`). Universal compaction merges sorted runs
+    // of similar size instead: an entry is rewritten about log(index / memtable) times. Lookups
+    // check a few more runs, each behind its bloom filter. An index a leveled build wrote opens
+    // as it is: each of its levels is one of the sorted runs.
+    dedup.set_compaction_style(DBCompactionStyle::Universal);
     dedup.set_block_based_table_factory(table);
     if let Some(filter) = filter.filter(|f| f.window_ms > 0).cloned() {
         let window_s = filter.window_ms / 1000;
