@@ -130,6 +130,11 @@ pub(super) fn cursor_key(consumer: &str) -> Vec<u8> {
     format!("cursor/{consumer}").into_bytes()
 }
 
+/// The length of the key [`push_dedup_key`] writes.
+pub(super) fn dedup_key_len(source: &str, id: &str) -> usize {
+    4 + source.len() + id.len()
+}
+
 /// Appends the dedup key of `(source, id)` to `out`: the source's length, the source, the id.
 pub(super) fn push_dedup_key(out: &mut Vec<u8>, source: &str, id: &str) {
     out.extend_from_slice(&(source.len() as u32).to_be_bytes());

@@ -151,8 +151,10 @@ pub(super) fn lookup<'a>(
         push_dedup_key(&mut seen.keys, &event.source, &event.id);
         seen.ends.push(seen.keys.len());
     }
+    // One column family: RocksDB's batched form, which looks the keys up level by level
+    // together and pins the (rare) values found instead of copying them.
     seen.stored = db
-        .multi_get_cf((0..seen.ends.len()).map(|i| (dedup_cf, seen.key(i))))
+        .batched_multi_get_cf(dedup_cf, (0..seen.ends.len()).map(|i| seen.key(i)), false)
         .into_iter()
         .map(|r| r.map(|v| v.is_some_and(|v| filter.keeps(u64_value(&v), now).is_ok())))
         .collect::<Result<_, _>>()?;

@@ -21,7 +21,7 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::accounting::Chunk;
-use super::codec::{Target, cursor_key, encode_record_into, record_len, seq_key};
+use super::codec::{Target, cursor_key, dedup_key_len, encode_record_into, record_len, seq_key};
 use super::open::{CF_DEDUP, CF_EVENTS, CF_META, NEXT_SEQ_KEY, cf, open_db, quarantine};
 use super::space::{self, Compaction};
 use super::{
@@ -73,6 +73,26 @@ impl Group {
     fn len(&self) -> usize {
         self.appends.len() + self.settles.len()
     }
+}
+
+/// RocksDB's framing of one entry in a write batch: its type, column family and two lengths.
+const BATCH_ENTRY_OVERHEAD: usize = 16;
+
+/// The bytes the group's appends take in a write batch: each event's record under its sequence
+/// key, and its dedup entry. Reserved at once, so that the batch (megabytes for a large group)
+/// is not copied each time it outgrows its buffer; duplicates make it an overestimate.
+fn batch_capacity(appends: &[(Vec<Event>, AppendReply)]) -> usize {
+    let entries: usize = appends
+        .iter()
+        .flat_map(|(events, _)| events)
+        .map(|e| {
+            let record = record_len(&Target::All, e.json.len()) + 8;
+            let dedup = dedup_key_len(&e.source, &e.id) + 8;
+            record + dedup + 2 * BATCH_ENTRY_OVERHEAD
+        })
+        .sum();
+    // The next sequence number, under its meta key.
+    entries + 64
 }
 
 /// The writer's own state.
@@ -262,7 +282,7 @@ impl Writer {
             tracing::error!(error = %e, "cannot enforce maxLag");
         }
         let Group { appends, settles } = group;
-        let mut batch = WriteBatch::default();
+        let mut batch = WriteBatch::with_capacity_bytes(batch_capacity(&appends));
         let mut effects = Effects::default();
         let mut accounting_guard = self.inner.accounting.lock();
         // Dead letters first: a batch refused for good is recorded before its cursor moves.
