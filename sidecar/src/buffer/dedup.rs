@@ -160,3 +160,100 @@ pub(super) fn lookup<'a>(
         .collect::<Result<_, _>>()?;
     Ok(seen)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::space::{Compaction, run_compactor};
+    use super::super::{Budget, BufferOptions, DurableBuffer, now_ms};
+    use super::*;
+    use crate::config::{BufferProfile, Durability, WhenFull};
+    use crate::metrics::Metrics;
+
+    const WINDOW_MS: u64 = 300;
+
+    fn event(i: usize) -> Event {
+        Event {
+            source: "expiry".into(),
+            id: format!("e{i}"),
+            namespace: None,
+            has_namespace: false,
+            has_pod: false,
+            json: format!(r#"{{"id":"e{i}","source":"expiry"}}"#).into_bytes(),
+        }
+    }
+
+    /// An entry older than the window stops counting at once, and the space keeper's compaction
+    /// of the index (the one it runs every eighth of the window) removes it and counts it as
+    /// expired, while an entry still inside the window stays.
+    #[test]
+    fn expired_entries_are_compacted_away_and_counted() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let options = BufferOptions {
+            dir: tmp.path().join("data"),
+            durability: Durability::Sync,
+            budget: Budget::new(1 << 30, None, None).expect("valid budget"),
+            when_full: WhenFull::Reject,
+            profile: BufferProfile::Sidecar,
+            dedup_window_ms: WINDOW_MS,
+            outputs: vec!["up".into()],
+            shared: false,
+            max_lag: Vec::new(),
+            dead_letter_max_age_ms: 0,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let metrics = Arc::new(Metrics::new());
+        let (buffer, writer) = DurableBuffer::open(options, metrics.clone()).expect("open");
+        let appended_at = now_ms();
+        let first = rt
+            .block_on(buffer.append((0..100).map(event).collect()))
+            .expect("append");
+        assert_eq!((first.stored, first.duplicates), (100, 0));
+
+        // Waiting on the clock itself: the entries must be older than the window.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while now_ms() <= appended_at + WINDOW_MS + 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the clock did not move"
+            );
+            std::thread::yield_now();
+        }
+        // e99 again: no longer a duplicate, and its new entry is inside the window.
+        let again = rt.block_on(buffer.append(vec![event(99)])).expect("append");
+        assert_eq!((again.stored, again.duplicates), (1, 0));
+
+        let (jobs, compactor_rx) = std::sync::mpsc::channel();
+        let inner = buffer.inner.clone();
+        let compactor = std::thread::spawn(move || run_compactor(inner, compactor_rx));
+        jobs.send(Compaction::Dedup).expect("compactor running");
+        drop(jobs);
+        compactor.join().expect("compactor");
+
+        let db = buffer.inner.db().expect("db");
+        let index = cf(&db, CF_DEDUP).expect("dedup column family");
+        let left: Vec<Box<[u8]>> = db
+            .iterator_cf(index, rocksdb::IteratorMode::Start)
+            .map(|entry| entry.expect("read the index").0)
+            .collect();
+        let mut e99 = Vec::new();
+        push_dedup_key(&mut e99, "expiry", "e99");
+        assert_eq!(
+            left,
+            vec![e99.into_boxed_slice()],
+            "only e99's new entry is left"
+        );
+        // e0 to e98 expired; e99's first entry was replaced by its second, not expired.
+        let exposition = metrics.encode();
+        assert!(
+            exposition.contains("tally_dedup_entries_removed_total{reason=\"expired\"} 99"),
+            "{exposition}"
+        );
+        drop(db);
+        drop(buffer);
+        writer.join();
+    }
+}
