@@ -171,7 +171,7 @@ mod tests {
     use crate::config::{BufferProfile, Durability, WhenFull};
     use crate::metrics::Metrics;
 
-    const WINDOW_MS: u64 = 300;
+    const WINDOW_MS: u64 = 1000;
 
     fn event(i: usize) -> Event {
         Event {
@@ -207,15 +207,16 @@ mod tests {
             .expect("runtime");
         let metrics = Arc::new(Metrics::new());
         let (buffer, writer) = DurableBuffer::open(options, metrics.clone()).expect("open");
-        let appended_at = now_ms();
         let first = rt
             .block_on(buffer.append((0..100).map(event).collect()))
             .expect("append");
         assert_eq!((first.stored, first.duplicates), (100, 0));
+        // The entries were stamped before the append returned.
+        let stamped_by = now_ms();
 
         // Waiting on the clock itself: the entries must be older than the window.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while now_ms() <= appended_at + WINDOW_MS + 1 {
+        while now_ms() <= stamped_by + WINDOW_MS {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the clock did not move"
