@@ -80,7 +80,8 @@ const BATCH_ENTRY_OVERHEAD: usize = 16;
 
 /// The bytes the group's appends take in a write batch: each event's record under its sequence
 /// key, and its dedup entry. Reserved at once, so that the batch (megabytes for a large group)
-/// is not copied each time it outgrows its buffer; duplicates make it an overestimate.
+/// is not copied each time it outgrows its buffer; duplicates, and dedup when it is off, make it
+/// an overestimate.
 fn batch_capacity(appends: &[(Vec<Event>, AppendReply)]) -> usize {
     let entries: usize = appends
         .iter()
@@ -91,7 +92,7 @@ fn batch_capacity(appends: &[(Vec<Event>, AppendReply)]) -> usize {
             record + dedup + 2 * BATCH_ENTRY_OVERHEAD
         })
         .sum();
-    // The next sequence number, under its meta key.
+    // The batch's header, and the next sequence number under its meta key.
     entries + 64
 }
 
