@@ -397,6 +397,30 @@ struct Attributes<'de> {
     has_pod: bool,
 }
 
+impl<'de> Attributes<'de> {
+    /// Where the value of the event's key `key` goes, when the rules read it. `k8spod` is only
+    /// noted as present.
+    fn slot(&mut self, key: &str) -> Option<&mut Option<Scanned<'de>>> {
+        Some(match key {
+            "id" => &mut self.id,
+            "source" => &mut self.source,
+            "specversion" => &mut self.specversion,
+            "type" => &mut self.kind,
+            "subject" => &mut self.subject,
+            "time" => &mut self.time,
+            "data" => &mut self.data,
+            "datacontenttype" => &mut self.datacontenttype,
+            "dataschema" => &mut self.dataschema,
+            "k8snamespace" => &mut self.k8snamespace,
+            "k8spod" => {
+                self.has_pod = true;
+                return None;
+            }
+            _ => return None,
+        })
+    }
+}
+
 /// An event: its attributes when it is an object, or what it is instead.
 #[expect(
     clippy::large_enum_variant,
@@ -470,24 +494,9 @@ impl<'de> serde::de::Visitor<'de> for EventSeed<'_> {
                 path: Path::Key(&Path::Root, &key),
                 repeated: self.repeated,
             })?;
-            let slot = match key.as_ref() {
-                "id" => &mut attributes.id,
-                "source" => &mut attributes.source,
-                "specversion" => &mut attributes.specversion,
-                "type" => &mut attributes.kind,
-                "subject" => &mut attributes.subject,
-                "time" => &mut attributes.time,
-                "data" => &mut attributes.data,
-                "datacontenttype" => &mut attributes.datacontenttype,
-                "dataschema" => &mut attributes.dataschema,
-                "k8snamespace" => &mut attributes.k8snamespace,
-                "k8spod" => {
-                    attributes.has_pod = true;
-                    continue;
-                }
-                _ => continue,
-            };
-            *slot = Some(value);
+            if let Some(slot) = attributes.slot(&key) {
+                *slot = Some(value);
+            }
         }
         Ok(ScannedEvent::Object(attributes))
     }

@@ -120,24 +120,9 @@ impl<'a> Scanner<'a> {
         let start = self.pos;
         let mut attributes = Attributes::default();
         self.object(1, |key, value| {
-            let slot = match key {
-                "id" => &mut attributes.id,
-                "source" => &mut attributes.source,
-                "specversion" => &mut attributes.specversion,
-                "type" => &mut attributes.kind,
-                "subject" => &mut attributes.subject,
-                "time" => &mut attributes.time,
-                "data" => &mut attributes.data,
-                "datacontenttype" => &mut attributes.datacontenttype,
-                "dataschema" => &mut attributes.dataschema,
-                "k8snamespace" => &mut attributes.k8snamespace,
-                "k8spod" => {
-                    attributes.has_pod = true;
-                    return Some(());
-                }
-                _ => return Some(()),
-            };
-            *slot = Some(value.scanned()?);
+            if let Some(slot) = attributes.slot(key) {
+                *slot = Some(value.scanned()?);
+            }
             Some(())
         })?;
         Some(Item {
