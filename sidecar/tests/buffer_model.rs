@@ -14,6 +14,8 @@ use tally_sidecar::config::{BufferProfile, Durability, WhenFull};
 use tally_sidecar::event::Event;
 use tally_sidecar::metrics::Metrics;
 
+mod common;
+
 const OUTPUTS: [&str; 2] = ["a", "b"];
 
 #[derive(Debug, Clone)]
@@ -51,14 +53,7 @@ struct Model {
 }
 
 fn event(id: &str) -> Event {
-    Event {
-        source: "model".into(),
-        id: id.into(),
-        namespace: None,
-        has_namespace: false,
-        has_pod: false,
-        json: format!(r#"{{"id":"{id}","source":"model"}}"#).into_bytes(),
-    }
+    common::event("model", id)
 }
 
 fn id_of(json: &[u8]) -> String {
@@ -69,16 +64,9 @@ fn id_of(json: &[u8]) -> String {
 fn open(dir: &std::path::Path) -> (DurableBuffer, WriterThread) {
     DurableBuffer::open(
         BufferOptions {
-            dir: dir.to_path_buf(),
             durability: Durability::None,
-            budget: Budget::new(1 << 30, None, None).expect("valid budget"),
-            when_full: WhenFull::Reject,
-            profile: BufferProfile::Collector,
-            dedup_window_ms: 3_600_000,
             outputs: OUTPUTS.iter().map(|s| s.to_string()).collect(),
-            shared: false,
-            max_lag: Vec::new(),
-            dead_letter_max_age_ms: 0,
+            ..common::options(dir, 3_600_000)
         },
         Arc::new(Metrics::new()),
     )
@@ -345,16 +333,12 @@ fn open_shared(
 ) -> (DurableBuffer, WriterThread) {
     DurableBuffer::open(
         BufferOptions {
-            dir: dir.to_path_buf(),
-            durability: Durability::Sync,
             budget: events_budget(max_bytes),
             when_full,
             profile: BufferProfile::Sidecar,
-            dedup_window_ms: 3_600_000,
             outputs: OUTPUTS.iter().map(|s| s.to_string()).collect(),
             shared: true,
-            max_lag: Vec::new(),
-            dead_letter_max_age_ms: 0,
+            ..common::options(dir, 3_600_000)
         },
         Arc::new(Metrics::new()),
     )

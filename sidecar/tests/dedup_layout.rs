@@ -8,39 +8,19 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tally_sidecar::buffer::{Budget, BufferOptions, DurableBuffer};
-use tally_sidecar::config::{BufferProfile, Durability, WhenFull};
+use tally_sidecar::buffer::{BufferOptions, DurableBuffer};
 use tally_sidecar::event::Event;
 use tally_sidecar::metrics::Metrics;
 
+mod common;
+
 fn options(dir: &Path) -> BufferOptions {
-    BufferOptions {
-        dir: dir.to_path_buf(),
-        durability: Durability::Sync,
-        budget: Budget::new(1 << 30, None, None).expect("valid budget"),
-        when_full: WhenFull::Reject,
-        profile: BufferProfile::Collector,
-        dedup_window_ms: 24 * 3600 * 1000,
-        outputs: vec!["up".into()],
-        shared: false,
-        max_lag: Vec::new(),
-        dead_letter_max_age_ms: 0,
-    }
+    common::options(dir, 24 * 3600 * 1000)
 }
 
 fn events(range: std::ops::Range<u32>) -> Vec<Event> {
     range
-        .map(|i| {
-            let id = format!("e{i}");
-            Event {
-                source: "layout".into(),
-                json: format!(r#"{{"id":"{id}","source":"layout"}}"#).into_bytes(),
-                id,
-                namespace: None,
-                has_namespace: false,
-                has_pod: false,
-            }
-        })
+        .map(|i| common::event("layout", &format!("e{i}")))
         .collect()
 }
 

@@ -9,35 +9,18 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use tally_sidecar::buffer::{Budget, BufferOptions, DurableBuffer};
-use tally_sidecar::config::{BufferProfile, Durability, WhenFull};
+use tally_sidecar::buffer::{BufferOptions, DurableBuffer};
 use tally_sidecar::event::Event;
 use tally_sidecar::metrics::Metrics;
 
+mod common;
+
 fn options(dir: &Path) -> BufferOptions {
-    BufferOptions {
-        dir: dir.to_path_buf(),
-        durability: Durability::Sync,
-        budget: Budget::new(1 << 30, None, None).expect("valid budget"),
-        when_full: WhenFull::Reject,
-        profile: BufferProfile::Collector,
-        dedup_window_ms: 0,
-        outputs: vec!["up".into()],
-        shared: false,
-        max_lag: Vec::new(),
-        dead_letter_max_age_ms: 0,
-    }
+    common::options(dir, 0)
 }
 
 fn event(id: &str) -> Event {
-    Event {
-        source: "quarantine".into(),
-        id: id.into(),
-        namespace: None,
-        has_namespace: false,
-        has_pod: false,
-        json: format!(r#"{{"id":"{id}","source":"quarantine"}}"#).into_bytes(),
-    }
+    common::event("quarantine", id)
 }
 
 /// Rewrites the stored value of event `seq` with `damage` applied.
