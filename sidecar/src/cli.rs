@@ -267,17 +267,19 @@ fn ingest_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// any other thread starts (logging starts none).
 /// - At most two arenas instead of one per allocating thread (up to eight per core): memory
 ///   freed by one thread is reused by the others instead of sitting in its own arena.
-/// - Blocks of 256 KiB and more (memtable arena blocks, read-ahead buffers) are mapped on their
-///   own and go back to the system when freed, instead of fragmenting the heap; glibc would
-///   otherwise raise this threshold up to 32 MiB as such blocks are freed. In `make
-///   bench-profiles` this took the peak while filling and draining a 1 GiB backlog from 45 to
-///   about 40 MiB.
+/// - Blocks of 1 MiB and more are mapped on their own and go back to the system when freed,
+///   instead of fragmenting the heap; glibc would otherwise raise this threshold up to 32 MiB as
+///   such blocks are freed. Smaller ones, the memtables' arena blocks (512 KiB) among them, come
+///   from the heap and are reused: at 256 KiB every memtable block was mapped, faulted in page
+///   by page and unmapped again, which cost 14 % more CPU per event in `make bench-peers`. The
+///   free pages this leaves in the heap go back to the system when ingest is quiet
+///   ([`crate::collector::HeapRelease`], [`release_free_heap`]).
 fn limit_malloc(config: &Config) {
     #[cfg(target_env = "gnu")]
     if config.buffer.profile == crate::config::BufferProfile::Sidecar {
         for (param, value, what) in [
             (libc::M_ARENA_MAX, 2, "arenas"),
-            (libc::M_MMAP_THRESHOLD, 256 << 10, "mmap threshold"),
+            (libc::M_MMAP_THRESHOLD, 1 << 20, "mmap threshold"),
         ] {
             // SAFETY: mallopt only sets a tunable of the allocator; no thread is running yet.
             if unsafe { libc::mallopt(param, value) } != 1 {
@@ -287,6 +289,16 @@ fn limit_malloc(config: &Config) {
     }
     #[cfg(not(target_env = "gnu"))]
     let _ = config;
+}
+
+/// Returns the heap's free pages to the system, wherever in the heap they are (not only at its
+/// top, as glibc does by itself).
+pub fn release_free_heap() {
+    // SAFETY: malloc_trim only releases memory the allocator holds free; it is thread-safe.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
