@@ -272,8 +272,8 @@ fn ingest_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 ///   such blocks are freed. Smaller ones, the memtables' arena blocks (512 KiB) among them, come
 ///   from the heap and are reused: at 256 KiB every memtable block was mapped, faulted in page
 ///   by page and unmapped again, which cost 14 % more CPU per event in `make bench-peers`. The
-///   free pages this leaves in the heap go back to the system when ingest is quiet
-///   ([`crate::collector::HeapRelease`], [`release_free_heap`]).
+///   free pages this leaves in the heap go back to the system when ingest is quiet, and every
+///   5 s while it is not ([`crate::collector::HeapRelease`], [`release_free_heap`]).
 fn limit_malloc(config: &Config) {
     #[cfg(target_env = "gnu")]
     if config.buffer.profile == crate::config::BufferProfile::Sidecar {

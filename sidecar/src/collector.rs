@@ -161,14 +161,21 @@ fn spawn_maintenance(
 /// price is that a burst leaves free pages inside the heap, which the system counts as the
 /// sidecar's until they are released. They are released on a maintenance tick in which no event
 /// was accepted: the first quiet tick after ingest, and every tick while the buffer drains (its
-/// event count moves) with no ingest. Never while events arrive, where the reuse saves the CPU;
-/// and not again while nothing at all happens.
+/// event count moves) with no ingest; not again while nothing at all happens. While events keep
+/// arriving, only every [`RELEASE_EVERY_INGEST_TICKS`] ticks, so that the reuse saves its CPU
+/// and a steady trickle of events still does not keep a burst's pages for good.
 #[derive(Debug, Default)]
 pub struct HeapRelease {
     accepted: u64,
     buffered: i64,
+    /// Released since events last arrived.
     released: bool,
+    /// Ticks with ingest since the last release.
+    ingest_ticks: u32,
 }
+
+/// While events keep arriving, the heap is released once per this many maintenance ticks (5 s).
+const RELEASE_EVERY_INGEST_TICKS: u32 = 20;
 
 impl HeapRelease {
     /// Takes this tick's accepted-events counter and buffered-events gauge; says whether to
@@ -178,12 +185,18 @@ impl HeapRelease {
         let draining = buffered != self.buffered;
         self.accepted = accepted;
         self.buffered = buffered;
-        if ingesting {
+        let due = if ingesting {
             self.released = false;
-            return false;
+            self.ingest_ticks += 1;
+            self.ingest_ticks >= RELEASE_EVERY_INGEST_TICKS
+        } else {
+            let due = draining || !self.released;
+            self.released = true;
+            due
+        };
+        if due {
+            self.ingest_ticks = 0;
         }
-        let due = draining || !self.released;
-        self.released = true;
         due
     }
 }
@@ -398,11 +411,33 @@ mod tests {
     }
 
     #[test]
-    fn never_while_events_arrive() {
+    fn not_on_every_tick_while_events_arrive() {
         assert_eq!(
             run(&[(100, 100), (200, 150), (300, 120)]),
             [false, false, false]
         );
+    }
+
+    #[test]
+    fn every_twentieth_tick_while_events_keep_arriving() {
+        let ticks: Vec<(u64, i64)> = (1..=45).map(|n| (n * 10, 0)).collect();
+        let released: Vec<usize> = run(&ticks)
+            .iter()
+            .enumerate()
+            .filter(|(_, due)| **due)
+            .map(|(i, _)| i + 1)
+            .collect();
+        assert_eq!(released, [20, 40]);
+    }
+
+    #[test]
+    fn a_quiet_tick_restarts_the_count() {
+        let mut ticks: Vec<(u64, i64)> = (1..=15).map(|n| (n * 10, 0)).collect();
+        ticks.push((150, 0));
+        ticks.extend((16..=30).map(|n| (n * 10, 0)));
+        let due = run(&ticks);
+        assert!(due[15], "the quiet tick releases");
+        assert_eq!(due.iter().filter(|d| **d).count(), 1, "{due:?}");
     }
 
     #[test]
