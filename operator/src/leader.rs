@@ -272,6 +272,10 @@ where
 
     let ended = loop {
         tokio::select! {
+            // Shutdown first: it also ends the watches the reconciler is fed by, so the reconciler
+            // then ends too, and a random pick between the two took a clean SIGTERM for a failed
+            // reconciler (exit 1, in a run of the leader tests).
+            biased;
             () = &mut shutdown => break Ended::Shutdown,
             result = &mut reconciler => break Ended::Reconciler(result),
             () = sleep(elector.election.retry_period) => {}
