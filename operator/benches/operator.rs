@@ -312,7 +312,6 @@ async fn apply_ceiling(control_plane: &ControlPlane, client: &Client) -> anyhow:
     Ok(CEILING_APPLIES as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Milliseconds from each create to its StatefulSet's ADDED event, collectors created one at a time.
 /// The latency run's samples, in milliseconds, in creation order.
 struct Latencies {
     /// From the create call to the StatefulSet's ADDED event.
@@ -323,6 +322,8 @@ struct Latencies {
     after_create: Vec<f64>,
 }
 
+/// Milliseconds from each create to its StatefulSet's ADDED event, and the two parts of that,
+/// collectors created one at a time.
 async fn latency(control_plane: &ControlPlane, client: &Client) -> anyhow::Result<Latencies> {
     let namespace = control_plane.new_namespace("latency").await?;
     let (seen, mut arrivals) = mpsc::unbounded_channel();
@@ -347,6 +348,7 @@ async fn latency(control_plane: &ControlPlane, client: &Client) -> anyhow::Resul
         create_calls: Vec::with_capacity(LATENCY_COLLECTORS),
         after_create: Vec::with_capacity(LATENCY_COLLECTORS),
     };
+    let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1000.0;
     for i in 0..LATENCY_COLLECTORS {
         let name = format!("latency-{i}");
         let started = Instant::now();
@@ -369,8 +371,6 @@ async fn latency(control_plane: &ControlPlane, client: &Client) -> anyhow::Resul
         .with_context(|| {
             format!("no StatefulSet {namespace}/{name} within 60 s of its collector")
         })?;
-        let ms =
-            |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1000.0;
         latencies.total.push(ms(started, arrived));
         latencies.create_calls.push(ms(started, created));
         latencies.after_create.push(ms(created, arrived));

@@ -276,7 +276,7 @@ fn ingest_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 ///   5 s while it is not ([`crate::collector::HeapRelease`], [`release_free_heap`]).
 fn limit_malloc(config: &Config) {
     #[cfg(target_env = "gnu")]
-    if config.buffer.profile == crate::config::BufferProfile::Sidecar {
+    if tunes_malloc(config) {
         for (param, value, what) in [
             (libc::M_ARENA_MAX, 2, "arenas"),
             (libc::M_MMAP_THRESHOLD, 1 << 20, "mmap threshold"),
@@ -289,6 +289,12 @@ fn limit_malloc(config: &Config) {
     }
     #[cfg(not(target_env = "gnu"))]
     let _ = config;
+}
+
+/// Whether `config` holds malloc to the small footprint of `limit_malloc`; the collector then
+/// also releases the heap when ingest is quiet ([`crate::collector::HeapRelease`]).
+pub fn tunes_malloc(config: &Config) -> bool {
+    config.buffer.profile == crate::config::BufferProfile::Sidecar
 }
 
 /// Returns the heap's free pages to the system, wherever in the heap they are (not only at its

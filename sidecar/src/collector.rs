@@ -135,10 +135,9 @@ fn spawn_forwarders(
 /// freed heap memory to the system when ingest is quiet (see [`HeapRelease`]).
 fn spawn_maintenance(
     buffer: DurableBuffer,
-    release: Option<(HeapRelease, Arc<Metrics>)>,
+    mut release: Option<(HeapRelease, Arc<Metrics>)>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut release = release;
         let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -282,8 +281,8 @@ pub async fn run(config: Config, ingest: tokio::runtime::Handle) -> anyhow::Resu
 
     let (draining_tx, draining_rx) = watch::channel(false);
     let mut forwarders = spawn_forwarders(&config, &buffer, &metrics, &draining_rx)?;
-    let release = (config.buffer.profile == crate::config::BufferProfile::Sidecar)
-        .then(|| (HeapRelease::default(), metrics.clone()));
+    let release =
+        crate::cli::tunes_malloc(&config).then(|| (HeapRelease::default(), metrics.clone()));
     let maintenance = spawn_maintenance(buffer.clone(), release);
     let targets = &config.outputs.targets;
 
