@@ -113,14 +113,16 @@ impl Drop for Expiry {
     }
 }
 
-/// The dedup keys of a list of events and whether each was stored within the window. Repeats
-/// inside the list are the caller's to find: whether the first one counts depends on whether
-/// its request is stored.
+/// The dedup keys of a list of events, whether each was stored within the window, and where
+/// each repeats an earlier one of the list. Whether a repeat is a duplicate is the caller's to
+/// decide: it depends on whether the request of the earlier one is stored.
 pub(super) struct Seen {
     /// Every key, one after the other; key `i` ends at `ends[i]`.
     keys: Vec<u8>,
     ends: Vec<usize>,
     pub stored: Vec<bool>,
+    /// For key `i`, the nearest earlier key of the list that is the same, if any.
+    pub earlier: Vec<Option<usize>>,
 }
 
 impl Seen {
@@ -142,6 +144,7 @@ pub(super) fn lookup<'a>(
         keys: Vec::new(),
         ends: Vec::new(),
         stored: Vec::new(),
+        earlier: Vec::new(),
     };
     if filter.window_ms == 0 {
         return Ok(seen);
@@ -151,13 +154,25 @@ pub(super) fn lookup<'a>(
         push_dedup_key(&mut seen.keys, &event.source, &event.id);
         seen.ends.push(seen.keys.len());
     }
+    let count = seen.ends.len();
+    // Sorted here, where the keys are plain byte strings, rather than by RocksDB through its
+    // comparator (a group's keys mostly come in sorted runs, which this sort takes in one
+    // pass); sorting also puts repeats next to each other, earliest first.
+    let mut order: Vec<usize> = (0..count).collect();
+    order.sort_unstable_by(|&a, &b| seen.key(a).cmp(seen.key(b)).then(a.cmp(&b)));
+    seen.earlier = vec![None; count];
+    for pair in order.windows(2) {
+        if seen.key(pair[0]) == seen.key(pair[1]) {
+            seen.earlier[pair[1]] = Some(pair[0]);
+        }
+    }
     // One column family: RocksDB's batched form, which looks the keys up level by level
     // together and pins the (rare) values found instead of copying them.
-    seen.stored = db
-        .batched_multi_get_cf(dedup_cf, (0..seen.ends.len()).map(|i| seen.key(i)), false)
-        .into_iter()
-        .map(|r| r.map(|v| v.is_some_and(|v| filter.keeps(u64_value(&v), now).is_ok())))
-        .collect::<Result<_, _>>()?;
+    let found = db.batched_multi_get_cf(dedup_cf, order.iter().map(|&i| seen.key(i)), true);
+    seen.stored = vec![false; count];
+    for (&i, result) in order.iter().zip(found) {
+        seen.stored[i] = result?.is_some_and(|v| filter.keeps(u64_value(&v), now).is_ok());
+    }
     Ok(seen)
 }
 

@@ -12,7 +12,6 @@
 //! writer then reopens the database, at most once a second, until a write works again: ingest
 //! answers 503 meanwhile and accepts again as soon as space is back, without a restart.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -424,7 +423,8 @@ impl Writer {
         // stops before they are delivered, they are gone, and must not go uncounted.
         let settled_floor = self.inner.acks.floor(options.consumers());
         let mut next = *self.inner.last_seq.borrow() + 1;
-        let mut in_group: HashSet<&[u8]> = HashSet::new();
+        // Keys stored by an earlier request of this group (see `Seen::earlier`).
+        let mut claimed = vec![false; seen.stored.len()];
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut group_bytes = 0u64;
         let mut key_index = 0;
@@ -436,15 +436,21 @@ impl Writer {
             let mut duplicates = 0;
             for event in events {
                 if window > 0 {
-                    let key = seen.key(key_index);
-                    // Claimed for this request unless stored or claimed before.
-                    let is_dup = seen.stored[key_index] || !in_group.insert(key);
+                    let index = key_index;
                     key_index += 1;
+                    // Claimed for this request unless stored or claimed before.
+                    let mut repeat = seen.earlier[index];
+                    let mut is_dup = seen.stored[index];
+                    while let Some(earlier) = repeat.filter(|_| !is_dup) {
+                        is_dup = claimed[earlier];
+                        repeat = seen.earlier[earlier];
+                    }
                     if is_dup {
                         duplicates += 1;
                         continue;
                     }
-                    fresh.push((event, Some(key)));
+                    claimed[index] = true;
+                    fresh.push((event, Some(index)));
                 } else {
                     fresh.push((event, None));
                 }
@@ -455,14 +461,14 @@ impl Writer {
                 .sum();
             let max = budget.events;
             if needed > max {
-                release_claims(&mut in_group, &fresh);
+                release_claims(&mut claimed, &fresh);
                 outcomes.push(Err(AppendError::TooLarge { needed, max }));
                 continue;
             }
             if disk_over && !fresh.is_empty() {
                 // The estimate of the parts was off: refuse in both modes until compaction
                 // brings the directory back under maxBytes (see `space`).
-                release_claims(&mut in_group, &fresh);
+                release_claims(&mut claimed, &fresh);
                 outcomes.push(Err(AppendError::DiskFull {
                     used: self.inner.space.disk_bytes(),
                     max: budget.total,
@@ -473,7 +479,7 @@ impl Writer {
             if accounting.bytes + group_bytes + needed > max {
                 match options.when_full {
                     WhenFull::Reject => {
-                        release_claims(&mut in_group, &fresh);
+                        release_claims(&mut claimed, &fresh);
                         self.inner.full.store(true, Ordering::Relaxed);
                         outcomes.push(Err(AppendError::Full {
                             used: accounting.bytes + group_bytes,
@@ -501,8 +507,8 @@ impl Writer {
             for (event, key) in &fresh {
                 encode_record_into(&mut record, &Target::All, now, &event.json);
                 batch.put_cf(events_cf, seq_key(next), &record);
-                if let Some(key) = key {
-                    batch.put_cf(dedup_cf, key, now.to_be_bytes());
+                if let Some(index) = key {
+                    batch.put_cf(dedup_cf, seen.key(*index), now.to_be_bytes());
                     effects.dedup_inserted += 1;
                 }
                 next += 1;
@@ -650,10 +656,10 @@ impl Writer {
 
 /// Undoes the dedup claims of a refused request: its events were not stored, so a later
 /// request of the same group may store them.
-fn release_claims<'k>(in_group: &mut HashSet<&'k [u8]>, fresh: &[(&Event, Option<&'k [u8]>)]) {
+fn release_claims(claimed: &mut [bool], fresh: &[(&Event, Option<usize>)]) {
     for (_, key) in fresh {
-        if let Some(key) = key {
-            in_group.remove(key);
+        if let Some(index) = key {
+            claimed[*index] = false;
         }
     }
 }
