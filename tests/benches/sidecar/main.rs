@@ -432,7 +432,8 @@ async fn run_profiles() -> anyhow::Result<bool> {
 fn print_footprint(r: &profile::Footprint) {
     println!(
         "profile {}: idle {:.1} MiB; at {:.0} events/s peak {:.1} MiB, {:.1} CPU-s per 1M events; 1 GiB backlog \
-         ({} events) filled in {:.1} s (peak {:.1} MiB), drained in {:.1} s at most {:.1} MiB",
+         ({} events) filled in {:.1} s (peak {:.1} MiB), {:.1} MiB when the upstream came back, drained in {:.1} s at \
+         most {:.1} MiB",
         r.profile,
         r.idle_rss_mib,
         r.paced_acked_events_per_second,
@@ -441,6 +442,7 @@ fn print_footprint(r: &profile::Footprint) {
         r.backlog_events,
         r.backlog_fill_seconds,
         r.backlog_fill_peak_rss_mib,
+        r.backlog_outage_rss_mib,
         r.backlog_drain_seconds,
         r.backlog_drain_peak_rss_mib
     );

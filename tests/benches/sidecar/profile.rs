@@ -1,7 +1,8 @@
 //! Footprint by `buffer.profile`: the injected sidecar's (`sidecar`, with the 4 batches in flight the operator gives
 //! it) against the collector's (`collector`, the default 64 in flight). For each: idle RSS after start-up, peak RSS
 //! and CPU per million events under a paced 50k events/s, then, in a second process whose upstream refuses
-//! connections, a backlog of 1 GiB of events and the RSS while it drains once the upstream is back.
+//! connections, a backlog of 1 GiB of events and the RSS while it drains once the upstream is back, a second after
+//! the last event of the backlog was acknowledged.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -54,6 +55,12 @@ const FILL_LIMIT: Duration = Duration::from_secs(600);
 const DRAIN_LIMIT: Duration = Duration::from_secs(600);
 /// How often RSS is sampled while the backlog drains.
 const RSS_SAMPLE: Duration = Duration::from_millis(20);
+/// How long the upstream stays down after the last backlog event is acknowledged: the outage
+/// outlasts the burst that built the backlog, so the drain figure is the memory the drain
+/// itself takes. Without it, the first samples read what the full-speed fill still held (the
+/// sidecar gives its heap's free pages back on the first quarter-second tick without ingest),
+/// which the fill's own figure already reports.
+const OUTAGE_AFTER_FILL: Duration = Duration::from_secs(1);
 
 #[derive(Serialize)]
 pub struct Footprint {
@@ -67,6 +74,8 @@ pub struct Footprint {
     pub backlog_fill_seconds: f64,
     pub backlog_fill_peak_rss_mib: f64,
     pub backlog_drain_seconds: f64,
+    /// RSS when the upstream came back, [`OUTAGE_AFTER_FILL`] after the fill.
+    pub backlog_outage_rss_mib: f64,
     /// The highest RSS sampled while the backlog drained.
     pub backlog_drain_peak_rss_mib: f64,
     pub backlog_duplicates: u64,
@@ -153,6 +162,8 @@ pub async fn measure(
     );
     let fill_seconds = fill_started.elapsed().as_secs_f64();
     let fill_peak = sidecar.memory()?.peak_rss;
+    tokio::time::sleep(OUTAGE_AFTER_FILL).await;
+    let outage_rss = sidecar.memory()?.rss;
     let tally = Arc::new(IdTally::new(events * 2));
     let upstream = HttpSink::bind(port, SinkMode::CountIds(tally.clone()))
         .await
@@ -181,6 +192,7 @@ pub async fn measure(
         backlog_fill_seconds: fill_seconds,
         backlog_fill_peak_rss_mib: fill_peak as f64 / MIB,
         backlog_drain_seconds: drain_seconds,
+        backlog_outage_rss_mib: outage_rss as f64 / MIB,
         backlog_drain_peak_rss_mib: drain_peak as f64 / MIB,
         backlog_duplicates: tally.duplicates(),
     };
@@ -239,10 +251,11 @@ pub fn figures(runs: &[Footprint]) -> Vec<Figure> {
                 .bound(target(TARGET_PEAK_MIB))
                 .note(run.map_or(String::new(), |r| {
                     format!(
-                        "{} events filled in {:.1} s (peak {:.1} MiB), drained in {:.1} s; {} duplicates",
+                        "{} events filled in {:.1} s (peak {:.1} MiB; {:.1} MiB when the upstream came back), drained in {:.1} s; {} duplicates",
                         r.backlog_events,
                         r.backlog_fill_seconds,
                         r.backlog_fill_peak_rss_mib,
+                        r.backlog_outage_rss_mib,
                         r.backlog_drain_seconds,
                         r.backlog_duplicates
                     )
