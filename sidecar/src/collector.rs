@@ -132,7 +132,8 @@ fn spawn_forwarders(
 
 /// Upkeep on the writer thread (recovery after a failed write, maxLag, trimming, dead-letter
 /// retention) and the gauges, on a steady tick; under `buffer.profile: sidecar`, also returning
-/// freed heap memory to the system when ingest is quiet (see [`HeapRelease`]).
+/// freed heap memory to the system when ingest is quiet (see [`HeapRelease`]), and unmapping
+/// the code pages start-up mapped (`cli::shed_code_pages`).
 fn spawn_maintenance(
     buffer: DurableBuffer,
     mut release: Option<(HeapRelease, Arc<Metrics>)>,
@@ -140,8 +141,14 @@ fn spawn_maintenance(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shed = release.is_some();
         loop {
             tick.tick().await;
+            // Once, on the first tick, when start-up's code has run.
+            if std::mem::take(&mut shed) {
+                let bytes = crate::cli::shed_code_pages();
+                tracing::debug!(bytes, "unmapped the code pages start-up mapped");
+            }
             buffer.maintain().await;
             buffer.refresh_gauges();
             if let Some((release, metrics)) = &mut release
