@@ -324,9 +324,13 @@ pub fn shed_code_pages() -> usize {
         };
         let mut shed = 0;
         for line in maps.lines() {
-            // start-end perms offset device inode path
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let [range, "r-xp", _, _, _, path] = fields[..] else {
+            // start-end perms offset device inode path; the path (absolute) may hold spaces.
+            let mut fields = line.split_whitespace();
+            let (Some(range), Some("r-xp"), Some(path)) = (
+                fields.next(),
+                fields.next(),
+                line.find('/').map(|at| &line[at..]),
+            ) else {
                 continue;
             };
             let Some((start, end)) = range.split_once('-').and_then(|(a, b)| {

@@ -141,11 +141,12 @@ fn spawn_maintenance(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut shed = release.is_some();
+        let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
-            // Once, on the first tick, when start-up's code has run.
-            if std::mem::take(&mut shed) {
+            ticks += 1;
+            // Once, on the second tick (the first is at once), when start-up's code has run.
+            if ticks == 2 && release.is_some() {
                 let bytes = crate::cli::shed_code_pages();
                 tracing::debug!(bytes, "unmapped the code pages start-up mapped");
             }
