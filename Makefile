@@ -76,6 +76,7 @@ benthos: ## build the peer of bench-peers from the github.com/redpanda-data/bent
 build:
 	@if [ -d "$(CARGO_TARGET_DIR)/release/incremental" ]; then \
 		find "$(CARGO_TARGET_DIR)/release/incremental" -mindepth 1 -maxdepth 1 -type d -mtime +2 -exec rm -rf {} +; fi
+	@python3 hack/prune_deps.py "$(CARGO_TARGET_DIR)"
 	$(CARGO_RELEASE) build --release --workspace --bins
 
 lint:
