@@ -292,7 +292,8 @@ fn limit_malloc(config: &Config) {
 }
 
 /// Whether `config` holds malloc to the small footprint of `limit_malloc`; the collector then
-/// also releases the heap when ingest is quiet ([`crate::collector::HeapRelease`]).
+/// also releases the heap when ingest is quiet ([`crate::collector::HeapRelease`]) and, once
+/// start-up is done, unmaps the code pages it mapped ([`shed_code_pages`]).
 pub fn tunes_malloc(config: &Config) -> bool {
     config.buffer.profile == crate::config::BufferProfile::Sidecar
 }
