@@ -221,6 +221,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(16)
+        .on_thread_start(crate::buffer::skip_perf_counters)
         .build()
         .context("cannot start the async runtime")
 }
