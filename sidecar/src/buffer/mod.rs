@@ -306,7 +306,7 @@ impl WriterThread {
 }
 
 /// Turns off RocksDB's per-thread performance counters on the calling thread. They are on by
-/// default, nothing reads them, and counting cost the writer and readers about 0.4 % of the CPU
+/// default, nothing reads them, and counting cost the writer and readers about 0.2 % of the CPU
 /// under load in `make bench-peers`. Call it on each thread that reads or writes the buffer.
 pub fn skip_perf_counters() {
     rocksdb::perf::set_perf_stats(rocksdb::perf::PerfStatsLevel::Disable);
