@@ -10,7 +10,7 @@ use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilt
 use rocksdb::{BlockBasedOptions, DB, DBCompactionStyle, DBCompressionType, Options};
 
 use super::budget::Memory;
-use super::codec::{push_dedup_key, u64_value};
+use super::codec::{DedupKeys, u64_value};
 use super::open::{CF_DEDUP, cf};
 use super::space::{DedupFilter, Removal};
 use super::{BufferError, now_ms};
@@ -137,6 +137,7 @@ impl Seen {
 pub(super) fn lookup<'a>(
     db: &DB,
     events: impl Iterator<Item = &'a Event>,
+    keys: DedupKeys,
     filter: &DedupFilter,
     now: u64,
 ) -> Result<Seen, BufferError> {
@@ -151,7 +152,7 @@ pub(super) fn lookup<'a>(
     }
     let dedup_cf = cf(db, CF_DEDUP)?;
     for event in events {
-        push_dedup_key(&mut seen.keys, &event.source, &event.id);
+        keys.push(&mut seen.keys, &event.source, &event.id);
         seen.ends.push(seen.keys.len());
     }
     let count = seen.ends.len();
@@ -180,6 +181,8 @@ pub(super) fn lookup<'a>(
 mod tests {
     use std::sync::Arc;
 
+    use super::super::codec::DEDUP_KEYS_KEY;
+    use super::super::open::CF_META;
     use super::super::space::{Compaction, run_compactor};
     use super::super::{Budget, BufferOptions, DurableBuffer, now_ms};
     use super::*;
@@ -199,24 +202,96 @@ mod tests {
         }
     }
 
+    fn options(dir: &std::path::Path, window_ms: u64) -> BufferOptions {
+        BufferOptions {
+            dir: dir.join("data"),
+            durability: Durability::Sync,
+            budget: Budget::new(1 << 30, None, None).expect("valid budget"),
+            when_full: WhenFull::Reject,
+            profile: BufferProfile::Sidecar,
+            dedup_window_ms: window_ms,
+            outputs: vec!["up".into()],
+            shared: false,
+            max_lag: Vec::new(),
+            dead_letter_max_age_ms: 0,
+        }
+    }
+
+    /// A buffer created before dedup keys were hashed has no `dedup_keys` meta key. It goes on
+    /// spelling them out, so the entries its index holds still catch repeats after an upgrade;
+    /// a spelling this build does not know refuses to open, naming it.
+    #[test]
+    fn a_buffer_keeps_the_dedup_keys_it_was_created_with() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let hour = 3_600_000;
+        let metrics = Arc::new(Metrics::new());
+        let (buffer, writer) =
+            DurableBuffer::open(options(tmp.path(), hour), metrics.clone()).expect("open");
+        assert_eq!(
+            buffer.inner.dedup_keys,
+            DedupKeys::SourceHash,
+            "a new buffer"
+        );
+        {
+            // What an earlier release left: no meta key, and an entry spelled out for e1.
+            let db = buffer.inner.db().expect("db");
+            db.delete_cf(cf(&db, CF_META).expect("meta"), DEDUP_KEYS_KEY)
+                .expect("delete");
+            let mut e1 = Vec::new();
+            DedupKeys::Spelled.push(&mut e1, "expiry", "e1");
+            db.put_cf(
+                cf(&db, CF_DEDUP).expect("index"),
+                e1,
+                now_ms().to_be_bytes(),
+            )
+            .expect("put");
+        }
+        drop(buffer);
+        writer.join();
+
+        let (buffer, writer) =
+            DurableBuffer::open(options(tmp.path(), hour), metrics.clone()).expect("reopen");
+        assert_eq!(buffer.inner.dedup_keys, DedupKeys::Spelled);
+        let appended = rt
+            .block_on(buffer.append(vec![event(1), event(2)]))
+            .expect("append");
+        assert_eq!(
+            (appended.stored, appended.duplicates),
+            (1, 1),
+            "e1 is a repeat"
+        );
+        {
+            let db = buffer.inner.db().expect("db");
+            db.put_cf(
+                cf(&db, CF_META).expect("meta"),
+                DEDUP_KEYS_KEY,
+                b"source-md5",
+            )
+            .expect("put");
+        }
+        drop(buffer);
+        writer.join();
+
+        let refused = DurableBuffer::open(options(tmp.path(), hour), metrics)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            refused.contains("dedup keys spelled \"source-md5\""),
+            "{refused}"
+        );
+    }
+
     /// An entry older than the window stops counting at once, and the space keeper's compaction
     /// of the index (the one it runs every eighth of the window) removes it and counts it as
     /// expired, while an entry still inside the window stays.
     #[test]
     fn expired_entries_are_compacted_away_and_counted() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let options = BufferOptions {
-            dir: tmp.path().join("data"),
-            durability: Durability::Sync,
-            budget: Budget::new(1 << 30, None, None).expect("valid budget"),
-            when_full: WhenFull::Reject,
-            profile: BufferProfile::Sidecar,
-            dedup_window_ms: WINDOW_MS,
-            outputs: vec!["up".into()],
-            shared: false,
-            max_lag: Vec::new(),
-            dead_letter_max_age_ms: 0,
-        };
+        let options = options(tmp.path(), WINDOW_MS);
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
@@ -256,7 +331,7 @@ mod tests {
             .map(|entry| entry.expect("read the index").0)
             .collect();
         let mut e99 = Vec::new();
-        push_dedup_key(&mut e99, "expiry", "e99");
+        buffer.inner.dedup_keys.push(&mut e99, "expiry", "e99");
         assert_eq!(
             left,
             vec![e99.into_boxed_slice()],

@@ -266,6 +266,8 @@ struct Inner {
     found_damaged: Mutex<Vec<(Vec<u8>, Damage)>>,
     /// Keeps the data directory inside `buffer.maxBytes`.
     space: space::Space,
+    /// How this buffer's dedup keys are spelled.
+    dedup_keys: codec::DedupKeys,
 }
 
 impl Inner {

@@ -24,7 +24,9 @@ use tokio::sync::watch;
 use super::accounting::Accounting;
 use super::acks::AckTracker;
 use super::budget::Budget;
-use super::codec::{Damage, cursor_key, decode_record, key_seq, seq_key, u64_value};
+use super::codec::{
+    DEDUP_KEYS_KEY, Damage, DedupKeys, cursor_key, decode_record, key_seq, seq_key, u64_value,
+};
 use super::space::{DedupFilter, Space};
 use super::{BufferError, BufferOptions, Inner, ReadBatch, Record, SHARED_CONSUMER, dead_letter};
 use crate::config::{BufferProfile, Durability};
@@ -39,6 +41,8 @@ pub(super) const CF_QUARANTINE: &str = "quarantine";
 const REQUIRED: [&str; 4] = [CF_EVENTS, CF_META, CF_DEDUP, CF_DEAD_LETTER];
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT_VALUE: &[u8] = b"tally-buffer-v1";
+/// How a buffer created by this build spells its dedup keys.
+const NEW_DEDUP_KEYS: DedupKeys = DedupKeys::SourceHash;
 pub(super) const NEXT_SEQ_KEY: &[u8] = b"next_seq";
 
 pub(super) fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, BufferError> {
@@ -284,7 +288,12 @@ pub(super) fn open_writable(
         None => {
             let mut write = WriteOptions::default();
             write.set_sync(true);
-            db.put_cf_opt(meta, FORMAT_KEY, FORMAT_VALUE, &write)?;
+            let mut batch = WriteBatch::default();
+            batch.put_cf(meta, FORMAT_KEY, FORMAT_VALUE);
+            if let Some(keys) = NEW_DEDUP_KEYS.meta_value() {
+                batch.put_cf(meta, DEDUP_KEYS_KEY, keys);
+            }
+            db.write_opt(batch, &write)?;
         }
     }
     space.rebuild_inserted(&db)?;
@@ -419,6 +428,16 @@ fn load(
         quarantine(&db, &damaged, &metrics)?;
     }
     let meta = cf(&db, CF_META)?;
+    let spelling = db.get_cf(meta, DEDUP_KEYS_KEY)?;
+    let Some(dedup_keys) = DedupKeys::from_meta(spelling.as_deref()) else {
+        return Err(BufferError::NotABuffer {
+            dir: options.dir.clone(),
+            found: format!(
+                "dedup keys spelled {:?}, which this build does not read; run the release that created the buffer",
+                String::from_utf8_lossy(spelling.as_deref().unwrap_or_default())
+            ),
+        });
+    };
     let mut cursors = Vec::new();
     for name in options.consumers() {
         if let Some(value) = db.get_cf(meta, cursor_key(name))? {
@@ -448,6 +467,7 @@ fn load(
         writer_alive: AtomicBool::new(false),
         found_damaged: Mutex::new(Vec::new()),
         space,
+        dedup_keys,
     };
     inner.publish_gauges();
     Ok(inner)

@@ -20,7 +20,7 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::accounting::Chunk;
-use super::codec::{Target, cursor_key, dedup_key_len, encode_record_into, record_len, seq_key};
+use super::codec::{DedupKeys, Target, cursor_key, encode_record_into, record_len, seq_key};
 use super::open::{CF_DEDUP, CF_EVENTS, CF_META, NEXT_SEQ_KEY, cf, open_db, quarantine};
 use super::space::{self, Compaction};
 use super::{
@@ -81,13 +81,13 @@ const BATCH_ENTRY_OVERHEAD: usize = 16;
 /// key, and its dedup entry. Reserved at once, so that the batch (megabytes for a large group)
 /// is not copied each time it outgrows its buffer; duplicates, and dedup when it is off, make it
 /// an overestimate.
-fn batch_capacity(appends: &[(Vec<Event>, AppendReply)]) -> usize {
+fn batch_capacity(appends: &[(Vec<Event>, AppendReply)], keys: DedupKeys) -> usize {
     let entries: usize = appends
         .iter()
         .flat_map(|(events, _)| events)
         .map(|e| {
             let record = record_len(&Target::All, e.json.len()) + 8;
-            let dedup = dedup_key_len(&e.source, &e.id) + 8;
+            let dedup = keys.len(&e.source, &e.id) + 8;
             record + dedup + 2 * BATCH_ENTRY_OVERHEAD
         })
         .sum();
@@ -282,7 +282,8 @@ impl Writer {
             tracing::error!(error = %e, "cannot enforce maxLag");
         }
         let Group { appends, settles } = group;
-        let mut batch = WriteBatch::with_capacity_bytes(batch_capacity(&appends));
+        let mut batch =
+            WriteBatch::with_capacity_bytes(batch_capacity(&appends, self.inner.dedup_keys));
         let mut effects = Effects::default();
         let mut accounting_guard = self.inner.accounting.lock();
         // Dead letters first: a batch refused for good is recorded before its cursor moves.
@@ -414,6 +415,7 @@ impl Writer {
         let seen = dedup::lookup(
             db,
             requests.iter().flat_map(|(events, _)| events.iter()),
+            self.inner.dedup_keys,
             &self.inner.space.filter,
             now,
         )?;
