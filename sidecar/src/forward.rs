@@ -843,14 +843,11 @@ mod tests {
     use crate::event::Event;
 
     fn event(i: usize) -> Event {
-        Event {
-            source: "reader".into(),
-            id: format!("{i:04}"),
-            namespace: None,
-            has_namespace: false,
-            has_pod: false,
-            json: format!(r#"{{"id":"{i:04}"}}"#).into_bytes(),
-        }
+        Event::new(
+            format!(r#"{{"id":"{i:04}"}}"#),
+            "reader",
+            &format!("{i:04}"),
+        )
     }
 
     fn open_buffer(

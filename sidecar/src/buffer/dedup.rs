@@ -152,7 +152,7 @@ pub(super) fn lookup<'a>(
     }
     let dedup_cf = cf(db, CF_DEDUP)?;
     for event in events {
-        keys.push(&mut seen.keys, &event.source, &event.id);
+        keys.push(&mut seen.keys, event.source(), event.id());
         seen.ends.push(seen.keys.len());
     }
     let count = seen.ends.len();
@@ -192,14 +192,11 @@ mod tests {
     const WINDOW_MS: u64 = 1000;
 
     fn event(i: usize) -> Event {
-        Event {
-            source: "expiry".into(),
-            id: format!("e{i}"),
-            namespace: None,
-            has_namespace: false,
-            has_pod: false,
-            json: format!(r#"{{"id":"e{i}","source":"expiry"}}"#).into_bytes(),
-        }
+        Event::new(
+            format!(r#"{{"id":"e{i}","source":"expiry"}}"#),
+            "expiry",
+            &format!("e{i}"),
+        )
     }
 
     fn options(dir: &std::path::Path, window_ms: u64) -> BufferOptions {

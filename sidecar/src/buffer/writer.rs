@@ -86,8 +86,8 @@ fn batch_capacity(appends: &[(Vec<Event>, AppendReply)], keys: DedupKeys) -> usi
         .iter()
         .flat_map(|(events, _)| events)
         .map(|e| {
-            let record = record_len(&Target::All, e.json.len()) + 8;
-            let dedup = keys.len(&e.source, &e.id) + 8;
+            let record = record_len(&Target::All, e.json().len()) + 8;
+            let dedup = keys.len(e.source(), e.id()) + 8;
             record + dedup + 2 * BATCH_ENTRY_OVERHEAD
         })
         .sum();
@@ -459,7 +459,7 @@ impl Writer {
             }
             let needed: u64 = fresh
                 .iter()
-                .map(|(e, _)| record_len(&Target::All, e.json.len()) as u64 + 8)
+                .map(|(e, _)| record_len(&Target::All, e.json().len()) as u64 + 8)
                 .sum();
             let max = budget.events;
             if needed > max {
@@ -507,7 +507,7 @@ impl Writer {
             }
             let first = next;
             for (event, key) in &fresh {
-                encode_record_into(&mut record, &Target::All, now, &event.json);
+                encode_record_into(&mut record, &Target::All, now, event.json());
                 batch.put_cf(events_cf, seq_key(next), &record);
                 if let Some(index) = key {
                     batch.put_cf(dedup_cf, seen.key(*index), now.to_be_bytes());

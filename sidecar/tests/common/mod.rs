@@ -26,12 +26,9 @@ pub fn options(dir: &Path, dedup_window_ms: u64) -> BufferOptions {
 
 /// The event `(source, id)`, stored as `{"id":…,"source":…}`.
 pub fn event(source: &str, id: &str) -> Event {
-    Event {
-        source: source.into(),
-        id: id.into(),
-        namespace: None,
-        has_namespace: false,
-        has_pod: false,
-        json: format!(r#"{{"id":"{id}","source":"{source}"}}"#).into_bytes(),
-    }
+    Event::new(
+        format!(r#"{{"id":"{id}","source":"{source}"}}"#),
+        source,
+        id,
+    )
 }
