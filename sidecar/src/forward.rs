@@ -83,12 +83,13 @@ pub struct BatchReader {
     pending: VecDeque<Record>,
     pending_bytes: usize,
     deadline: Option<Instant>,
-    /// Whether the last read reached the last event stored when it began. The next read is
-    /// then of events stored since, which are in memory (the memtable, or a file flushed moments
-    /// ago and still in the page cache), and runs on the async worker: a read on the blocking
-    /// pool cost two thread wake-ups, and under full load readers at the tail read several
-    /// hundred times a second (`make bench-peers`: 7 % of the CPU per event). A reader behind,
-    /// draining a backlog that may be on disk, reads on the blocking pool.
+    /// Whether the last read reached the last event stored when it began. If at most a
+    /// read-ahead of events was stored since, the next read is of those, which are in memory
+    /// (the memtable, or a file flushed moments ago and still in the page cache), and runs on
+    /// the async worker: a read on the blocking pool cost two thread wake-ups, and under full
+    /// load readers at the tail read several hundred times a second (`make bench-peers`: 7 % of
+    /// the CPU per event). A reader behind, draining a backlog that may be on disk (after an
+    /// outage, say), reads on the blocking pool.
     at_tail: bool,
 }
 
@@ -251,6 +252,12 @@ impl BatchReader {
         self.policy.period.get() + extra
     }
 
+    /// Whether the next read runs on the async worker (see `at_tail`).
+    fn reads_in_place(&self) -> bool {
+        let stored = *self.new_events.borrow();
+        self.at_tail && stored.saturating_sub(self.read_pos) <= READ_AHEAD_EVENTS as u64
+    }
+
     async fn read(
         &mut self,
         ceiling: u64,
@@ -259,7 +266,7 @@ impl BatchReader {
     ) -> Result<ReadBatch, String> {
         let after = self.read_pos;
         let stored = *self.new_events.borrow();
-        let read = if self.at_tail {
+        let read = if self.reads_in_place() {
             self.buffer
                 .read(&self.consumer, after, ceiling, max_events, max_bytes)
                 .map_err(|e| e.to_string())
@@ -915,8 +922,8 @@ mod tests {
     }
 
     /// A reader behind by more than it reads ahead reads on the blocking pool; once a read
-    /// reaches the last event stored, the next ones (of events stored since) run on the
-    /// worker, and every event still comes out once, in order.
+    /// reaches the last event stored, the next one runs on the worker, unless more than a
+    /// read-ahead was stored since; every event comes out once, in order, either way.
     #[tokio::test]
     async fn a_reader_reads_on_its_worker_only_at_the_tail() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -941,10 +948,23 @@ mod tests {
             .append((backlog + 1..=backlog + 100).map(event).collect())
             .await
             .expect("appended");
+        assert!(reader.reads_in_place(), "100 stored since");
         let batch = reader.next(&mut draining).await.expect("a batch");
         seqs.extend(batch.records.iter().map(|r| r.seq));
         assert!(reader.at_tail);
-        assert_eq!(seqs, (1..=backlog as u64 + 100).collect::<Vec<_>>());
+        // More than a read-ahead stored since (an output that was down, say): maybe on disk.
+        let total = backlog + 100 + READ_AHEAD_EVENTS + 100;
+        buffer
+            .append((backlog + 101..=total).map(event).collect())
+            .await
+            .expect("appended");
+        assert!(!reader.reads_in_place());
+        while seqs.len() < total {
+            let batch = reader.next(&mut draining).await.expect("a batch");
+            seqs.extend(batch.records.iter().map(|r| r.seq));
+        }
+        assert!(reader.at_tail);
+        assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>());
         drop((reader, first, batch));
         drop(buffer);
         writer.join();

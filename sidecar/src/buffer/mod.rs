@@ -445,7 +445,8 @@ impl DurableBuffer {
     /// Reads the events after `after` and up to `ceiling` that are meant for `consumer` (an
     /// output, or [`SHARED_CONSUMER`], which takes every event), up to the limits. At least one
     /// event is returned if any is there, whatever its size. It may read from disk: call it off
-    /// the async workers, unless the events were stored moments ago. A damaged record is stepped over and handed to the writer for quarantine.
+    /// the async workers, unless the events were stored moments ago. A damaged record is stepped
+    /// over and handed to the writer for quarantine.
     pub fn read(
         &self,
         consumer: &str,
