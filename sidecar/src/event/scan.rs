@@ -270,9 +270,11 @@ impl<'a> Scanner<'a> {
         let mut at = start;
         let mut escaped = false;
         loop {
-            // Plain bytes, eight at a time.
+            // Plain bytes, eight at a time, then straight to the first special one.
             while let Some(word) = bytes.get(at..).and_then(<[u8]>::first_chunk::<8>) {
-                if special(u64::from_le_bytes(*word)) {
+                let found = special(u64::from_le_bytes(*word));
+                if found != 0 {
+                    at += (found.trailing_zeros() / 8) as usize;
                     break;
                 }
                 at += 8;
@@ -295,16 +297,19 @@ impl<'a> Scanner<'a> {
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGH: u64 = 0x8080_8080_8080_8080;
 
-/// Whether any byte of `word` is `"`, `\` or a control character (below 0x20). Each term has its
-/// high bit set in some byte exactly when some byte is zero (`x - 1` borrows through it) or below
-/// 0x20, though not necessarily in that byte, which is enough to stop and look byte by byte.
-fn special(word: u64) -> bool {
+/// The bytes of `word` (read little-endian) that are `"`, `\\` or a control character (below
+/// 0x20), as a mask of their high bits; 0 if there are none. A term can also flag a byte after a
+/// special one (its subtraction borrows from the special byte), but never one before: no byte
+/// below the first special one borrows (`x - 1` borrows only from a zero byte, `x - 0x20` only
+/// from one below 0x20, and bytes from 0x80 up are masked out by `!x`). So the mask's lowest
+/// bit marks the first special byte exactly.
+fn special(word: u64) -> u64 {
     let quote = word ^ (ONES * u64::from(b'"'));
     let backslash = word ^ (ONES * u64::from(b'\\'));
     let found = (quote.wrapping_sub(ONES) & !quote)
         | (backslash.wrapping_sub(ONES) & !backslash)
         | (word.wrapping_sub(ONES * 0x20) & !word);
-    found & HIGH != 0
+    found & HIGH
 }
 
 /// The end of the escape whose letter is at `at` (just after its `\`).
@@ -339,6 +344,33 @@ fn hex4(bytes: &[u8], at: usize) -> Option<u32> {
 mod tests {
     use super::super::{BodyShape, parse_structured, parse_with_serde};
     use super::*;
+
+    /// `special` finds the first `"`, `\\` or control byte of a word exactly, whatever comes
+    /// before it (plain ASCII, the bytes around the thresholds, UTF-8 continuation bytes) and
+    /// after it (other special bytes included), and nothing in a word without one.
+    #[test]
+    fn special_marks_the_first_special_byte_exactly() {
+        let plain = [
+            b'a', b' ', b'!', b'#', b'[', b']', 0x7f, 0x80, 0xa0, 0xc3, 0xff,
+        ];
+        let specials: Vec<u8> = (0..0x20).chain([b'"', b'\\']).collect();
+        for &fill in &plain {
+            assert_eq!(special(u64::from_le_bytes([fill; 8])), 0, "{fill:#x}");
+            for at in 0..8 {
+                for &first in &specials {
+                    for &after in specials.iter().chain(&plain) {
+                        let mut word = [fill; 8];
+                        word[at] = first;
+                        for byte in &mut word[at + 1..] {
+                            *byte = after;
+                        }
+                        let found = special(u64::from_le_bytes(word));
+                        assert_eq!(found.trailing_zeros() / 8, at as u32, "{word:02x?}");
+                    }
+                }
+            }
+        }
+    }
 
     /// Bodies as senders write them: SDK output, hand-written JSON, escapes, numbers, nesting.
     const SEEDS: &[&str] = &[
