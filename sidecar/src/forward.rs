@@ -252,9 +252,9 @@ impl BatchReader {
         self.policy.period.get() + extra
     }
 
-    /// Whether the next read runs on the async worker (see `at_tail`).
-    fn reads_in_place(&self) -> bool {
-        let stored = *self.new_events.borrow();
+    /// Whether the next read runs on the async worker (see `at_tail`), with `stored` the last
+    /// event stored.
+    fn reads_in_place(&self, stored: u64) -> bool {
         self.at_tail && stored.saturating_sub(self.read_pos) <= READ_AHEAD_EVENTS as u64
     }
 
@@ -266,7 +266,7 @@ impl BatchReader {
     ) -> Result<ReadBatch, String> {
         let after = self.read_pos;
         let stored = *self.new_events.borrow();
-        let read = if self.reads_in_place() {
+        let read = if self.reads_in_place(stored) {
             self.buffer
                 .read(&self.consumer, after, ceiling, max_events, max_bytes)
                 .map_err(|e| e.to_string())
@@ -948,7 +948,10 @@ mod tests {
             .append((backlog + 1..=backlog + 100).map(event).collect())
             .await
             .expect("appended");
-        assert!(reader.reads_in_place(), "100 stored since");
+        assert!(
+            reader.reads_in_place(*reader.new_events.borrow()),
+            "100 stored since"
+        );
         let batch = reader.next(&mut draining).await.expect("a batch");
         seqs.extend(batch.records.iter().map(|r| r.seq));
         assert!(reader.at_tail);
@@ -958,7 +961,7 @@ mod tests {
             .append((backlog + 101..=total).map(event).collect())
             .await
             .expect("appended");
-        assert!(!reader.reads_in_place());
+        assert!(!reader.reads_in_place(*reader.new_events.borrow()));
         while seqs.len() < total {
             let batch = reader.next(&mut draining).await.expect("a batch");
             seqs.extend(batch.records.iter().map(|r| r.seq));
